@@ -1,0 +1,25 @@
+"""ovr_kernels: packed varlen attention, fused linear log-prob + entropy, PPO losses, GAE, packing.
+
+CUDA tensors take the Triton/CUDA kernels, CPU tensors the plain-PyTorch reference (`ovr_kernels.reference`);
+`OVR_BACKEND=triton|reference` forces one (see `ovr_kernels._triton`). `HAS_EXT` says whether the compiled
+module `ovr_kernels._C` is present (it is optional: every op has a pure-Python fallback with identical results).
+"""
+
+import torch  # noqa: F401  (import torch before the compiled module, DESIGN.md)
+
+from ovr_kernels._ext import HAS_CUDA_EXT, HAS_EXT
+from ovr_kernels._triton import backend
+from ovr_kernels.gae import gae
+from ovr_kernels.linear_logprob import linear_logprob_entropy
+from ovr_kernels.ppo_loss import ppo_loss
+from ovr_kernels.varlen_attention import varlen_attention
+
+__all__ = [
+    "HAS_EXT",
+    "HAS_CUDA_EXT",
+    "backend",
+    "gae",
+    "linear_logprob_entropy",
+    "ppo_loss",
+    "varlen_attention",
+]

@@ -1,0 +1,70 @@
+"""Input validation shared by every public op: raise ValueError naming the argument and the offending value.
+
+Kernels trust what passes these checks.
+"""
+
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(name: str, x, *, ndim: int | None = None, dtypes: Sequence[torch.dtype] | None = None,
+                 device: torch.device | None = None, shape: Sequence[int | None] | None = None,
+                 contiguous: bool = False) -> torch.Tensor:
+    """Validate one tensor argument; returns it unchanged. `shape` entries of None match any size."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(x.shape)}")
+    if dtypes is not None and x.dtype not in dtypes:
+        raise ValueError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {x.dtype}")
+    if device is not None and x.device != device:
+        raise ValueError(f"{name} is on {x.device} but the other inputs are on {device}")
+    if shape is not None:
+        if x.dim() != len(shape) or any(s is not None and s != xs for s, xs in zip(shape, x.shape)):
+            want = tuple("*" if s is None else s for s in shape)
+            raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
+    if contiguous and not x.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (strides {tuple(x.stride())}); call .contiguous() first")
+    return x
+
+
+def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.device | None = None) -> torch.Tensor:
+    """cu_seqlens: int32, 1-D, >= 2 entries, starts at 0, non-decreasing (repeats = empty segments), ends at `total`."""
+    check_tensor(name, cu, ndim=1, dtypes=(torch.int32,), device=device)
+    if cu.numel() < 2:
+        raise ValueError(f"{name} must have at least 2 entries (B+1 with B >= 1), got {cu.numel()}")
+    cu_cpu = cu.detach().to("cpu", torch.int64)
+    if int(cu_cpu[0]) != 0:
+        raise ValueError(f"{name}[0] must be 0, got {int(cu_cpu[0])}")
+    steps = cu_cpu[1:] - cu_cpu[:-1]
+    if bool((steps < 0).any()):
+        i = int(torch.nonzero(steps < 0)[0, 0])
+        raise ValueError(f"{name} must be non-decreasing: {name}[{i}]={int(cu_cpu[i])} > "
+                         f"{name}[{i + 1}]={int(cu_cpu[i + 1])}")
+    if int(cu_cpu[-1]) != total:
+        raise ValueError(f"{name}[-1]={int(cu_cpu[-1])} must equal the number of packed tokens {total}")
+    return cu
+
+
+def max_seqlen_of(cu: torch.Tensor) -> int:
+    """Longest segment of a cu_seqlens tensor (one host sync; callers pass max_seqlen to avoid it)."""
+    return int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+
+
+def check_scalar(name: str, value, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False) -> float:
+    """A finite Python number within [low, high] (or (low, high] with low_open)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if v != v or v in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if low is not None and (v <= low if low_open else v < low):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
+    if high is not None and v > high:
+        raise ValueError(f"{name} must be <= {high}, got {value!r}")
+    return v
