@@ -1,0 +1,111 @@
+"""Compile Triton kernels for real GPU targets on a machine without a GPU (DESIGN.md, platform section).
+
+`triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))` lowers a kernel to PTX and cubin with no driver.
+Register and spill counts are read from `ptxas -v` (Triton's bundled ptxas, the one that built the cubin), since
+`CompiledKernel.n_regs` needs a driver. The tests set TRITON_INTERPRET=1, under which `@triton.jit` returns
+interpreter objects that cannot be compiled, so the compilation runs in a subprocess with the interpreter off that
+re-imports the kernel's module by name.
+
+Usage:
+    info = compile_for_arch(_my_fwd_kernel, {"x_ptr": "*bf16", "n": "i32", "BLOCK": "constexpr"}, {"BLOCK": 128},
+                            arch=90, num_warps=8, num_stages=3)
+    assert info.n_spills == 0 and uses_tensor_cores(info, 90)
+`compile_many([...job dicts...])` compiles several in one subprocess (each costs ~1 s; the subprocess start ~3 s).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+_WORKER = r"""
+import importlib, json, os, re, subprocess, sys, tempfile
+import triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+
+def ptxas_path():
+    d = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    p = os.path.join(d, "ptxas")
+    return p if os.path.exists(p) else "ptxas"
+
+out = []
+for job in json.loads(sys.stdin.read()):
+    fn = getattr(importlib.import_module(job["module"]), job["name"])
+    fn = getattr(fn, "fn", fn) if not isinstance(fn, triton.runtime.jit.JITFunction) else fn
+    if not isinstance(fn, triton.runtime.jit.JITFunction):
+        raise TypeError(f"{job['module']}.{job['name']} is not a @triton.jit kernel")
+    src = ASTSource(fn, job["signature"], constexprs=job["constexprs"])
+    ck = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32),
+                        options={"num_warps": job["num_warps"], "num_stages": job["num_stages"]})
+    ptx = ck.asm["ptx"]
+    arch_name = "sm_90a" if job["arch"] == 90 else f"sm_{job['arch']}"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        open(path, "w").write(ptx)
+        res = subprocess.run([ptxas_path(), "-v", f"--gpu-name={arch_name}", path, "-o", os.path.join(tmp, "k.o")],
+                             capture_output=True, text=True)
+    log = res.stdout + res.stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spill_st = re.search(r"(\d+) bytes spill stores", log)
+    spill_ld = re.search(r"(\d+) bytes spill loads", log)
+    out.append({"n_regs": int(regs.group(1)) if regs else -1,
+                "n_spills": (int(spill_st.group(1)) if spill_st else 0) + (int(spill_ld.group(1)) if spill_ld else 0),
+                "shared": int(ck.metadata.shared), "ptx": ptx, "ptxas_log": log})
+print("@@JSON@@" + json.dumps(out))
+"""
+
+
+@dataclass
+class SMInfo:
+    """What compiling one kernel config for one architecture produced."""
+
+    name: str
+    arch: int
+    n_regs: int
+    n_spills: int  # spill stores + spill loads, bytes (ptxas -v)
+    shared: int  # bytes of shared memory the kernel launches with
+    asm: dict = field(repr=False, default_factory=dict)  # {"ptx": ...}
+    ptxas_log: str = field(repr=False, default="")
+
+    def summary(self) -> str:
+        return f"{self.name} sm_{self.arch}: {self.n_regs} regs, {self.shared} B shared, {self.n_spills} B spills"
+
+
+def _job(kernel, signature, constexprs, arch, num_warps, num_stages):
+    fn = getattr(kernel, "fn", kernel)
+    return {"module": fn.__module__, "name": fn.__name__, "signature": signature, "constexprs": constexprs or {},
+            "arch": arch, "num_warps": num_warps, "num_stages": num_stages}
+
+
+def compile_many(jobs: list[dict]) -> list[SMInfo]:
+    """Compile jobs built by `job(...)` in one subprocess with TRITON_INTERPRET off."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OVR_BACKEND")}
+    res = subprocess.run([sys.executable, "-c", _WORKER], input=json.dumps(jobs), capture_output=True, text=True,
+                         env=env, timeout=600)
+    if res.returncode != 0 or "@@JSON@@" not in res.stdout:
+        raise RuntimeError(f"compiling {[j['name'] for j in jobs]} failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
+    raw = json.loads(res.stdout.split("@@JSON@@", 1)[1])
+    return [SMInfo(j["name"], j["arch"], r["n_regs"], r["n_spills"], r["shared"], {"ptx": r["ptx"]}, r["ptxas_log"])
+            for j, r in zip(jobs, raw)]
+
+
+def job(kernel, signature: dict, constexprs: dict | None = None, arch: int = 90, num_warps: int = 4,
+        num_stages: int = 3) -> dict:
+    """One compile job: kernel (a @triton.jit function defined at module level), Triton signature
+    ({"x_ptr": "*bf16", "n": "i32", "BLOCK": "constexpr"}), constexpr values, target sm arch, launch options."""
+    return _job(kernel, signature, constexprs, arch, num_warps, num_stages)
+
+
+def compile_for_arch(kernel, signature: dict, constexprs: dict | None = None, arch: int = 90, num_warps: int = 4,
+                     num_stages: int = 3) -> SMInfo:
+    """Compile one kernel config for sm_`arch` (80 or 90) and return its resource usage (see module docstring)."""
+    return compile_many([_job(kernel, signature, constexprs, arch, num_warps, num_stages)])[0]
+
+
+def uses_tensor_cores(info: SMInfo, arch: int | None = None) -> bool:
+    """True when the PTX holds tensor-core matrix instructions: wgmma on sm_90, mma.sync on sm_80."""
+    ptx = info.asm["ptx"]
+    arch = info.arch if arch is None else arch
+    return ("wgmma" in ptx) if arch >= 90 else ("mma.sync" in ptx)
