@@ -9,9 +9,26 @@ import torch  # noqa: F401  (import torch before the compiled module, DESIGN.md)
 
 from ovr_kernels._ext import HAS_CUDA_EXT, HAS_EXT
 from ovr_kernels._triton import backend
+from ovr_kernels.advantages import (
+    broadcast_to_tokens,
+    drgrpo_advantages,
+    grpo_advantages,
+    masked_whiten,
+    rloo_advantages,
+)
 from ovr_kernels.gae import gae
-from ovr_kernels.linear_logprob import linear_logprob_entropy
+from ovr_kernels.linear_logprob import linear_logprob_entropy, linear_logprob_nograd
+from ovr_kernels.packing import (
+    balanced_partition,
+    cu_seqlens_from_lengths,
+    pack,
+    position_ids_from_cu_seqlens,
+    token_budget_microbatches,
+    unpack,
+)
+from ovr_kernels.policy_loss import ppo_policy_loss_from_hidden
 from ovr_kernels.ppo_loss import ppo_loss
+from ovr_kernels.value_loss import value_loss
 from ovr_kernels.varlen_attention import varlen_attention
 
 __all__ = [
@@ -20,6 +37,20 @@ __all__ = [
     "backend",
     "gae",
     "linear_logprob_entropy",
+    "linear_logprob_nograd",
     "ppo_loss",
+    "ppo_policy_loss_from_hidden",
+    "value_loss",
+    "grpo_advantages",
+    "rloo_advantages",
+    "drgrpo_advantages",
+    "masked_whiten",
+    "broadcast_to_tokens",
     "varlen_attention",
+    "cu_seqlens_from_lengths",
+    "position_ids_from_cu_seqlens",
+    "pack",
+    "unpack",
+    "token_budget_microbatches",
+    "balanced_partition",
 ]

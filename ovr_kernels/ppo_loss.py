@@ -1,8 +1,438 @@
-"""PPO clipped surrogate (placeholder: reference path only until the Triton kernel lands)."""
+"""PPO clipped surrogate over packed tokens: one Triton kernel forward, one backward, metrics in the same pass.
 
-from ovr_kernels.reference import ppo_loss_ref
+Spec: `ovr_kernels.reference.ppo_loss_ref` (same numbers, computed in fp32). Per token t with mask weight m_t:
+    r_t = exp(clamp(logp_t - old_t, +-20)),  pg_t = max(-A_t r_t, -A_t clip(r_t, 1 - clip_low, 1 + clip_high)),
+    dual clip c (A_t < 0): pg_t = -A_t c where that is smaller;  loss_t = pg_t + kl_coef KL_t - entropy_coef H_t,
+    loss = sum_t m_t w_t loss_t / normalizer, w_t = 1 (token mean) or 1 / (masked tokens of t's sequence).
+Each forward program reduces one slice of tokens (a fixed tile for the token mean, one sequence for the sequence
+mean) into a row of per-program partial sums; a one-program finalize kernel sums the rows in a fixed order
+(deterministic, no atomics), divides, and writes the loss and the metrics as device tensors: two launches, no
+host sync. The backward recomputes the per-token derivative from the inputs (one launch) and reads grad_out and
+the denominator from device memory.
+
+The partial-sum layout and the finalize kernel are shared with `ovr_kernels.value_loss`: column 0 holds the loss
+sum, 1 the mask count, 2 the number of non-empty slices, 3.. the op's metric sums (one column may be a max).
+
+Legend: T packed tokens, B sequences, P forward programs, C partial-sum columns.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ovr_kernels import reference
+from ovr_kernels._checks import FLOAT_DTYPES, check_cu_seqlens, check_scalar, check_tensor
+from ovr_kernels._triton import INTERPRET, use_triton
+
+LOG_RATIO_CLAMP = 20.0  # |logp - old_logp| clamp before exp (as the reference): no inf ratio from a stale token
+MAX_BLOCK_T = 1024  # tokens per tile; 1M tokens -> 1024 programs, enough to fill 132 SMs several times over
+LOSS_NUM_WARPS = 8  # 4 tokens per thread: the forward's ten per-token accumulators stay well inside the registers
+
+# Partial-sum columns (shared with value_loss: 0..2 are fixed by the finalize kernel).
+COL_LOSS, COL_COUNT, COL_NONEMPTY = 0, 1, 2
+COL_PG, COL_CLIP, COL_DUAL, COL_APPROX_KL, COL_RATIO, COL_RATIO_MAX, COL_KL, COL_ENTROPY = range(3, 11)
+NUM_COLS = 11
+METRIC_COLS = {"pg_loss": COL_PG, "clip_frac": COL_CLIP, "dual_clip_frac": COL_DUAL, "approx_kl": COL_APPROX_KL,
+               "ratio_mean": COL_RATIO, "ratio_max": COL_RATIO_MAX, "kl": COL_KL, "entropy": COL_ENTROPY}
 
 
-def ppo_loss(logprobs, old_logprobs, advantages, mask, **kwargs):
-    """See DESIGN.md's contract."""
-    return ppo_loss_ref(logprobs, old_logprobs, advantages, mask, **kwargs)
+# ----------------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _slice_bounds(cu_ptr, T, BLOCK_T: tl.constexpr, SEQ_MEAN: tl.constexpr):
+    """[start, end) of this program's tokens: one sequence (SEQ_MEAN) or one tile of BLOCK_T tokens."""
+    pid = tl.program_id(0)
+    if SEQ_MEAN:
+        start = tl.load(cu_ptr + pid)
+        end = tl.load(cu_ptr + pid + 1)
+    else:
+        start = pid * BLOCK_T
+        end = tl.minimum(start + BLOCK_T, T)
+    return start, end
+
+
+@triton.jit
+def _ppo_token(logp, old, adv, ref, lo, hi, dual_c, kl_coef, lr_clamp,
+               HAS_KL: tl.constexpr, KL_K3: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr):
+    """Per-token PPO terms (fp32): (pg, d loss/d logp without the entropy term, ratio, log-ratio, clipped, dual
+    active, kl). The derivative takes the reference's subgradients: clamps pass the gradient at their bounds
+    (torch.clamp), the clipped branch only when strictly larger, the dual clip only when strictly smaller."""
+    lr_raw = logp - old
+    lr = tl.minimum(tl.maximum(lr_raw, -lr_clamp), lr_clamp)
+    dlr = ((lr_raw >= -lr_clamp) & (lr_raw <= lr_clamp)).to(tl.float32)
+    # exp in fp64, rounded once to fp32: the correctly rounded ratio, so that the clip decision at 1 -+ eps is the
+    # same on every platform (fp32 exp is ex2.approx on GPU and off by up to ~1.4 ulp in numpy under the
+    # interpreter). A few fp64 flops per token cost nothing in this memory-bound kernel.
+    ratio = tl.exp(lr.to(tl.float64)).to(tl.float32)
+    pg1 = -adv * ratio
+    pg2 = -adv * tl.minimum(tl.maximum(ratio, lo), hi)
+    # pg2 > pg1 only when the ratio lies strictly outside [lo, hi], where clip() has zero slope
+    clipped = pg2 > pg1
+    pg = tl.where(clipped, pg2, pg1)
+    dpg = tl.where(clipped, 0.0, -adv * ratio * dlr)
+    if HAS_DUAL_CLIP:
+        pg3 = -adv * dual_c
+        dual = (adv < 0) & (pg3 < pg)
+        pg = tl.where(dual, pg3, pg)
+        dpg = tl.where(dual, 0.0, dpg)
+    else:
+        dual = clipped  # unused without HAS_DUAL_CLIP
+    kl = tl.zeros_like(pg)
+    if HAS_KL:
+        if KL_K3:
+            d_raw = ref - logp
+            d = tl.minimum(tl.maximum(d_raw, -20.0), 20.0)
+            ed = tl.exp(d)
+            kl = ed - d - 1.0
+            dpg += kl_coef * (1.0 - ed) * ((d_raw >= -20.0) & (d_raw <= 20.0)).to(tl.float32)
+        else:
+            kl = logp - ref
+            dpg += kl_coef
+    return pg, dpg, ratio, lr, clipped, dual, kl
+
+
+@triton.jit
+def _ppo_loss_fwd_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, cu_ptr, part_ptr,
+                         T, lo, hi, dual_c, kl_coef, ent_coef, lr_clamp,
+                         HAS_KL: tl.constexpr, KL_K3: tl.constexpr, HAS_ENTROPY: tl.constexpr,
+                         HAS_DUAL_CLIP: tl.constexpr, SEQ_MEAN: tl.constexpr, BLOCK_T: tl.constexpr,
+                         NUM_COLS: tl.constexpr):
+    """One program: reduce its slice of tokens into row pid of part_PC (see the module docstring)."""
+    pid = tl.program_id(0)
+    start, end = _slice_bounds(cu_ptr, T, BLOCK_T, SEQ_MEAN)
+    acc_loss = tl.zeros([BLOCK_T], tl.float32)
+    acc_cnt = tl.zeros([BLOCK_T], tl.float32)
+    acc_pg = tl.zeros([BLOCK_T], tl.float32)
+    acc_clip = tl.zeros([BLOCK_T], tl.float32)
+    acc_dual = tl.zeros([BLOCK_T], tl.float32)
+    acc_akl = tl.zeros([BLOCK_T], tl.float32)
+    acc_ratio = tl.zeros([BLOCK_T], tl.float32)
+    acc_rmax = tl.zeros([BLOCK_T], tl.float32)  # ratios are > 0, so 0 is the max over no tokens
+    acc_kl = tl.zeros([BLOCK_T], tl.float32)
+    acc_ent = tl.zeros([BLOCK_T], tl.float32)
+    for off in range(start, end, BLOCK_T):
+        offs = off + tl.arange(0, BLOCK_T)
+        inb = offs < end
+        # every load is cast to fp32 at once (bf16 arithmetic is garbage under the interpreter, DESIGN.md)
+        m = tl.load(mask_ptr + offs, mask=inb, other=0).to(tl.float32)
+        logp = tl.load(logp_ptr + offs, mask=inb, other=0).to(tl.float32)
+        old = tl.load(old_ptr + offs, mask=inb, other=0).to(tl.float32)
+        adv = tl.load(adv_ptr + offs, mask=inb, other=0).to(tl.float32)
+        ref = logp
+        if HAS_KL:
+            ref = tl.load(ref_ptr + offs, mask=inb, other=0).to(tl.float32)
+        pg, _dpg, ratio, lr, clipped, dual, kl = _ppo_token(logp, old, adv, ref, lo, hi, dual_c, kl_coef,
+                                                            lr_clamp, HAS_KL, KL_K3, HAS_DUAL_CLIP)
+        loss = pg + kl_coef * kl
+        if HAS_ENTROPY:
+            ent = tl.load(ent_ptr + offs, mask=inb, other=0).to(tl.float32)
+            loss -= ent_coef * ent
+            acc_ent += tl.where(m != 0, ent * m, 0.0)
+        # where(m != 0) rather than a product: padding may hold inf/NaN log-probs
+        on = m != 0
+        acc_loss += tl.where(on, loss * m, 0.0)
+        acc_cnt += m
+        acc_pg += tl.where(on, pg * m, 0.0)
+        acc_clip += tl.where(clipped, m, 0.0)
+        if HAS_DUAL_CLIP:
+            acc_dual += tl.where(dual, m, 0.0)
+        acc_akl += tl.where(on, 0.5 * lr * lr * m, 0.0)
+        acc_ratio += tl.where(on, ratio * m, 0.0)
+        acc_rmax = tl.maximum(acc_rmax, tl.where(m > 0, ratio, 0.0))
+        acc_kl += tl.where(on, kl * m, 0.0)
+    cnt = tl.sum(acc_cnt, axis=0)
+    loss_sum = tl.sum(acc_loss, axis=0)
+    if SEQ_MEAN:
+        loss_sum = loss_sum / tl.maximum(cnt, 1.0)
+    row = part_ptr + pid * NUM_COLS
+    tl.store(row + 0, loss_sum)
+    tl.store(row + 1, cnt)
+    tl.store(row + 2, (cnt > 0).to(tl.float32))
+    tl.store(row + 3, tl.sum(acc_pg, axis=0))
+    tl.store(row + 4, tl.sum(acc_clip, axis=0))
+    tl.store(row + 5, tl.sum(acc_dual, axis=0))
+    tl.store(row + 6, tl.sum(acc_akl, axis=0))
+    tl.store(row + 7, tl.sum(acc_ratio, axis=0))
+    tl.store(row + 8, tl.max(acc_rmax, axis=0))
+    tl.store(row + 9, tl.sum(acc_kl, axis=0))
+    tl.store(row + 10, tl.sum(acc_ent, axis=0))
+
+
+@triton.jit
+def _masked_mean_finalize_kernel(part_ptr, norm_ptr, loss_ptr, out_ptr, P, norm_value,
+                                 NUM_COLS: tl.constexpr, MAX_COL: tl.constexpr, NORM_MODE: tl.constexpr,
+                                 SEQ_MEAN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One program: sum the P partial rows in a fixed order, write loss = col0 / denominator to loss_ptr and
+    out_C = [_, denominator, mask count, metric sums / max(mask count, 1) (col MAX_COL: max)].
+
+    NORM_MODE 0: denominator = mask count (token mean) or non-empty sequences (SEQ_MEAN), at least 1;
+    1: the float norm_value; 2: the 0-d tensor at norm_ptr (read on device, no sync)."""
+    cols = tl.arange(0, BLOCK_C)
+    col_ok = cols < NUM_COLS
+    acc = tl.zeros([BLOCK_C], tl.float32)
+    mx = tl.zeros([BLOCK_C], tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        rows = p0 + tl.arange(0, BLOCK_P)
+        ok = (rows < P)[:, None] & col_ok[None, :]
+        tile = tl.load(part_ptr + rows[:, None] * NUM_COLS + cols[None, :], mask=ok, other=0.0)
+        acc += tl.sum(tile, axis=0)
+        mx = tl.maximum(mx, tl.max(tile, axis=0))
+    loss_sum = tl.sum(tl.where(cols == 0, acc, 0.0), axis=0)
+    cnt = tl.sum(tl.where(cols == 1, acc, 0.0), axis=0)
+    nonempty = tl.sum(tl.where(cols == 2, acc, 0.0), axis=0)
+    if NORM_MODE == 0:
+        if SEQ_MEAN:
+            denom = tl.maximum(nonempty, 1.0)
+        else:
+            denom = tl.maximum(cnt, 1.0)
+    elif NORM_MODE == 1:
+        denom = norm_value + tl.zeros_like(cnt)
+    else:
+        denom = tl.load(norm_ptr).to(tl.float32)
+    res = acc / tl.maximum(cnt, 1.0)
+    res = tl.where(cols == MAX_COL, mx, res)
+    res = tl.where(cols == 0, loss_sum / denom, res)
+    res = tl.where(cols == 1, denom, res)
+    res = tl.where(cols == 2, cnt, res)
+    tl.store(loss_ptr, loss_sum / denom)
+    tl.store(out_ptr + cols, res, mask=col_ok)
+
+
+@triton.jit
+def _ppo_loss_bwd_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, cu_ptr, part_ptr, out_ptr, gout_ptr,
+                         glogp_ptr, gent_ptr, T, lo, hi, dual_c, kl_coef, ent_coef, lr_clamp,
+                         HAS_KL: tl.constexpr, KL_K3: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
+                         HAS_DUAL_CLIP: tl.constexpr, SEQ_MEAN: tl.constexpr, BLOCK_T: tl.constexpr,
+                         NUM_COLS: tl.constexpr):
+    """grad_logp_t = grad_out * m_t * w_t * d loss_t / d logp_t / denominator (and grad_entropy_t likewise with
+    -entropy_coef); w_t = 1 / max(masked tokens of the sequence, 1) under SEQ_MEAN, read from the forward's row."""
+    pid = tl.program_id(0)
+    start, end = _slice_bounds(cu_ptr, T, BLOCK_T, SEQ_MEAN)
+    scale = tl.load(gout_ptr).to(tl.float32) / tl.load(out_ptr + 1)
+    if SEQ_MEAN:
+        scale = scale / tl.maximum(tl.load(part_ptr + pid * NUM_COLS + 1), 1.0)
+    for off in range(start, end, BLOCK_T):
+        offs = off + tl.arange(0, BLOCK_T)
+        inb = offs < end
+        m = tl.load(mask_ptr + offs, mask=inb, other=0).to(tl.float32)
+        logp = tl.load(logp_ptr + offs, mask=inb, other=0).to(tl.float32)
+        old = tl.load(old_ptr + offs, mask=inb, other=0).to(tl.float32)
+        adv = tl.load(adv_ptr + offs, mask=inb, other=0).to(tl.float32)
+        ref = logp
+        if HAS_KL:
+            ref = tl.load(ref_ptr + offs, mask=inb, other=0).to(tl.float32)
+        _pg, dpg, _r, _lr, _clipped, _dual, _kl = _ppo_token(logp, old, adv, ref, lo, hi, dual_c, kl_coef,
+                                                             lr_clamp, HAS_KL, KL_K3, HAS_DUAL_CLIP)
+        # where, not a product with the mask: padding may hold inf/NaN and must still get an exact 0
+        on = m != 0
+        tl.store(glogp_ptr + offs, tl.where(on, dpg * m * scale, 0.0).to(glogp_ptr.dtype.element_ty), mask=inb)
+        if HAS_ENTROPY_GRAD:
+            g_ent = tl.where(on, -ent_coef * m * scale, 0.0)
+            tl.store(gent_ptr + offs, g_ent.to(gent_ptr.dtype.element_ty), mask=inb)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _block_t(T: int) -> int:
+    """Tile size: MAX_BLOCK_T on GPU; under the interpreter no bigger than the input (numpy works per tile)."""
+    return MAX_BLOCK_T if not INTERPRET else min(MAX_BLOCK_T, triton.next_power_of_2(max(T, 16)))
+
+
+def _num_programs(T: int, cu_seqlens, block_t: int) -> int:
+    """One program per sequence (sequence mean) or per tile; at least one so the partial row exists."""
+    return cu_seqlens.numel() - 1 if cu_seqlens is not None else max(1, triton.cdiv(T, block_t))
+
+
+def _as_kernel_mask(mask_T):
+    """bool masks are passed as uint8 (a free view) so that every kernel sees a plain integer or float load."""
+    return mask_T.view(torch.uint8) if mask_T.dtype == torch.bool else mask_T
+
+
+def masked_mean_finalize(part_PC, normalizer, seq_mean: bool, max_col: int):
+    """Launch the finalize kernel on per-program partials; returns (loss 0-d fp32, out_C fp32).
+
+    normalizer: None (count / non-empty sequences), a Python float, or a 0-d tensor read on device."""
+    P, C = part_PC.shape
+    loss = torch.empty((), dtype=torch.float32, device=part_PC.device)
+    out_C = torch.empty(C, dtype=torch.float32, device=part_PC.device)
+    if normalizer is None:
+        norm_mode, norm_ptr, norm_value = 0, part_PC, 1.0
+    elif isinstance(normalizer, torch.Tensor):
+        norm_mode, norm_ptr, norm_value = 2, normalizer, 1.0
+    else:
+        norm_mode, norm_ptr, norm_value = 1, part_PC, float(normalizer)
+    block_p = min(256, triton.next_power_of_2(max(P, 1)))
+    _masked_mean_finalize_kernel[(1,)](part_PC, norm_ptr, loss, out_C, P, norm_value, NUM_COLS=C, MAX_COL=max_col,
+                                       NORM_MODE=norm_mode, SEQ_MEAN=seq_mean, BLOCK_P=block_p,
+                                       BLOCK_C=triton.next_power_of_2(C), num_warps=4)
+    return loss, out_C
+
+
+def _scalars(clip_low, clip_high, dual_clip, kl_coef, entropy_coef):
+    """Kernel scalar arguments; the clip bounds are formed in Python as the reference does."""
+    return {"lo": 1.0 - clip_low, "hi": 1.0 + clip_high, "dual_c": float(dual_clip or 0.0),
+            "kl_coef": float(kl_coef), "ent_coef": float(entropy_coef), "lr_clamp": LOG_RATIO_CLAMP}
+
+
+def ppo_loss_fwd(logprobs_T, old_logprobs_T, advantages_T, mask_T, ref_logprobs_T, entropy_T, cu_seqlens,
+                 normalizer, clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef):
+    """Forward launches (main + finalize); returns (loss 0-d fp32, out_C fp32 metrics row, part_PC partials)."""
+    T = logprobs_T.numel()
+    block_t = _block_t(T)
+    P = _num_programs(T, cu_seqlens, block_t)
+    part_PC = torch.empty((P, NUM_COLS), dtype=torch.float32, device=logprobs_T.device)
+    dummy = logprobs_T
+    _ppo_loss_fwd_kernel[(P,)](
+        logprobs_T, old_logprobs_T, advantages_T, _as_kernel_mask(mask_T),
+        ref_logprobs_T if ref_logprobs_T is not None else dummy, entropy_T if entropy_T is not None else dummy,
+        cu_seqlens if cu_seqlens is not None else dummy, part_PC, T,
+        **_scalars(clip_low, clip_high, dual_clip, kl_coef, entropy_coef),
+        HAS_KL=ref_logprobs_T is not None, KL_K3=kl_type == "k3", HAS_ENTROPY=entropy_T is not None,
+        HAS_DUAL_CLIP=dual_clip is not None, SEQ_MEAN=cu_seqlens is not None, BLOCK_T=block_t, NUM_COLS=NUM_COLS,
+        num_warps=LOSS_NUM_WARPS)
+    loss, out_C = masked_mean_finalize(part_PC, normalizer, cu_seqlens is not None, COL_RATIO_MAX)
+    return loss, out_C, part_PC
+
+
+def ppo_loss_bwd(grad_out, logprobs_T, old_logprobs_T, advantages_T, mask_T, ref_logprobs_T, cu_seqlens, part_PC,
+                 out_C, clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef, entropy_dtype=None):
+    """Backward launch; returns (grad_logprobs_T in logprobs' dtype, grad_entropy_T or None).
+
+    grad_out: 0-d tensor (read on device). entropy_dtype: the entropy's dtype when it needs a gradient, else None."""
+    T = logprobs_T.numel()
+    block_t = _block_t(T)
+    P = part_PC.shape[0]
+    grad_logp_T = torch.empty_like(logprobs_T)
+    grad_ent_T = torch.empty(T, dtype=entropy_dtype, device=logprobs_T.device) if entropy_dtype is not None else None
+    _ppo_loss_bwd_kernel[(P,)](
+        logprobs_T, old_logprobs_T, advantages_T, _as_kernel_mask(mask_T),
+        ref_logprobs_T if ref_logprobs_T is not None else logprobs_T,
+        cu_seqlens if cu_seqlens is not None else logprobs_T, part_PC, out_C, grad_out.contiguous(),
+        grad_logp_T, grad_ent_T if grad_ent_T is not None else grad_logp_T, T,
+        **_scalars(clip_low, clip_high, dual_clip, kl_coef, entropy_coef),
+        HAS_KL=ref_logprobs_T is not None, KL_K3=kl_type == "k3", HAS_ENTROPY_GRAD=grad_ent_T is not None,
+        HAS_DUAL_CLIP=dual_clip is not None, SEQ_MEAN=cu_seqlens is not None, BLOCK_T=block_t, NUM_COLS=NUM_COLS,
+        num_warps=LOSS_NUM_WARPS)
+    return grad_logp_T, grad_ent_T
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# autograd.Function
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class PPOLossFn(torch.autograd.Function):
+    """Triton PPO loss; gradients to logprobs and entropy only. Returns (loss 0-d fp32, out_C fp32 metrics row)."""
+
+    @staticmethod
+    def forward(ctx, logprobs_T, old_logprobs_T, advantages_T, mask_T, ref_logprobs_T, entropy_T, cu_seqlens,
+                normalizer, clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef):
+        loss, out_C, part_PC = ppo_loss_fwd(logprobs_T, old_logprobs_T, advantages_T, mask_T, ref_logprobs_T,
+                                            entropy_T, cu_seqlens, normalizer, clip_low, clip_high, dual_clip,
+                                            kl_coef, kl_type, entropy_coef)
+        ctx.save_for_backward(logprobs_T, old_logprobs_T, advantages_T, mask_T, ref_logprobs_T, cu_seqlens,
+                              part_PC, out_C)
+        ctx.opts = (clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef)
+        ctx.entropy_dtype = entropy_T.dtype if entropy_T is not None else None
+        ctx.mark_non_differentiable(out_C)
+        return loss, out_C
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_out_C):
+        logprobs_T, old_T, adv_T, mask_T, ref_T, cu_seqlens, part_PC, out_C = ctx.saved_tensors
+        ent_dtype = ctx.entropy_dtype if ctx.needs_input_grad[5] else None
+        grad_logp_T, grad_ent_T = ppo_loss_bwd(grad_loss, logprobs_T, old_T, adv_T, mask_T, ref_T, cu_seqlens,
+                                               part_PC, out_C, *ctx.opts, entropy_dtype=ent_dtype)
+        if not ctx.needs_input_grad[0]:
+            grad_logp_T = None
+        return (grad_logp_T, None, None, None, None, grad_ent_T) + (None,) * 8
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public functions
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def check_normalizer(normalizer, device):
+    """None, a Python number > 0, or a 0-d float/int tensor on `device` (its value is not read: no sync)."""
+    if normalizer is None:
+        return None
+    if isinstance(normalizer, torch.Tensor):
+        check_tensor("normalizer", normalizer, ndim=0, device=device)
+        if normalizer.dtype == torch.bool or normalizer.is_complex():
+            raise ValueError(f"normalizer must be a float or integer tensor, got {normalizer.dtype}")
+        return normalizer
+    return check_scalar("normalizer", normalizer, low=0.0, low_open=True)
+
+
+def check_token_inputs(names_tensors, mask_T, cu_seqlens):
+    """Shared validation of per-token inputs: 1-D contiguous float tensors of one length T on one device, a bool
+    or float mask of the same length, optional int32 cu_seqlens ending at T. Returns T."""
+    first_name, first = names_tensors[0]
+    check_tensor(first_name, first, ndim=1, dtypes=FLOAT_DTYPES, contiguous=True)
+    T, device = first.shape[0], first.device
+    for name, x in names_tensors[1:]:
+        if x is not None:
+            check_tensor(name, x, dtypes=FLOAT_DTYPES, device=device, shape=(T,), contiguous=True)
+    check_tensor("mask", mask_T, dtypes=(torch.bool,) + FLOAT_DTYPES, device=device, shape=(T,), contiguous=True)
+    if cu_seqlens is not None:
+        check_cu_seqlens("cu_seqlens", cu_seqlens, T, device=device)
+    return T
+
+
+def ppo_loss(logprobs, old_logprobs, advantages, mask, clip_low=0.2, clip_high=0.2, dual_clip=None, normalizer=None,
+             ref_logprobs=None, kl_coef=0.0, kl_type="k3", entropy=None, entropy_coef=0.0, cu_seqlens=None):
+    """PPO clipped surrogate over packed tokens (spec: `reference.ppo_loss_ref`); returns (loss, metrics).
+
+    Args:
+        logprobs: (T,) float, log-probs of the sampled tokens under the current policy. Gets a gradient.
+        old_logprobs: (T,) float, behaviour-policy log-probs. No gradient.
+        advantages: (T,) float. No gradient.
+        mask: (T,) bool or float; tokens with mask 0 contribute nothing (float masks weight tokens).
+        clip_low, clip_high: ratio clipped to [1 - clip_low, 1 + clip_high], each in [0, 1).
+        dual_clip: None or c > 1: for A < 0 the per-token loss is capped at -A c.
+        normalizer: None, a Python number > 0 or a 0-d tensor: the loss denominator. Default: the mask sum (token
+            mean) or the number of sequences with a masked token (sequence mean). The trainer passes the global
+            count so that micro-batch losses sum to the global mean.
+        ref_logprobs: None or (T,) float reference-policy log-probs for a KL penalty kl_coef * KL (kl_type "k1" or
+            "k3"). No gradient.
+        entropy: None or (T,) float per-token entropy; adds -entropy_coef * entropy. Gets a gradient.
+        cu_seqlens: None (token mean) or int32 (B+1,) sequence boundaries (sequence mean: each sequence's masked
+            mean, summed, over the normalizer).
+    Returns:
+        loss: 0-d tensor (fp32 on the Triton path, the inputs' dtype on the reference path).
+        metrics: dict of 0-d tensors on the input device, no grad, masked-token means: pg_loss, clip_frac,
+            dual_clip_frac, approx_kl, ratio_mean, ratio_max (max), kl, entropy (0 when not given).
+    """
+    check_token_inputs([("logprobs", logprobs), ("old_logprobs", old_logprobs), ("advantages", advantages),
+                        ("ref_logprobs", ref_logprobs), ("entropy", entropy)], mask, cu_seqlens)
+    for name, value in (("clip_low", clip_low), ("clip_high", clip_high)):
+        if not 0.0 <= check_scalar(name, value) < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    if dual_clip is not None:
+        check_scalar("dual_clip", dual_clip, low=1.0, low_open=True)
+    normalizer = check_normalizer(normalizer, logprobs.device)
+    kl_coef = check_scalar("kl_coef", kl_coef, low=0.0)
+    entropy_coef = check_scalar("entropy_coef", entropy_coef)
+    if kl_type not in ("k1", "k3"):
+        raise ValueError(f"kl_type must be 'k1' or 'k3', got {kl_type!r}")
+    if kl_coef != 0.0 and ref_logprobs is None:
+        raise ValueError(f"kl_coef={kl_coef} needs ref_logprobs")
+    if entropy_coef != 0.0 and entropy is None:
+        raise ValueError(f"entropy_coef={entropy_coef} needs entropy")
+
+    if not use_triton(logprobs):
+        return reference.ppo_loss_ref(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip,
+                                      normalizer, ref_logprobs, kl_coef, kl_type, entropy, entropy_coef, cu_seqlens,
+                                      LOG_RATIO_CLAMP)
+    loss, out_C = PPOLossFn.apply(logprobs, old_logprobs.detach(), advantages.detach(), mask.detach(),
+                                  ref_logprobs.detach() if ref_logprobs is not None else None, entropy, cu_seqlens,
+                                  normalizer, float(clip_low), float(clip_high), dual_clip, kl_coef, kl_type,
+                                  entropy_coef)
+    return loss, {name: out_C[col] for name, col in METRIC_COLS.items()}

@@ -134,12 +134,14 @@ def ppo_loss_ref(logprobs_T, old_logprobs_T, advantages_T, mask_T, clip_low=0.2,
     ratio = torch.exp(log_ratio)
     pg1 = -advantages_T * ratio
     pg2 = -advantages_T * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    pg = torch.maximum(pg1, pg2)
+    # max(pg1, pg2) as a where: at a tie (rounding can make -A r == -A clip(r) with r outside the range) the
+    # gradient is the unclipped branch's, not torch.maximum's half of each
+    pg = torch.where(pg2 > pg1, pg2, pg1)
     dual_active = torch.zeros_like(pg, dtype=torch.bool)
     if dual_clip is not None:
         pg3 = -advantages_T * dual_clip
         dual_active = (advantages_T < 0) & (pg3 < pg)
-        pg = torch.where(advantages_T < 0, torch.minimum(pg, pg3), pg)
+        pg = torch.where(dual_active, pg3, pg)  # a where, not a minimum: at a tie the gradient is pg's, not half
     loss_T = pg
     kl_T = None
     if ref_logprobs_T is not None:
@@ -178,8 +180,8 @@ def value_loss_ref(values_T, old_values_T, returns_T, mask_T, clip=0.2, normaliz
     else:
         v_clip = old_values_T + (values_T - old_values_T).clamp(-clip, clip)
         err_clip = (v_clip - returns_T).square()
-        loss_T = 0.5 * torch.maximum(err, err_clip)
         clipped = err_clip > err
+        loss_T = 0.5 * torch.where(clipped, err_clip, err)  # a where, not a maximum: at a tie the gradient is err's
     loss = aggregate_ref(loss_T, mask_T, normalizer, cu_seqlens)
     with torch.no_grad():
         m = mask_T.to(err.dtype)

@@ -1,9 +1,725 @@
-"""Packed variable-length attention (placeholder: reference path only until the Triton kernel lands)."""
+"""Packed variable-length attention (flash-attn's varlen API): Triton forward and backward, causal and not, GQA.
 
+Legend: T packed tokens (Tq queries, Tk keys), Hq / Hkv query / key-value heads, D head dim, B segments.
+q_THD (Tq, Hq, D), k_THD / v_THD (Tk, Hkv, D), lse_HT (Hq, Tq) fp32 natural log, cu_seqlens int32 (B+1,).
+
+Algorithm (triton tutorial 06, made ragged): base-2 online softmax with log2(e) folded into the scale; the forward
+saves LSE; the backward is a preprocess (delta = rowsum(o * do)), a dK/dV kernel (one program per kv block, looping
+over q blocks) and a dQ kernel (one program per q block, looping over kv blocks). No atomics unless asked for.
+
+Scheduling: the grid is (cdiv(max_seqlen, BLOCK), heads, B): sized from the Python-int max_seqlen, so launching
+needs no host sync. Axis 2 walks the segments longest-first (an on-device argsort of the lengths, no sync) and axis 0
+walks each segment's blocks heaviest-first (the last q block under causal masking), so the long tiles start first
+and the short ones fill the tail instead of one long sequence running alone at the end. Programs past the end of
+their segment exit at once.
+
+Head dims: a tile dimension must be a power of two, so D is split into D0 (largest power of two <= D) + D1 (0 or a
+power of two >= 16): 64 = 64, 80 = 64 + 16, 96 = 64 + 32, 128 = 128. Every product is then two dots (D0 and D1
+parts) instead of one dot padded to 128: for D = 80 this does 80/128 of the padded MMA work and loads no padding.
+
+Causal masks are aligned bottom-right (query i of a segment with sq queries and sk keys sees keys j <= i + sk - sq),
+as flash-attn >= 2.1 does; a query row that sees no key gets output 0 and LSE -inf.
+"""
+
+import math
+
+import torch
+
+from ovr_kernels._checks import check_cu_seqlens, check_tensor, max_seqlen_of
+from ovr_kernels._triton import HAS_TRITON, INTERPRET, use_triton
 from ovr_kernels.reference import varlen_attention_ref
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+else:  # pragma: no cover - a torch build without triton: the reference path only
+    triton = None
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# jit kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+    _LOG2E_K = tl.constexpr(LOG2E)  # kernels may read module globals only as constexpr
+    _LN2_K = tl.constexpr(LN2)
+
+    @triton.jit
+    def _load_rows(base, rows, num_rows, stride_t, offs_d, UPCAST: tl.constexpr):
+        """Tile base[rows, offs_d] (head dim contiguous); rows >= num_rows read as 0 (they belong to another segment)."""
+        x = tl.load(base + rows[:, None] * stride_t + offs_d[None, :], mask=(rows < num_rows)[:, None], other=0.0)
+        if UPCAST:  # interpreter: bf16 arithmetic works on raw bits there (DESIGN.md), so compute in fp32
+            x = x.to(tl.float32)
+        return x
+
+    @triton.jit
+    def _store_rows(base, rows, num_rows, stride_t, offs_d, x):
+        tl.store(base + rows[:, None] * stride_t + offs_d[None, :], x.to(base.dtype.element_ty),
+                 mask=(rows < num_rows)[:, None])
+
+    @triton.jit
+    def _fwd_kv_loop(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_k_t, stride_v_t, rows, offs_n, offs_d0,
+                     offs_d1, seqlen_k, diag, lo, hi, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                     HEAD_D1: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
+        """Online softmax over kv blocks [lo, hi). MASKED blocks apply the ragged end and the causal diagonal."""
+        for start_n in range(lo, hi, BLOCK_N):
+            cols = start_n + offs_n
+            k0 = _load_rows(k_base, cols, seqlen_k, stride_k_t, offs_d0, UPCAST)
+            v0 = _load_rows(v_base, cols, seqlen_k, stride_v_t, offs_d0, UPCAST)
+            qk = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
+            if HEAD_D1 > 0:
+                k1 = _load_rows(k_base, cols, seqlen_k, stride_k_t, offs_d1, UPCAST)
+                qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PRECISION)
+            qk = qk * qk_scale  # log2 units: exp2(qk) = exp(scale * q.k)
+            if MASKED:
+                keep = cols[None, :] < seqlen_k
+                if CAUSAL:
+                    keep = keep & (cols[None, :] <= rows[:, None] + diag)
+                qk = tl.where(keep, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            if MASKED:  # a row that has seen no key keeps m = -inf; shift by 0 so exp2 gives 0, not NaN
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                m_use = m_new
+            p = tl.math.exp2(qk - m_use[:, None])
+            alpha = tl.math.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc0 = tl.dot(p.to(v0.dtype), v0, acc0 * alpha[:, None], input_precision=DOT_PRECISION)
+            if HEAD_D1 > 0:
+                v1 = _load_rows(v_base, cols, seqlen_k, stride_v_t, offs_d1, UPCAST)
+                acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
+            m_i = m_new
+        return acc0, acc1, m_i, l_i
+
+    @triton.jit
+    def _varlen_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, seg_order_ptr,
+                                stride_q_t, stride_q_h, stride_k_t, stride_k_h, stride_v_t, stride_v_h,
+                                stride_o_t, stride_o_h, stride_lse_h, qk_scale,
+                                GROUP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_D0: tl.constexpr,
+                                HEAD_D1: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        pid_m = tl.program_id(0)
+        head = tl.program_id(1)
+        seg = tl.load(seg_order_ptr + tl.program_id(2))
+        q_start = tl.load(cu_q_ptr + seg)
+        seqlen_q = tl.load(cu_q_ptr + seg + 1) - q_start
+        k_start = tl.load(cu_k_ptr + seg)
+        seqlen_k = tl.load(cu_k_ptr + seg + 1) - k_start
+        # heaviest block first: under causal masking q block m visits ~m kv blocks
+        m_block = tl.cdiv(seqlen_q, BLOCK_M) - 1 - pid_m
+        if m_block < 0:
+            return
+        start_m = m_block * BLOCK_M
+        rows = start_m + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d0 = tl.arange(0, HEAD_D0)
+        offs_d1 = HEAD_D0 + tl.arange(0, BLOCK_D1)
+        kv_head = head // GROUP
+        # segment starts in int64: T * stride can pass 2**31 on long packs; offsets inside a segment cannot
+        q_base = q_ptr + q_start.to(tl.int64) * stride_q_t + head * stride_q_h
+        k_base = k_ptr + k_start.to(tl.int64) * stride_k_t + kv_head * stride_k_h
+        v_base = v_ptr + k_start.to(tl.int64) * stride_v_t + kv_head * stride_v_h
+        q0 = _load_rows(q_base, rows, seqlen_q, stride_q_t, offs_d0, UPCAST)
+        if HEAD_D1 > 0:
+            q1 = _load_rows(q_base, rows, seqlen_q, stride_q_t, offs_d1, UPCAST)
+        else:  # placeholder, never read (the D1 branches are compiled out)
+            q1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=q0.dtype)
+        acc0 = tl.zeros([BLOCK_M, HEAD_D0], dtype=tl.float32)
+        acc1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        diag = seqlen_k - seqlen_q  # bottom-right alignment: row i sees keys j <= i + diag
+        if CAUSAL:
+            hi = tl.minimum(seqlen_k, tl.maximum(start_m + BLOCK_M + diag, 0))
+            full_end = tl.minimum(hi, tl.maximum(start_m + diag + 1, 0)) // BLOCK_N * BLOCK_N
+        else:
+            hi = seqlen_k
+            full_end = seqlen_k // BLOCK_N * BLOCK_N
+        acc0, acc1, m_i, l_i = _fwd_kv_loop(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_k_t, stride_v_t,
+                                            rows, offs_n, offs_d0, offs_d1, seqlen_k, diag, 0, full_end, qk_scale,
+                                            False, CAUSAL, HEAD_D1, BLOCK_N, UPCAST, DOT_PRECISION)
+        acc0, acc1, m_i, l_i = _fwd_kv_loop(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_k_t, stride_v_t,
+                                            rows, offs_n, offs_d0, offs_d1, seqlen_k, diag, full_end, hi, qk_scale,
+                                            True, CAUSAL, HEAD_D1, BLOCK_N, UPCAST, DOT_PRECISION)
+        # rows that saw no key: l = 0 -> output 0, LSE -inf
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        o_base = o_ptr + q_start.to(tl.int64) * stride_o_t + head * stride_o_h
+        _store_rows(o_base, rows, seqlen_q, stride_o_t, offs_d0, acc0 / l_safe[:, None])
+        if HEAD_D1 > 0:
+            _store_rows(o_base, rows, seqlen_q, stride_o_t, offs_d1, acc1 / l_safe[:, None])
+        lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * _LN2_K)
+        tl.store(lse_ptr + head * stride_lse_h + q_start + rows, lse, mask=rows < seqlen_q)
+
+    @triton.jit
+    def _varlen_attn_bwd_preprocess_kernel(o_ptr, do_ptr, delta_ptr, num_tokens, stride_o_t, stride_o_h,
+                                           stride_do_t, stride_do_h, stride_delta_h, HEAD_DIM: tl.constexpr,
+                                           BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        """delta[h, t] = sum_d o[t, h, d] * do[t, h, d] (fp32), over the packed tokens; segments do not matter."""
+        pid_t = tl.program_id(0)
+        head = tl.program_id(1)
+        offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask = (offs_t < num_tokens)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        o = tl.load(o_ptr + offs_t[:, None].to(tl.int64) * stride_o_t + head * stride_o_h + offs_d[None, :],
+                    mask=mask, other=0.0).to(tl.float32)
+        do = tl.load(do_ptr + offs_t[:, None].to(tl.int64) * stride_do_t + head * stride_do_h + offs_d[None, :],
+                     mask=mask, other=0.0).to(tl.float32)
+        tl.store(delta_ptr + head * stride_delta_h + offs_t, tl.sum(o * do, 1), mask=offs_t < num_tokens)
+
+    @triton.jit
+    def _bwd_dkdv_loop(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base, delta_base, stride_q_t,
+                       stride_do_t, cols, offs_m, offs_d0, offs_d1, seqlen_q, diag, lo, hi, qk_scale,
+                       MASKED: tl.constexpr, HEAD_D1: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
+        """Accumulate dK/dV of one kv block over q blocks [lo, hi), transposed (kv rows x q rows) like tutorial 06.
+
+        Padded q rows load q = do = delta = 0 and so add nothing; padded kv rows are never stored. Only the causal
+        diagonal needs a mask (MASKED). A row with LSE -inf sees no key, so it only appears in MASKED blocks."""
+        for start_m in range(lo, hi, BLOCK_M):
+            rows = start_m + offs_m
+            q0 = _load_rows(q_base, rows, seqlen_q, stride_q_t, offs_d0, UPCAST)
+            do0 = _load_rows(do_base, rows, seqlen_q, stride_do_t, offs_d0, UPCAST)
+            lse = tl.load(lse_base + rows, mask=rows < seqlen_q, other=0.0) * _LOG2E_K
+            delta = tl.load(delta_base + rows, mask=rows < seqlen_q, other=0.0)
+            qk_t = tl.dot(k0, tl.trans(q0), input_precision=DOT_PRECISION)
+            if HEAD_D1 > 0:
+                q1 = _load_rows(q_base, rows, seqlen_q, stride_q_t, offs_d1, UPCAST)
+                do1 = _load_rows(do_base, rows, seqlen_q, stride_do_t, offs_d1, UPCAST)
+                qk_t = tl.dot(k1, tl.trans(q1), qk_t, input_precision=DOT_PRECISION)
+            p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
+            if MASKED:
+                p_t = tl.where(cols[:, None] <= rows[None, :] + diag, p_t, 0.0)
+            dv0 = tl.dot(p_t.to(do0.dtype), do0, dv0, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v0, tl.trans(do0), input_precision=DOT_PRECISION)
+            if HEAD_D1 > 0:
+                dv1 = tl.dot(p_t.to(do1.dtype), do1, dv1, input_precision=DOT_PRECISION)
+                dp_t = tl.dot(v1, tl.trans(do1), dp_t, input_precision=DOT_PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk0 = tl.dot(ds_t.to(q0.dtype), q0, dk0, input_precision=DOT_PRECISION)
+            if HEAD_D1 > 0:
+                dk1 = tl.dot(ds_t.to(q1.dtype), q1, dk1, input_precision=DOT_PRECISION)
+        return dk0, dk1, dv0, dv1
+
+    @triton.jit
+    def _varlen_attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+                                     cu_q_ptr, cu_k_ptr, seg_order_ptr,
+                                     stride_q_t, stride_q_h, stride_k_t, stride_k_h, stride_v_t, stride_v_h,
+                                     stride_do_t, stride_do_h, stride_dk_t, stride_dk_h, stride_dv_t, stride_dv_h,
+                                     stride_lse_h, qk_scale, sm_scale,
+                                     GROUP: tl.constexpr, ATOMIC: tl.constexpr, CAUSAL: tl.constexpr,
+                                     HEAD_D0: tl.constexpr, HEAD_D1: tl.constexpr, BLOCK_D1: tl.constexpr,
+                                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+                                     DOT_PRECISION: tl.constexpr):
+        """One program per (kv block, head, segment). Deterministic (ATOMIC False): axis 1 is the kv head and the
+        program sums the GROUP query heads itself, in a fixed order. ATOMIC: axis 1 is the query head and the
+        partial dK/dV is atomically added to fp32 buffers (GROUP x more programs, order-dependent rounding)."""
+        pid_n = tl.program_id(0)
+        pid_h = tl.program_id(1)
+        seg = tl.load(seg_order_ptr + tl.program_id(2))
+        q_start = tl.load(cu_q_ptr + seg)
+        seqlen_q = tl.load(cu_q_ptr + seg + 1) - q_start
+        k_start = tl.load(cu_k_ptr + seg)
+        seqlen_k = tl.load(cu_k_ptr + seg + 1) - k_start
+        start_n = pid_n * BLOCK_N  # causal: the first kv blocks are seen by the most q rows, so they go first
+        if start_n >= seqlen_k:
+            return
+        if ATOMIC:
+            kv_head = pid_h // GROUP
+            first_q_head = pid_h
+        else:
+            kv_head = pid_h
+            first_q_head = pid_h * GROUP
+        cols = start_n + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d0 = tl.arange(0, HEAD_D0)
+        offs_d1 = HEAD_D0 + tl.arange(0, BLOCK_D1)
+        k_base = k_ptr + k_start.to(tl.int64) * stride_k_t + kv_head * stride_k_h
+        v_base = v_ptr + k_start.to(tl.int64) * stride_v_t + kv_head * stride_v_h
+        k0 = _load_rows(k_base, cols, seqlen_k, stride_k_t, offs_d0, UPCAST)
+        v0 = _load_rows(v_base, cols, seqlen_k, stride_v_t, offs_d0, UPCAST)
+        if HEAD_D1 > 0:
+            k1 = _load_rows(k_base, cols, seqlen_k, stride_k_t, offs_d1, UPCAST)
+            v1 = _load_rows(v_base, cols, seqlen_k, stride_v_t, offs_d1, UPCAST)
+        else:  # placeholders, never read
+            k1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=k0.dtype)
+            v1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=v0.dtype)
+        dk0 = tl.zeros([BLOCK_N, HEAD_D0], dtype=tl.float32)
+        dv0 = tl.zeros([BLOCK_N, HEAD_D0], dtype=tl.float32)
+        dk1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
+        dv1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
+        diag = seqlen_k - seqlen_q
+        if CAUSAL:
+            # q rows that see a key of this block start at start_n - diag; from `mid` on they see all of it
+            lo = tl.maximum(start_n - diag, 0) // BLOCK_M * BLOCK_M
+            mid = lo + tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag - lo, 0), BLOCK_M) * BLOCK_M
+            mid_masked = tl.minimum(mid, seqlen_q)
+        else:
+            mid = 0
+            mid_masked = 0
+        for g in range(1 if ATOMIC else GROUP):
+            q_head = first_q_head + g
+            q_base = q_ptr + q_start.to(tl.int64) * stride_q_t + q_head * stride_q_h
+            do_base = do_ptr + q_start.to(tl.int64) * stride_do_t + q_head * stride_do_h
+            lse_base = lse_ptr + q_head * stride_lse_h + q_start
+            delta_base = delta_ptr + q_head * stride_lse_h + q_start
+            if CAUSAL:
+                dk0, dk1, dv0, dv1 = _bwd_dkdv_loop(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base,
+                                                    delta_base, stride_q_t, stride_do_t, cols, offs_m, offs_d0,
+                                                    offs_d1, seqlen_q, diag, lo, mid_masked, qk_scale, True, HEAD_D1,
+                                                    BLOCK_M, UPCAST, DOT_PRECISION)
+            dk0, dk1, dv0, dv1 = _bwd_dkdv_loop(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base,
+                                                delta_base, stride_q_t, stride_do_t, cols, offs_m, offs_d0, offs_d1,
+                                                seqlen_q, diag, mid, seqlen_q, qk_scale, False, HEAD_D1, BLOCK_M,
+                                                UPCAST, DOT_PRECISION)
+        # dS was taken w.r.t. the scaled scores, so dK = scale * dS^T Q
+        dk_base = dk_ptr + k_start.to(tl.int64) * stride_dk_t + kv_head * stride_dk_h
+        dv_base = dv_ptr + k_start.to(tl.int64) * stride_dv_t + kv_head * stride_dv_h
+        if ATOMIC:
+            keep = (cols < seqlen_k)[:, None]
+            tl.atomic_add(dk_base + cols[:, None] * stride_dk_t + offs_d0[None, :], dk0 * sm_scale, mask=keep)
+            tl.atomic_add(dv_base + cols[:, None] * stride_dv_t + offs_d0[None, :], dv0, mask=keep)
+            if HEAD_D1 > 0:
+                tl.atomic_add(dk_base + cols[:, None] * stride_dk_t + offs_d1[None, :], dk1 * sm_scale, mask=keep)
+                tl.atomic_add(dv_base + cols[:, None] * stride_dv_t + offs_d1[None, :], dv1, mask=keep)
+        else:
+            _store_rows(dk_base, cols, seqlen_k, stride_dk_t, offs_d0, dk0 * sm_scale)
+            _store_rows(dv_base, cols, seqlen_k, stride_dv_t, offs_d0, dv0)
+            if HEAD_D1 > 0:
+                _store_rows(dk_base, cols, seqlen_k, stride_dk_t, offs_d1, dk1 * sm_scale)
+                _store_rows(dv_base, cols, seqlen_k, stride_dv_t, offs_d1, dv1)
+
+    @triton.jit
+    def _bwd_dq_loop(dq0, dq1, q0, q1, do0, do1, lse, delta, k_base, v_base, stride_k_t, stride_v_t, rows, offs_n,
+                     offs_d0, offs_d1, seqlen_k, diag, lo, hi, qk_scale, MASKED: tl.constexpr,
+                     HEAD_D1: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
+        """Accumulate dQ of one q block over kv blocks [lo, hi). Padded kv rows load k = v = 0 and so add nothing to
+        dQ = dS K; only the causal diagonal needs a mask (MASKED)."""
+        for start_n in range(lo, hi, BLOCK_N):
+            cols = start_n + offs_n
+            k0 = _load_rows(k_base, cols, seqlen_k, stride_k_t, offs_d0, UPCAST)
+            v0 = _load_rows(v_base, cols, seqlen_k, stride_v_t, offs_d0, UPCAST)
+            qk = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
+            dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PRECISION)
+            if HEAD_D1 > 0:
+                k1 = _load_rows(k_base, cols, seqlen_k, stride_k_t, offs_d1, UPCAST)
+                v1 = _load_rows(v_base, cols, seqlen_k, stride_v_t, offs_d1, UPCAST)
+                qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PRECISION)
+                dp = tl.dot(do1, tl.trans(v1), dp, input_precision=DOT_PRECISION)
+            p = tl.math.exp2(qk * qk_scale - lse[:, None])
+            if MASKED:
+                p = tl.where(cols[None, :] <= rows[:, None] + diag, p, 0.0)
+            ds = p * (dp - delta[:, None])
+            dq0 = tl.dot(ds.to(k0.dtype), k0, dq0, input_precision=DOT_PRECISION)
+            if HEAD_D1 > 0:
+                dq1 = tl.dot(ds.to(k1.dtype), k1, dq1, input_precision=DOT_PRECISION)
+        return dq0, dq1
+
+    @triton.jit
+    def _varlen_attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+                                   cu_q_ptr, cu_k_ptr, seg_order_ptr,
+                                   stride_q_t, stride_q_h, stride_k_t, stride_k_h, stride_v_t, stride_v_h,
+                                   stride_do_t, stride_do_h, stride_dq_t, stride_dq_h, stride_lse_h,
+                                   qk_scale, sm_scale,
+                                   GROUP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_D0: tl.constexpr,
+                                   HEAD_D1: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_M: tl.constexpr,
+                                   BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        pid_m = tl.program_id(0)
+        head = tl.program_id(1)
+        seg = tl.load(seg_order_ptr + tl.program_id(2))
+        q_start = tl.load(cu_q_ptr + seg)
+        seqlen_q = tl.load(cu_q_ptr + seg + 1) - q_start
+        k_start = tl.load(cu_k_ptr + seg)
+        seqlen_k = tl.load(cu_k_ptr + seg + 1) - k_start
+        m_block = tl.cdiv(seqlen_q, BLOCK_M) - 1 - pid_m  # heaviest block first, as in the forward
+        if m_block < 0:
+            return
+        start_m = m_block * BLOCK_M
+        rows = start_m + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d0 = tl.arange(0, HEAD_D0)
+        offs_d1 = HEAD_D0 + tl.arange(0, BLOCK_D1)
+        kv_head = head // GROUP
+        q_base = q_ptr + q_start.to(tl.int64) * stride_q_t + head * stride_q_h
+        do_base = do_ptr + q_start.to(tl.int64) * stride_do_t + head * stride_do_h
+        k_base = k_ptr + k_start.to(tl.int64) * stride_k_t + kv_head * stride_k_h
+        v_base = v_ptr + k_start.to(tl.int64) * stride_v_t + kv_head * stride_v_h
+        q0 = _load_rows(q_base, rows, seqlen_q, stride_q_t, offs_d0, UPCAST)
+        do0 = _load_rows(do_base, rows, seqlen_q, stride_do_t, offs_d0, UPCAST)
+        if HEAD_D1 > 0:
+            q1 = _load_rows(q_base, rows, seqlen_q, stride_q_t, offs_d1, UPCAST)
+            do1 = _load_rows(do_base, rows, seqlen_q, stride_do_t, offs_d1, UPCAST)
+        else:  # placeholders, never read
+            q1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=q0.dtype)
+            do1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=do0.dtype)
+        lse = tl.load(lse_ptr + head * stride_lse_h + q_start + rows, mask=rows < seqlen_q, other=0.0) * _LOG2E_K
+        delta = tl.load(delta_ptr + head * stride_lse_h + q_start + rows, mask=rows < seqlen_q, other=0.0)
+        dq0 = tl.zeros([BLOCK_M, HEAD_D0], dtype=tl.float32)
+        dq1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
+        diag = seqlen_k - seqlen_q
+        if CAUSAL:
+            hi = tl.minimum(seqlen_k, tl.maximum(start_m + BLOCK_M + diag, 0))
+            full_end = tl.minimum(hi, tl.maximum(start_m + diag + 1, 0)) // BLOCK_N * BLOCK_N
+            dq0, dq1 = _bwd_dq_loop(dq0, dq1, q0, q1, do0, do1, lse, delta, k_base, v_base, stride_k_t, stride_v_t,
+                                    rows, offs_n, offs_d0, offs_d1, seqlen_k, diag, full_end, hi, qk_scale, True,
+                                    HEAD_D1, BLOCK_N, UPCAST, DOT_PRECISION)
+        else:
+            full_end = seqlen_k
+        dq0, dq1 = _bwd_dq_loop(dq0, dq1, q0, q1, do0, do1, lse, delta, k_base, v_base, stride_k_t, stride_v_t, rows,
+                                offs_n, offs_d0, offs_d1, seqlen_k, diag, 0, full_end, qk_scale, False, HEAD_D1,
+                                BLOCK_N, UPCAST, DOT_PRECISION)
+        dq_base = dq_ptr + q_start.to(tl.int64) * stride_dq_t + head * stride_dq_h
+        _store_rows(dq_base, rows, seqlen_q, stride_dq_t, offs_d0, dq0 * sm_scale)
+        if HEAD_D1 > 0:
+            _store_rows(dq_base, rows, seqlen_q, stride_dq_t, offs_d1, dq1 * sm_scale)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------------------------
+
+# Block configs (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, architecture (90: H100, 80: A100) and padded
+# head dim D0 + D1. Starting points from triton's tutorial 06 (fwd 128x64, 8 warps; bwd 64-row tiles), then the
+# largest tiles that compile without register spills (tests/kernels/test_varlen_attention_compile.py; no GPU here to
+# autotune on). dK/dV keeps k, v, dk, dv of BLOCK_N kv rows resident while BLOCK_M q rows stream: at D = 128 with 4
+# warps that spills (tutorial 06's 32x128 / 4 warps too), hence 8 warps. sm_80 (mma.sync, no wgmma) needs smaller
+# tiles / fewer stages than sm_90 at the same D. Segments of <= 64 tokens (ViT windows) take 64-row tiles: a 128-row
+# tile would be mostly padding.
+_CONFIGS = {
+    90: {
+        "fwd": {64: (128, 64, 4, 3), 80: (128, 64, 8, 3), 96: (128, 64, 8, 3), 128: (128, 64, 8, 3)},
+        "fwd_short": {64: (64, 64, 4, 2), 80: (64, 64, 4, 2), 96: (64, 64, 4, 2), 128: (64, 64, 4, 2)},
+        "dkdv": {64: (64, 128, 8, 2), 80: (64, 64, 8, 2), 96: (64, 64, 8, 2), 128: (64, 64, 8, 2)},
+        "dq": {64: (128, 64, 8, 2), 80: (128, 64, 8, 2), 96: (64, 64, 8, 2), 128: (64, 64, 4, 2)},
+    },
+    80: {  # d96 on sm_80 still spills a little (<= 52 B) in every config tried; not a benchmark shape
+        "fwd": {64: (128, 64, 8, 2), 80: (128, 64, 8, 2), 96: (64, 64, 8, 2), 128: (64, 64, 8, 2)},
+        "fwd_short": {64: (64, 64, 4, 2), 80: (64, 64, 8, 2), 96: (64, 64, 8, 2), 128: (64, 64, 8, 2)},
+        "dkdv": {64: (32, 64, 8, 2), 80: (32, 64, 8, 2), 96: (32, 64, 8, 2), 128: (64, 64, 8, 1)},
+        "dq": {64: (128, 64, 8, 2), 80: (64, 64, 8, 2), 96: (64, 64, 8, 1), 128: (64, 64, 8, 2)},
+    },
+}
+_INTERPRET_CONFIG = (64, 64, 4, 1)  # interpreter: few, big programs (~10 ms per inner-loop iteration)
+_PREPROCESS_BLOCK_T, _PREPROCESS_WARPS = 64, 8  # o and do tiles (64 x 128 fp32) in registers without spills
+# With fewer deterministic dK/dV programs than this many per SM, the non-deterministic mode spreads the query heads
+# of a group over programs and sums with fp32 atomics.
+_ATOMIC_BELOW_PROGRAMS_PER_SM = 2
+
+
+def split_head_dim(head_dim: int) -> tuple[int, int]:
+    """head_dim -> (D0, D1): D0 the largest power of two <= head_dim, D1 the rest (0 or a power of two >= 16)."""
+    d0 = 1 << (head_dim.bit_length() - 1)
+    return d0, head_dim - d0
+
+
+def supported_head_dim(head_dim: int) -> bool:
+    """16 <= D <= 128, D = D0 + D1 with D1 zero or a power of two >= 16: 16, 32, 48, 64, 80, 96, 128."""
+    if not 16 <= head_dim <= 128:
+        return False
+    d0, d1 = split_head_dim(head_dim)
+    return d0 >= 16 and (d1 == 0 or (d1 >= 16 and d1 & (d1 - 1) == 0))
+
+
+def block_config(kernel: str, head_dim: int, max_seqlen: int, arch: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for kernel "fwd" | "dkdv" | "dq" on sm_`arch` (>= 90 -> the H100
+    table, else the A100 one). max_seqlen <= 64 picks the forward's short-segment tiles."""
+    table = _CONFIGS[90 if arch >= 90 else 80]
+    if kernel == "fwd" and max_seqlen <= 64:
+        kernel = "fwd_short"
+    by_dim = table[kernel]
+    return by_dim[min((d for d in by_dim if d >= head_dim), default=128)]
+
+
+def _launch_params(kernel: str, head_dim: int, max_seqlen: int, device: torch.device):
+    if INTERPRET:
+        return _INTERPRET_CONFIG
+    major, minor = torch.cuda.get_device_capability(device)
+    return block_config(kernel, head_dim, max_seqlen, 10 * major + minor)
+
+
+def _segment_order(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> torch.Tensor:
+    """Segment indices, longest first (on the device: no host sync)."""
+    lengths = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]) + (cu_seqlens_k[1:] - cu_seqlens_k[:-1])
+    return torch.argsort(lengths, descending=True, stable=True).to(torch.int32)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get full-precision products (tf32 would miss the fp32 reference by ~1e-3)
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def varlen_attention_fwd(q_THD, k_THD, v_THD, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                         softmax_scale, seg_order=None):
+    """Launch the forward kernel on validated inputs; returns (out_THD contiguous, lse_HT fp32)."""
+    num_tokens_q, num_q_heads, head_dim = q_THD.shape
+    num_kv_heads = k_THD.shape[1]
+    num_segments = cu_seqlens_q.numel() - 1
+    out = torch.empty((num_tokens_q, num_q_heads, head_dim), dtype=q_THD.dtype, device=q_THD.device)
+    lse = torch.empty((num_q_heads, num_tokens_q), dtype=torch.float32, device=q_THD.device)
+    if num_tokens_q == 0 or max_seqlen_q == 0:
+        return out, lse
+    if seg_order is None:
+        seg_order = _segment_order(cu_seqlens_q, cu_seqlens_k)
+    d0, d1 = split_head_dim(head_dim)
+    block_m, block_n, num_warps, num_stages = _launch_params("fwd", head_dim, max_seqlen_q, q_THD.device)
+    grid = (triton.cdiv(max_seqlen_q, block_m), num_q_heads, num_segments)
+    _varlen_attn_fwd_kernel[grid](
+        q_THD, k_THD, v_THD, out, lse, cu_seqlens_q, cu_seqlens_k, seg_order,
+        q_THD.stride(0), q_THD.stride(1), k_THD.stride(0), k_THD.stride(1), v_THD.stride(0), v_THD.stride(1),
+        out.stride(0), out.stride(1), lse.stride(0), softmax_scale * LOG2E,
+        GROUP=num_q_heads // num_kv_heads, CAUSAL=causal, HEAD_D0=d0, HEAD_D1=d1, BLOCK_D1=max(d1, 16),
+        BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(q_THD.dtype),
+        num_warps=num_warps, num_stages=num_stages)
+    return out, lse
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # the interpreter: pretend H100
+
+
+def use_atomic_dkdv(deterministic: bool, num_q_heads: int, num_kv_heads: int, head_dim: int, num_tokens_k: int,
+                    block_n: int, device: torch.device) -> bool:
+    """Whether the dK/dV kernel runs one program per query head with fp32 atomics (more parallelism, run-to-run
+    rounding differences) instead of one per kv head summing its group in order. Only for GQA, never when
+    deterministic, and only when the deterministic grid would be too small to fill the GPU (estimated from the
+    token count, which needs no host sync)."""
+    if deterministic or num_q_heads == num_kv_heads or head_dim > 96:
+        return False  # D = 128: the atomic variant's extra address registers make it spill (compile test)
+    programs = triton.cdiv(max(num_tokens_k, 1), block_n) * num_kv_heads
+    return programs < _ATOMIC_BELOW_PROGRAMS_PER_SM * _num_sms(device)
+
+
+def varlen_attention_bwd(do_THD, q_THD, k_THD, v_THD, out_THD, lse_HT, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                         max_seqlen_k, causal, softmax_scale, deterministic=False, seg_order=None):
+    """Launch preprocess + dK/dV + dQ on validated inputs; returns (dq, dk, dv) contiguous, in the inputs' dtype."""
+    num_tokens_q, num_q_heads, head_dim = q_THD.shape
+    num_tokens_k, num_kv_heads = k_THD.shape[0], k_THD.shape[1]
+    num_segments = cu_seqlens_q.numel() - 1
+    group = num_q_heads // num_kv_heads
+    if do_THD.stride(-1) != 1:
+        do_THD = do_THD.contiguous()
+    dq = torch.empty((num_tokens_q, num_q_heads, head_dim), dtype=q_THD.dtype, device=q_THD.device)
+    # keys of empty query segments get no program writes: zero-init dk/dv (rows of segments with sk > 0 and
+    # sq == 0 have a zero gradient)
+    dk = torch.zeros((num_tokens_k, num_kv_heads, head_dim), dtype=k_THD.dtype, device=k_THD.device)
+    dv = torch.zeros((num_tokens_k, num_kv_heads, head_dim), dtype=v_THD.dtype, device=v_THD.device)
+    if num_tokens_q == 0 or num_tokens_k == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
+        return dq.zero_(), dk, dv
+    if seg_order is None:
+        seg_order = _segment_order(cu_seqlens_q, cu_seqlens_k)
+    d0, d1 = split_head_dim(head_dim)
+    common = {"CAUSAL": causal, "HEAD_D0": d0, "HEAD_D1": d1, "BLOCK_D1": max(d1, 16), "UPCAST": INTERPRET,
+              "DOT_PRECISION": _dot_precision(q_THD.dtype)}
+    qk_scale = softmax_scale * LOG2E
+
+    delta = torch.empty_like(lse_HT)
+    _varlen_attn_bwd_preprocess_kernel[(triton.cdiv(num_tokens_q, _PREPROCESS_BLOCK_T), num_q_heads)](
+        out_THD, do_THD, delta, num_tokens_q, out_THD.stride(0), out_THD.stride(1), do_THD.stride(0),
+        do_THD.stride(1), delta.stride(0), HEAD_DIM=head_dim, BLOCK_T=_PREPROCESS_BLOCK_T,
+        BLOCK_D=triton.next_power_of_2(head_dim), num_warps=_PREPROCESS_WARPS)
+
+    block_m, block_n, num_warps, num_stages = _launch_params("dkdv", head_dim, max_seqlen_k, q_THD.device)
+    atomic = use_atomic_dkdv(deterministic, num_q_heads, num_kv_heads, head_dim, num_tokens_k, block_n,
+                             q_THD.device)
+    if atomic:
+        dk_acc = torch.zeros(dk.shape, dtype=torch.float32, device=dk.device)
+        dv_acc = torch.zeros(dv.shape, dtype=torch.float32, device=dv.device)
+    else:
+        dk_acc, dv_acc = dk, dv
+    grid = (triton.cdiv(max_seqlen_k, block_n), num_q_heads if atomic else num_kv_heads, num_segments)
+    _varlen_attn_bwd_dkdv_kernel[grid](
+        q_THD, k_THD, v_THD, do_THD, lse_HT, delta, dk_acc, dv_acc, cu_seqlens_q, cu_seqlens_k, seg_order,
+        q_THD.stride(0), q_THD.stride(1), k_THD.stride(0), k_THD.stride(1), v_THD.stride(0), v_THD.stride(1),
+        do_THD.stride(0), do_THD.stride(1), dk_acc.stride(0), dk_acc.stride(1), dv_acc.stride(0), dv_acc.stride(1),
+        lse_HT.stride(0), qk_scale, softmax_scale, GROUP=group, ATOMIC=atomic, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=num_warps, num_stages=num_stages, **common)
+    if atomic:
+        dk.copy_(dk_acc)
+        dv.copy_(dv_acc)
+
+    block_m, block_n, num_warps, num_stages = _launch_params("dq", head_dim, max_seqlen_q, q_THD.device)
+    grid = (triton.cdiv(max_seqlen_q, block_m), num_q_heads, num_segments)
+    _varlen_attn_bwd_dq_kernel[grid](
+        q_THD, k_THD, v_THD, do_THD, lse_HT, delta, dq, cu_seqlens_q, cu_seqlens_k, seg_order,
+        q_THD.stride(0), q_THD.stride(1), k_THD.stride(0), k_THD.stride(1), v_THD.stride(0), v_THD.stride(1),
+        do_THD.stride(0), do_THD.stride(1), dq.stride(0), dq.stride(1), lse_HT.stride(0), qk_scale, softmax_scale,
+        GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **common)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# custom ops (torch.compile sees opaque kernels with shape-only fake implementations) + autograd.Function
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("ovr::varlen_attn_fwd", mutates_args=())
+def _varlen_attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                        cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
+                        softmax_scale: float, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                                softmax_scale)
+
+
+@_varlen_attn_fwd_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, deterministic):
+    return (q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32))
+
+
+@torch.library.custom_op("ovr::varlen_attn_bwd", mutates_args=())
+def _varlen_attn_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                        lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
+                        max_seqlen_k: int, causal: bool, softmax_scale: float,
+                        deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return varlen_attention_bwd(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                causal, softmax_scale, deterministic)
+
+
+@_varlen_attn_bwd_op.register_fake
+def _(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
+      deterministic):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, deterministic = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+    ctx.args = (max_seqlen_q, max_seqlen_k, causal, softmax_scale, deterministic)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, dlse):
+    # LSE is an output for inspection (flash-attn's softmax_lse), not differentiable: dlse is ignored
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    max_seqlen_q, max_seqlen_k, causal, softmax_scale, deterministic = ctx.args
+    dq, dk, dv = torch.ops.ovr.varlen_attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                               max_seqlen_k, causal, softmax_scale, deterministic)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+_varlen_attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class VarlenAttnFn(torch.autograd.Function):
+    """Eager autograd wrapper over the same two custom ops (the custom op alone carries its autograd formula for
+    torch.compile; both share `_setup_context` / `_backward`). Gradients for q, k, v only."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
+                deterministic):
+        inputs = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
+                  deterministic)
+        output = _varlen_attn_fwd_op(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        return _backward(ctx, dout, dlse)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# public function
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_max_seqlen(name: str, value, cu: torch.Tensor, check_values: bool) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative Python int, got {value!r}")
+    if check_values:
+        actual = max_seqlen_of(cu)
+        if value < actual:
+            raise ValueError(f"{name}={value} is smaller than the longest segment ({actual})")
+    return value
+
+
+def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, check_cu_seqlens_values,
+              for_kernel):
+    dtypes = _KERNEL_DTYPES if for_kernel else _KERNEL_DTYPES + (torch.float64,)
+    check_tensor("q", q, ndim=3, dtypes=dtypes)
+    check_tensor("k", k, ndim=3, dtypes=(q.dtype,), device=q.device)
+    check_tensor("v", v, ndim=3, dtypes=(q.dtype,), device=q.device, shape=tuple(k.shape))
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    if k.shape[2] != head_dim:
+        raise ValueError(f"k has head_dim {k.shape[2]} but q has {head_dim}")
+    if k.shape[1] == 0 or num_q_heads % k.shape[1] != 0:
+        raise ValueError(f"the number of q heads ({num_q_heads}) must be a multiple of the number of k/v heads "
+                         f"({k.shape[1]})")
+    if for_kernel and not supported_head_dim(head_dim):
+        raise ValueError(f"head_dim={head_dim} is not supported by the Triton kernel (16, 32, 48, 64, 80, 96, 128)")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.shape[0] > 0 and x.stride(2) != 1:
+            raise ValueError(f"{name} must have a contiguous last dim (strides {tuple(x.stride())}); "
+                             "call .contiguous() first")
+    for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]), ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
+        check_tensor(name, cu, ndim=1, dtypes=(torch.int32,), device=q.device)
+        if cu.numel() < 2:
+            raise ValueError(f"{name} must have at least 2 entries (B+1 with B >= 1), got {cu.numel()}")
+        if not cu.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+        if check_cu_seqlens_values:
+            check_cu_seqlens(name, cu, total, device=q.device)
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.numel()} entries but cu_seqlens_k has "
+                         f"{cu_seqlens_k.numel()}: both must be (B+1,)")
+    if for_kernel and cu_seqlens_q.numel() - 1 > 65535:
+        raise ValueError(f"at most 65535 segments per call, got {cu_seqlens_q.numel() - 1}")
+    _check_max_seqlen("max_seqlen_q", max_seqlen_q, cu_seqlens_q, check_cu_seqlens_values)
+    _check_max_seqlen("max_seqlen_k", max_seqlen_k, cu_seqlens_k, check_cu_seqlens_values)
+    bad_scale = isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or \
+        not math.isfinite(softmax_scale) or softmax_scale <= 0
+    if softmax_scale is not None and bad_scale:
+        raise ValueError(f"softmax_scale must be a positive finite float or None, got {softmax_scale!r}")
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False,
-                     softmax_scale=None, return_lse=False):
-    """See DESIGN.md's contract."""
-    return varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, return_lse)
+                     softmax_scale=None, return_lse=False, deterministic=False, check_cu_seqlens_values=True):
+    """Attention over sequences packed along the token dim (flash-attn's `flash_attn_varlen_func` contract).
+
+    Arguments:
+        q: (total_q, nheads, headdim), fp16 / bf16 / fp32 (fp64 on the CPU reference path), last dim contiguous
+            (other strides are free: views of a fused qkv projection need no copy).
+        k: (total_k, nheads_k, headdim), same dtype / device as q. nheads must be a multiple of nheads_k (GQA / MQA):
+            query head h reads kv head h // (nheads // nheads_k).
+        v: (total_k, nheads_k, headdim), like k.
+        cu_seqlens_q: (batch_size + 1,), int32, on q's device. Segment b's queries are
+            q[cu_seqlens_q[b]:cu_seqlens_q[b+1]]; starts at 0, non-decreasing (repeated values are empty segments,
+            as in Qwen2.5-VL's window list), ends at total_q.
+        cu_seqlens_k: (batch_size + 1,), int32, the same for k and v (segment b attends only to its own keys).
+        max_seqlen_q: Python int >= the longest query segment. It sizes the launch grid, so no host sync is needed
+            to launch; a larger value only adds programs that exit at once.
+        max_seqlen_k: Python int >= the longest key segment.
+        causal: causal mask aligned to the bottom-right corner of each segment: with sq queries and sk keys, query i
+            sees keys j <= i + sk - sq (flash-attn >= 2.1). A query that sees no key (sk < sq) gets output 0.
+        softmax_scale: scaling of q k^T before the softmax; default 1 / sqrt(headdim).
+        return_lse: also return the row log-sum-exp.
+        deterministic: make the backward bit-reproducible. The default backward is deterministic too unless the
+            model uses GQA and the dK/dV grid is too small to fill the GPU, where it then sums the query heads of a
+            group with fp32 atomics (`use_atomic_dkdv`).
+        check_cu_seqlens_values: check the cu_seqlens values (monotone, ending at total, max_seqlen large enough).
+            On CUDA this copies them to the host (one sync per call); metadata built by a trusted packer can skip it.
+
+    Returns:
+        out: (total_q, nheads, headdim) in q's dtype (contiguous).
+        softmax_lse [if return_lse]: (nheads, total_q) fp32, natural log; -inf for rows that see no key. Not
+            differentiable.
+    Gradients flow to q, k and v (fp32 accumulation, returned in their dtype); never to cu_seqlens.
+    CUDA tensors run the Triton kernels, CPU tensors `ovr_kernels.reference.varlen_attention_ref`
+    (`OVR_BACKEND=triton|reference` forces one, see `ovr_kernels._triton`). Raises ValueError on bad inputs.
+    """
+    kernel = use_triton(q) if isinstance(q, torch.Tensor) else False
+    _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+              check_cu_seqlens_values and not torch.compiler.is_compiling(), kernel)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if not kernel:
+        return varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, return_lse)
+    out, lse = VarlenAttnFn.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal),
+                                  scale, bool(deterministic))
+    return (out, lse) if return_lse else out
