@@ -36,7 +36,8 @@ for job in json.loads(sys.stdin.read()):
     fn = getattr(fn, "fn", fn) if not isinstance(fn, triton.runtime.jit.JITFunction) else fn
     if not isinstance(fn, triton.runtime.jit.JITFunction):
         raise TypeError(f"{job['module']}.{job['name']} is not a @triton.jit kernel")
-    src = ASTSource(fn, job["signature"], constexprs=job["constexprs"])
+    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in job["divisible"]}
+    src = ASTSource(fn, job["signature"], constexprs=job["constexprs"], attrs=attrs)
     ck = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32),
                         options={"num_warps": job["num_warps"], "num_stages": job["num_stages"]})
     ptx = ck.asm["ptx"]
@@ -73,10 +74,12 @@ class SMInfo:
         return f"{self.name} sm_{self.arch}: {self.n_regs} regs, {self.shared} B shared, {self.n_spills} B spills"
 
 
-def _job(kernel, signature, constexprs, arch, num_warps, num_stages):
+def _job(kernel, signature, constexprs, arch, num_warps, num_stages, divisible=None):
     fn = getattr(kernel, "fn", kernel)
+    if divisible is None:  # what a real launch sees for torch allocations: every pointer 16-byte aligned
+        divisible = [k for k, t in signature.items() if t.startswith("*")]
     return {"module": fn.__module__, "name": fn.__name__, "signature": signature, "constexprs": constexprs or {},
-            "arch": arch, "num_warps": num_warps, "num_stages": num_stages}
+            "arch": arch, "num_warps": num_warps, "num_stages": num_stages, "divisible": list(divisible)}
 
 
 def compile_many(jobs: list[dict]) -> list[SMInfo]:
@@ -92,16 +95,20 @@ def compile_many(jobs: list[dict]) -> list[SMInfo]:
 
 
 def job(kernel, signature: dict, constexprs: dict | None = None, arch: int = 90, num_warps: int = 4,
-        num_stages: int = 3) -> dict:
+        num_stages: int = 3, divisible: list[str] | None = None) -> dict:
     """One compile job: kernel (a @triton.jit function defined at module level), Triton signature
-    ({"x_ptr": "*bf16", "n": "i32", "BLOCK": "constexpr"}), constexpr values, target sm arch, launch options."""
-    return _job(kernel, signature, constexprs, arch, num_warps, num_stages)
+    ({"x_ptr": "*bf16", "n": "i32", "BLOCK": "constexpr"}), constexpr values, target sm arch, launch options.
+
+    `divisible` names the arguments Triton may assume divisible by 16 (pointers: 16-byte aligned), as its launcher
+    specialises them at run time; default: every pointer argument. Pass [] to compile the unspecialised variant.
+    """
+    return _job(kernel, signature, constexprs, arch, num_warps, num_stages, divisible)
 
 
 def compile_for_arch(kernel, signature: dict, constexprs: dict | None = None, arch: int = 90, num_warps: int = 4,
-                     num_stages: int = 3) -> SMInfo:
-    """Compile one kernel config for sm_`arch` (80 or 90) and return its resource usage (see module docstring)."""
-    return compile_many([_job(kernel, signature, constexprs, arch, num_warps, num_stages)])[0]
+                     num_stages: int = 3, divisible: list[str] | None = None) -> SMInfo:
+    """Compile one kernel config for sm_`arch` (80 or 90) and return its resource usage (see `job`)."""
+    return compile_many([_job(kernel, signature, constexprs, arch, num_warps, num_stages, divisible)])[0]
 
 
 def uses_tensor_cores(info: SMInfo, arch: int | None = None) -> bool:
