@@ -3,6 +3,7 @@
 Kernels trust what passes these checks.
 """
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -15,17 +16,17 @@ def check_tensor(name: str, x, *, ndim: int | None = None, dtypes: Sequence[torc
                  contiguous: bool = False) -> torch.Tensor:
     """Validate one tensor argument; returns it unchanged. `shape` entries of None match any size."""
     if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")  # noqa: TRY004 (one error type)
     if ndim is not None and x.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(x.shape)}")
     if dtypes is not None and x.dtype not in dtypes:
         raise ValueError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {x.dtype}")
     if device is not None and x.device != device:
         raise ValueError(f"{name} is on {x.device} but the other inputs are on {device}")
-    if shape is not None:
-        if x.dim() != len(shape) or any(s is not None and s != xs for s, xs in zip(shape, x.shape)):
-            want = tuple("*" if s is None else s for s in shape)
-            raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
+    if shape is not None and (x.dim() != len(shape)
+                              or any(s is not None and s != xs for s, xs in zip(shape, x.shape))):
+        want = tuple("*" if s is None else s for s in shape)
+        raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
     if contiguous and not x.is_contiguous():
         raise ValueError(f"{name} must be contiguous (strides {tuple(x.stride())}); call .contiguous() first")
     return x
@@ -61,7 +62,7 @@ def check_scalar(name: str, value, *, low: float | None = None, high: float | No
         v = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if v != v or v in (float("inf"), float("-inf")):
+    if not math.isfinite(v):
         raise ValueError(f"{name} must be finite, got {value!r}")
     if low is not None and (v <= low if low_open else v < low):
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")

@@ -5,7 +5,7 @@ import os
 try:
     if os.environ.get("OVR_DISABLE_EXT") == "1":  # test override: exercise the pure-Python fallbacks
         raise ImportError("disabled by OVR_DISABLE_EXT=1")
-    from ovr_kernels import _C  # noqa: F401
+    from ovr_kernels import _C
 
     HAS_EXT = True
     HAS_CUDA_EXT = bool(_C.has_cuda())

@@ -28,7 +28,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 try:
     import triton  # noqa: F401
-    import triton.language as tl  # noqa: F401
+    import triton.language as tl
 
     HAS_TRITON = True
 except ImportError:  # a torch build without triton: only the reference path exists

@@ -234,7 +234,7 @@ def rloo_advantages_ref(scores_B, group_size):
     s = scores_B.reshape(-1, group_size)
     if group_size == 1:
         return torch.zeros_like(scores_B)
-    return ((s - (s.sum(dim=1, keepdim=True) - s) / (group_size - 1))).reshape(-1)
+    return (s - (s.sum(dim=1, keepdim=True) - s) / (group_size - 1)).reshape(-1)
 
 
 def masked_whiten_ref(x_T, mask_T, shift_mean=True, eps=1e-8):
