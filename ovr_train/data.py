@@ -1,0 +1,533 @@
+"""Chat data -> tokenized samples -> DP-balanced, token-budget micro-batches (packed varlen or padded).
+
+Legend: L tokens of one sample, T packed tokens of a micro-batch, B samples, P image patches, N images.
+
+Pipeline (every rank runs it identically, so every rank knows every sample's length without communicating):
+1. `read_chat_jsonl`: JSONL lines in OpenAI style (`{"messages": [{"role", "content": str | [parts]}]}`, parts
+   `{"type": "text", "text"}` / `{"type": "image", "image": path-or-base64}` / `{"type": "image_url", "image_url":
+   {"url"}}`) or ShareGPT/ORZ style (`{"conversations": [{"from": "human"|"gpt"|..., "value"}], "images": [...]}`,
+   `<image>` tags in values; an ORZ answer `{"from": "assistant", "ground_truth": {"value"}}` or a top-level
+   `answer`). A malformed line raises ValueError naming file and line, or is skipped and counted (on_error=skip).
+2. `encode_messages`: Qwen2.5-VL chat format with our own `<|image_pad|>` expansion (grid_thw.prod() // merge**2
+   tokens per image), targets = next token on assistant tokens only (content + `<|im_end|>`), -100 elsewhere, and
+   3-D mRoPE position ids computed per sample (`mrope_position_ids`, equal to HF's `get_rope_index`) BEFORE packing.
+3. `step_plan`: the global batch of a step (a pure function of (seed, step): resumable by step number), split over
+   ranks balanced by tokens, then into token-budget micro-batches; every rank gets the same number of micro-batches
+   (short ranks get loss-free filler ones) so FSDP's collectives always pair up.
+4. `collate`: packed (batch 1, cu_seqlens, 4-row position ids: text row + mRoPE rows) or padded (B x Lmax + mask).
+"""
+
+import base64
+import binascii
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ovr_kernels.packing import balanced_partition, token_budget_microbatches
+
+IGNORE = -100
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+          "bot": "assistant", "model": "assistant"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading and normalising chat samples
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ChatSample:
+    """One conversation: messages [(role, [str | ImageRef, ...])], an optional reference answer, its origin."""
+
+    messages: list
+    answer: str | None = None
+    where: str = ""
+
+
+@dataclass
+class ImageRef:
+    """An image given as a path (relative to `base_dir`) or base64 (optionally a data: URL)."""
+
+    source: str
+    base_dir: str = ""
+
+
+@dataclass
+class DataStats:
+    """Counts of what was dropped or changed while loading (reported at start, logged with metrics)."""
+
+    lines: int = 0
+    samples: int = 0
+    skipped_malformed: int = 0
+    skipped_image: int = 0
+    skipped_overlong: int = 0
+    skipped_no_loss: int = 0
+    truncated: int = 0
+    errors: list = field(default_factory=list)
+
+    def note(self, kind: str, msg: str):
+        setattr(self, kind, getattr(self, kind) + 1)
+        if len(self.errors) < 20:
+            self.errors.append(msg)
+
+
+def _parts(content, where: str, base_dir: str) -> list:
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [content]
+    if not isinstance(content, list):
+        raise ValueError(f"{where}: message content must be a string or a list of parts, got {type(content).__name__}")  # noqa: TRY004 (bad user input is a ValueError here)
+    out = []
+    for part in content:
+        if isinstance(part, str):
+            out.append(part)
+        elif not isinstance(part, dict):
+            raise ValueError(f"{where}: content part must be an object, got {part!r:.60}")  # noqa: TRY004 (bad user input is a ValueError here)
+        elif part.get("type") == "text" or ("text" in part and "type" not in part):
+            out.append(str(part.get("text", "")))
+        elif part.get("type") == "image" or "image" in part:
+            out.append(ImageRef(str(part.get("image") or part.get("url") or ""), base_dir))
+        elif part.get("type") == "image_url" or "image_url" in part:
+            url = part.get("image_url")
+            out.append(ImageRef(str(url.get("url", "") if isinstance(url, dict) else url), base_dir))
+        else:
+            raise ValueError(f"{where}: unknown content part type {part.get('type')!r}")
+    return out
+
+
+def normalize_sample(obj, where: str, base_dir: str = "") -> ChatSample:
+    """A parsed JSON object (OpenAI or ShareGPT/ORZ style) -> ChatSample; ValueError naming `where` if malformed."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")  # noqa: TRY004 (bad user input is a ValueError here)
+    turns = obj.get("messages", obj.get("conversations"))
+    if not isinstance(turns, list) or not turns:
+        raise ValueError(f"{where}: needs a non-empty 'messages' or 'conversations' list")
+    images = [ImageRef(str(s), base_dir) for s in obj.get("images", []) or []]
+    answer = obj.get("answer")
+    messages = []
+    for turn in turns:
+        if not isinstance(turn, dict):
+            raise ValueError(f"{where}: each turn must be an object, got {turn!r:.60}")  # noqa: TRY004 (bad user input is a ValueError here)
+        role = _ROLES.get(str(turn.get("role", turn.get("from", ""))).lower())
+        if role is None:
+            raise ValueError(f"{where}: unknown role {turn.get('role', turn.get('from'))!r}")
+        if "ground_truth" in turn and "value" not in turn:  # ORZ: the assistant turn carries only the answer
+            gt = turn["ground_truth"]
+            answer = gt.get("value") if isinstance(gt, dict) else gt
+            continue
+        content = turn["content"] if "content" in turn else turn.get("value")
+        parts = _parts(content, where, base_dir)
+        if images and any(isinstance(p, str) and "<image>" in p for p in parts):
+            expanded = []
+            for p in parts:
+                if not isinstance(p, str):
+                    expanded.append(p)
+                    continue
+                pieces = p.split("<image>")
+                for k, piece in enumerate(pieces):
+                    if k:
+                        if not images:
+                            raise ValueError(f"{where}: more <image> tags than entries in 'images'")
+                        expanded.append(images.pop(0))
+                    if piece:
+                        expanded.append(piece)
+            parts = expanded
+        messages.append((role, parts))
+    if images:  # images without tags go in front of the first user message (LLaVA convention)
+        for i, (role, parts) in enumerate(messages):
+            if role == "user":
+                messages[i] = (role, images + parts)
+                break
+        else:
+            raise ValueError(f"{where}: 'images' given but there is no user message")
+    if not messages:
+        raise ValueError(f"{where}: no messages")
+    return ChatSample(messages, None if answer is None else str(answer), where)
+
+
+def read_chat_jsonl(path, on_error: str = "raise", stats: DataStats | None = None) -> list:
+    """All samples of a JSONL file; malformed lines raise (naming file:line) or are skipped and counted."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"data file {str(path)!r} does not exist")
+    stats = stats if stats is not None else DataStats()
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            stats.lines += 1
+            where = f"{path}:{lineno}"
+            try:
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+                out.append(normalize_sample(obj, where, str(path.parent)))
+            except ValueError as e:
+                if on_error == "raise":
+                    raise
+                stats.note("skipped_malformed", str(e))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_image(ref: ImageRef, image_root: str = ""):
+    """ImageRef -> RGB PIL image; ValueError naming the source if it is missing or not a decodable image."""
+    from PIL import Image
+
+    src = ref.source
+    inline = src.startswith("data:image") or (len(src) > 256 and "/" not in src[:64] and not src.endswith(
+        (".png", ".jpg", ".jpeg")))
+    if not inline:
+        path = Path(src) if Path(src).is_absolute() else Path(image_root or ref.base_dir) / src
+        if not path.is_file():
+            raise ValueError(f"image {str(path)!r} does not exist")
+    try:
+        if inline:
+            raw = base64.b64decode(src.split(",", 1)[1] if src.startswith("data:") else src, validate=False)
+            img = Image.open(io.BytesIO(raw))
+        else:
+            img = Image.open(path)
+        img.load()
+    except (OSError, SyntaxError, binascii.Error, Image.DecompressionBombError) as e:  # what PIL raises on bad data
+        raise ValueError(f"image {src[:80]!r} cannot be decoded: {type(e).__name__}: {e}") from None
+    return img.convert("RGB")
+
+
+class ImageProcessor:
+    """Qwen2-VL preprocessing without torchvision: resize to multiples of patch*merge within [min, max] pixels,
+    CLIP-normalise, cut into (P, 3 * temporal_patch * patch * patch) patch rows in the ViT's merge-aware order."""
+
+    def __init__(self, min_pixels: int, max_pixels: int, patch_size: int = 14, merge_size: int = 2):
+        from transformers import Qwen2VLImageProcessorPil
+
+        self.merge_size = merge_size
+        self._proc = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=patch_size,
+                                              merge_size=merge_size)
+
+    def __call__(self, image) -> tuple:
+        """PIL image -> (pixel_values (P, 1176) fp32, grid_thw (3,) int64)."""
+        out = self._proc(images=[image], return_tensors="pt")
+        return out["pixel_values"].float(), out["image_grid_thw"][0].long()
+
+    def num_tokens(self, grid_thw) -> int:
+        """LLM tokens of one image: grid_thw.prod() // merge**2."""
+        return int(torch.as_tensor(grid_thw).prod()) // self.merge_size ** 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Encoding: chat template, image-pad expansion, loss targets, mRoPE ids
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Encoded:
+    """A tokenized sample: input_ids (L,), targets (L,) (next token on loss positions, else -100), mRoPE position
+    ids (3, L), images as pixel_values (P, C) + grid_thw (N, 3) or None."""
+
+    input_ids: torch.Tensor
+    targets: torch.Tensor
+    mrope_ids: torch.Tensor
+    pixel_values: torch.Tensor | None = None
+    grid_thw: torch.Tensor | None = None
+    answer: str | None = None
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int((self.targets != IGNORE).sum())
+
+
+def mrope_position_ids(input_ids_L, grid_thw_N3, image_pad_id: int, merge_size: int):
+    """3-D mRoPE position ids (3, L) of one sample, as HF's `get_rope_index` computes them for images.
+
+    Text tokens advance all three rows by 1. An image block of t x (h/merge) x (w/merge) tokens starting at text
+    position s gets (s + t_idx, s + h_idx, s + w_idx); the next text token starts at s + max(h, w) / merge.
+    """
+    length = int(input_ids_L.shape[0])
+    is_img = input_ids_L == image_pad_id
+    if grid_thw_N3 is None or not bool(is_img.any()):  # text only: 0..L-1 on all three rows
+        return torch.arange(length).expand(3, length).clone()
+    out = torch.empty(3, length, dtype=torch.long)
+    starts = torch.nonzero(is_img & ~torch.cat([is_img.new_zeros(1), is_img[:-1]])).flatten().tolist()
+    pos, i = 0, 0
+    for img, start in enumerate(starts):
+        out[:, i:start] = torch.arange(pos, pos + start - i)  # text before this image block
+        pos += start - i
+        t, h, w = (int(x) for x in grid_thw_N3[img])
+        gh, gw = h // merge_size, w // merge_size
+        n = t * gh * gw
+        tt = torch.arange(t).view(-1, 1, 1).expand(t, gh, gw).reshape(-1)
+        hh = torch.arange(gh).view(1, -1, 1).expand(t, gh, gw).reshape(-1)
+        ww = torch.arange(gw).view(1, 1, -1).expand(t, gh, gw).reshape(-1)
+        out[:, start:start + n] = torch.stack([tt, hh, ww]) + pos
+        pos += max(gh, gw)  # as HF: the temporal extent does not advance text positions
+        i = start + n
+    out[:, i:] = torch.arange(pos, pos + length - i)
+    return out
+
+
+def encode_messages(messages: list, tok, ids: dict, image_proc: ImageProcessor | None, *, image_root: str = "",
+                    system_prompt: str = "", add_generation_prompt: bool = False, answer: str | None = None) -> Encoded:
+    """Chat messages [(role, parts)] -> Encoded in the Qwen2.5-VL chat format.
+
+    Loss targets cover assistant content and its `<|im_end|>`. With add_generation_prompt the sequence ends with
+    `<|im_start|>assistant\\n` (a rollout prompt). Image errors raise ValueError naming the image.
+    """
+    # Segments first (token ids, or text to encode), then one batched tokenizer call for all text of the sample.
+    segments, pixels, grids = [], [], []  # (ids | str, is_loss)
+    if system_prompt and messages and messages[0][0] != "system":
+        messages = [("system", [system_prompt])] + list(messages)
+    for role, parts in messages:
+        segments += [([ids["im_start"]], False), (f"{role}\n", False)]
+        train = role == "assistant"
+        for part in parts:
+            if isinstance(part, ImageRef):
+                if image_proc is None:
+                    raise ValueError("sample has an image but the model has no image processor")
+                pv, grid = image_proc(load_image(part, image_root))
+                pixels.append(pv)
+                grids.append(grid)
+                block = [ids["vision_start"]] + [ids["image_pad"]] * image_proc.num_tokens(grid) + [ids["vision_end"]]
+                segments.append((block, False))
+            elif part:
+                segments.append((part, train))
+        segments += [([ids["im_end"]], train), ("\n", False)]
+    if add_generation_prompt:
+        segments += [([ids["im_start"]], False), ("assistant\n", False)]
+    texts = [seg for seg, _ in segments if isinstance(seg, str)]
+    encoded = iter(e.ids for e in tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False))
+    tokens, loss = [], []
+    for seg, is_loss in segments:
+        seg_ids = next(encoded) if isinstance(seg, str) else seg
+        tokens.extend(seg_ids)
+        loss.extend([is_loss] * len(seg_ids))
+    input_ids = torch.tensor(tokens, dtype=torch.long)
+    is_loss = torch.tensor(loss, dtype=torch.bool)
+    # Position t predicts token t+1: a target exists where the NEXT token is a loss token.
+    targets = torch.full_like(input_ids, IGNORE)
+    targets[:-1] = torch.where(is_loss[1:], input_ids[1:], torch.full_like(input_ids[1:], IGNORE))
+    grid_thw = torch.stack(grids) if grids else None
+    merge = image_proc.merge_size if image_proc is not None else 2
+    mrope = mrope_position_ids(input_ids, grid_thw, ids["image_pad"], merge)
+    return Encoded(input_ids, targets, mrope, torch.cat(pixels) if pixels else None, grid_thw, answer)
+
+
+def truncate(enc: Encoded, max_len: int) -> Encoded:
+    """Cut a sample to its first max_len tokens (the caller checks no image token lies beyond the cut)."""
+    targets = enc.targets[:max_len].clone()
+    targets[-1] = IGNORE  # the last kept token's target lies beyond the cut
+    return Encoded(enc.input_ids[:max_len], targets, enc.mrope_ids[:, :max_len], enc.pixel_values, enc.grid_thw,
+                   enc.answer)
+
+
+def load_sft_samples(files: list, tok, ids: dict, image_proc: ImageProcessor | None, cfg) -> tuple:
+    """Read and encode every training sample of `files` under DataCfg `cfg` -> (list[Encoded], DataStats).
+
+    Over-long samples raise or are truncated (counted); image errors raise or skip; no usable sample -> ValueError.
+    """
+    stats = DataStats()
+    out = []
+    for path in files:
+        for sample in read_chat_jsonl(path, cfg.on_error, stats):
+            try:
+                enc = encode_messages(sample.messages, tok, ids, image_proc, image_root=cfg.image_root,
+                                      system_prompt=cfg.system_prompt, answer=sample.answer)
+            except ValueError as e:
+                if cfg.on_error == "raise":
+                    raise ValueError(f"{sample.where}: {e}") from None
+                stats.note("skipped_image", f"{sample.where}: {e}")
+                continue
+            if enc.length > cfg.max_seq_len:
+                n_img = int((enc.input_ids[cfg.max_seq_len:] == ids["image_pad"]).sum())
+                if cfg.overlong == "error":
+                    raise ValueError(f"{sample.where}: sample has {enc.length} tokens > data.max_seq_len="
+                                     f"{cfg.max_seq_len} (set data.overlong=truncate to cut it)")
+                if n_img:  # cutting through or after an image would orphan its features
+                    stats.note("skipped_overlong", f"{sample.where}: {enc.length} tokens, image beyond the cut")
+                    continue
+                enc = truncate(enc, cfg.max_seq_len)
+                stats.truncated += 1
+            if enc.num_loss_tokens == 0:
+                stats.note("skipped_no_loss", f"{sample.where}: no assistant tokens to train on")
+                continue
+            out.append(enc)
+    stats.samples = len(out)
+    if not out:
+        raise ValueError(f"no usable training samples in {[str(f) for f in files]} ({stats.lines} lines; "
+                         f"skipped: malformed {stats.skipped_malformed}, image {stats.skipped_image}, overlong "
+                         f"{stats.skipped_overlong}, no loss tokens {stats.skipped_no_loss})")
+    return out, stats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Step plan: global batch -> ranks (balanced) -> token-budget micro-batches
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _micro_batches(indices: list, lengths: list, budget: int, packing: bool) -> list:
+    """Token-budget micro-batches of `indices` (packed: sum of lengths <= budget, first-fit decreasing from
+    ovr_kernels.packing; padded: count x longest <= budget, greedy over lengths sorted longest first)."""
+    if packing:
+        return [[indices[k] for k in mb] for mb in token_budget_microbatches([lengths[i] for i in indices], budget)]
+    bins, members = [], sorted(indices, key=lambda k: (-lengths[k], k))
+    for i in members:  # longest first, so a bin's first member is its longest
+        if bins and (len(bins[-1]) + 1) * lengths[bins[-1][0]] <= budget:
+            bins[-1].append(i)
+        else:
+            bins.append([i])
+    return bins
+
+
+@dataclass
+class StepSampler:
+    """Deterministic, resumable sampler: the global batch of step s is a pure function of (seed, s).
+
+    Each epoch is a fresh permutation (seeded by seed + epoch); a step takes the next `batch_size` indices; the
+    last partial batch of an epoch is dropped. `state_dict()` is just the next step, so resume is exact.
+    """
+
+    num_samples: int
+    batch_size: int
+    seed: int
+    step: int = 0
+
+    def __post_init__(self):
+        if self.num_samples < self.batch_size:
+            raise ValueError(f"sft.batch_size={self.batch_size} exceeds the {self.num_samples} usable samples")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_samples // self.batch_size
+
+    def batch_indices(self, step: int) -> list:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(self.num_samples, generator=g)
+        return order[k * self.batch_size:(k + 1) * self.batch_size].tolist()
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "seed": self.seed, "num_samples": self.num_samples, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict):
+        for key in ("seed", "num_samples", "batch_size"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"checkpoint sampler {key}={state[key]} differs from this run's {getattr(self, key)}"
+                                 " (different data or config): refusing to resume")
+        self.step = int(state["step"])
+
+
+def step_plan(sample_ids: list, lengths: list, world_size: int, budget: int, packing: bool) -> list:
+    """Split one global batch over ranks (balanced by tokens) and into micro-batches.
+
+    Returns plan[rank] = list of micro-batches (lists of sample ids); every rank has the same number of
+    micro-batches, the short ones padded with None (a loss-free filler micro-batch, see `filler`).
+    """
+    local_lengths = [lengths[i] for i in sample_ids]
+    per_rank, _ = balanced_partition(local_lengths, world_size)
+    plan = []
+    for part in per_rank:
+        mbs = _micro_batches(part, local_lengths, budget, packing)
+        plan.append([[sample_ids[k] for k in sorted(mb)] for mb in mbs])
+    num_micro = max(len(p) for p in plan)
+    return [p + [None] * (num_micro - len(p)) for p in plan]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Collation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    """One micro-batch, ready for `OvrVLM.forward(**batch.model_inputs())`.
+
+    Packed: input_ids (1, T), position_ids (4, 1, T) (row 0: per-sample text positions, rows 1-3: mRoPE), cu_seqlens
+    int32 (B+1,), max_seqlen int, attention_mask None. Padded: input_ids (B, L), position_ids (3, B, L),
+    attention_mask (B, L). Both: targets (B*L,) with -100 on non-loss/pad positions; pixel_values (P, C) and
+    image_grid_thw (N, 3) or None. Host-side counts need no device sync.
+    """
+
+    input_ids: torch.Tensor
+    targets: torch.Tensor
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int = 0
+    attention_mask: torch.Tensor | None = None
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+    num_tokens: int = 0
+    num_loss_tokens: int = 0
+    num_samples: int = 0
+    num_image_tokens: int = 0
+
+    def to(self, device) -> "Batch":
+        moved = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+                 for k, v in self.__dict__.items()}
+        return Batch(**moved)
+
+    def model_inputs(self) -> dict:
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "cu_seqlens": self.cu_seqlens,
+                "max_seqlen": self.max_seqlen, "attention_mask": self.attention_mask,
+                "pixel_values": self.pixel_values, "image_grid_thw": self.image_grid_thw,
+                "num_image_tokens": self.num_image_tokens}
+
+
+def _images(samples: list):
+    pv = [s.pixel_values for s in samples if s.pixel_values is not None]
+    grids = [s.grid_thw for s in samples if s.grid_thw is not None]
+    return (torch.cat(pv), torch.cat(grids)) if pv else (None, None)
+
+
+def collate(samples: list, packing: bool = True, pad_id: int = 0, merge_size: int = 2) -> Batch:
+    """Encoded samples -> one packed (varlen) or padded Batch."""
+    if not samples:
+        raise ValueError("collate: empty micro-batch")
+    pixel_values, grid_thw = _images(samples)
+    num_img = 0 if grid_thw is None else int(grid_thw.prod(-1).sum()) // merge_size ** 2
+    lengths = [s.length for s in samples]
+    counts = {"num_tokens": sum(lengths), "num_loss_tokens": sum(s.num_loss_tokens for s in samples),
+              "num_samples": len(samples), "num_image_tokens": num_img}
+    if packing:
+        text_pos = torch.cat([torch.arange(n) for n in lengths])
+        position_ids = torch.cat([text_pos[None], torch.cat([s.mrope_ids for s in samples], dim=1)])[:, None, :]
+        cu = torch.zeros(len(samples) + 1, dtype=torch.int32)
+        cu[1:] = torch.tensor(lengths).cumsum(0)
+        return Batch(torch.cat([s.input_ids for s in samples])[None], torch.cat([s.targets for s in samples]),
+                     position_ids, cu, max(lengths), None, pixel_values, grid_thw, **counts)
+    width = max(lengths)
+    input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(samples), width), IGNORE, dtype=torch.long)
+    position_ids = torch.ones(3, len(samples), width, dtype=torch.long)
+    mask = torch.zeros(len(samples), width, dtype=torch.long)
+    for b, s in enumerate(samples):  # right padding: causal attention never sees the pads of its own row
+        input_ids[b, :s.length], targets[b, :s.length] = s.input_ids, s.targets
+        position_ids[:, b, :s.length], mask[b, :s.length] = s.mrope_ids, 1
+    return Batch(input_ids, targets.reshape(-1), position_ids, None, width, mask, pixel_values, grid_thw, **counts)
+
+
+def filler(samples: list, packing: bool = True, pad_id: int = 0, merge_size: int = 2) -> Batch:
+    """A loss-free micro-batch (targets all -100) for ranks with fewer micro-batches than others: it runs the same
+    FSDP collectives and contributes exactly zero loss and gradient."""
+    batch = collate(samples[:1], packing, pad_id, merge_size)
+    batch.targets = torch.full_like(batch.targets, IGNORE)
+    batch.num_loss_tokens = 0
+    return batch
+
+
+def padded_tokens(lengths: list) -> int:
+    """Tokens a padded micro-batch of these lengths computes on (B x longest)."""
+    return len(lengths) * max(lengths) if lengths else 0
+

@@ -1,0 +1,157 @@
+"""Entry point: `torchrun [--nproc_per_node N] -m ovr_train.launch --stage {sft,rl,all} [--config F.yaml]
+[--section.field=value ...] [--dry-run]`; `python -m ovr_train.launch ...` runs one process.
+
+Without --config the embedded default (configs/tiny.yaml) runs: the tiny Qwen2.5-VL-shaped model on the generated
+reasoning corpus. The resolved config is printed at start and saved in the stage directory and each checkpoint.
+--dry-run builds the model on the meta device (no weights, no memory), prints the FSDP plan, parameter counts and a
+per-GPU memory estimate for the world size, and exits.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+
+from ovr_train.config import Config, dump_config, load_config
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m ovr_train.launch", description=__doc__.split("\n\n")[0],
+                                epilog="Any --section.field=value overrides the config, e.g. --sft.steps=20 "
+                                       "--optim.lr=1e-3 --data.train_files='[a.jsonl]'.")
+    # ---- what to run ----
+    p.add_argument("--stage", choices=("sft", "rl", "all", "eval"), required=True,
+                   help="sft, rl, sft then rl, or eval (a checkpoint on --eval.sets=a.jsonl,b.jsonl)")
+    p.add_argument("--config", default=None, help="YAML config (default: the embedded configs/tiny.yaml)")
+    # ---- inspection ----
+    p.add_argument("--dry-run", action="store_true", help="print the FSDP plan, parameter counts and a per-GPU "
+                                                          "memory estimate, then exit (no weights loaded)")
+    args, rest = p.parse_known_args(argv)
+    bad = [r for r in rest if not (r.startswith("--") and "=" in r and "." in r.split("=", 1)[0])]
+    if bad:
+        p.error(f"unrecognised arguments {bad}: overrides are --section.field=value")
+    return args, rest
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --dry-run
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def memory_estimate(cfg: Config, counts: dict, unit_sizes: list, world: int, layer_act_bytes: float) -> dict:
+    """Rough per-GPU memory (GiB) under FSDP2 with bf16 compute: sharded fp32 master params, fp32 grads and AdamW
+    moments (trainable only), the largest gathered units in bf16 (current + prefetched), the root's gathered
+    parameters, and activations of one micro-batch of `data.token_budget` tokens."""
+    gib = 2**30
+    shard = world // cfg.dist.hsdp_replicas
+    param_b = 4 * counts["total"] / shard
+    grad_b = 4 * counts["trainable"] / shard
+    adam_b = 8 * counts["trainable"] / shard
+    largest = sorted(unit_sizes, reverse=True)[:2]
+    gathered_b = 2 * sum(largest) + 2 * counts["embed_and_head"]
+    tokens = cfg.data.token_budget
+    h, layers = cfg.model.hidden_size, cfg.model.num_layers
+    if cfg.model.activation_checkpointing:  # layer inputs kept, one layer's internals live during recompute
+        act_b = tokens * h * 2 * layers + tokens * layer_act_bytes
+    else:
+        act_b = tokens * layer_act_bytes * layers
+    total = param_b + grad_b + adam_b + gathered_b + act_b  # the fused head builds no (T, V) logits: no term
+    return {"params_fp32_shard": param_b / gib, "grads_fp32_shard": grad_b / gib, "adamw_shard": adam_b / gib,
+            "gathered_bf16": gathered_b / gib, "activations": act_b / gib, "total": total / gib}
+
+
+def dry_run(cfg: Config):
+    from ovr_train.dist import fsdp_units
+    from ovr_train.model import build_model, param_counts
+
+    world = int(os.environ.get("WORLD_SIZE", cfg.run.dry_run_world_size))
+    if cfg.model.path:
+        from ovr_train.tokenizer import load_tokenizer, special_ids
+
+        tok = load_tokenizer(cfg.model.path)
+        ids, vocab = special_ids(tok), len(tok)
+    else:  # the architecture alone decides the plan; special-token ids follow the tokenizer's layout
+        from ovr_train.tokenizer import SPECIAL_TOKENS
+
+        qwen = cfg.model.tokenizer == "qwen"
+        base = 151643 if qwen else 0  # Qwen2.5 puts them after its 151,643 ranks, the small BPE first
+        pos = {t: base + i for i, t in enumerate(SPECIAL_TOKENS)}
+        ids = {"endoftext": pos["<|endoftext|>"], "im_start": pos["<|im_start|>"], "im_end": pos["<|im_end|>"],
+               "vision_start": pos["<|vision_start|>"], "vision_end": pos["<|vision_end|>"],
+               "image_pad": pos["<|image_pad|>"], "video_pad": pos["<|video_pad|>"]}
+        vocab = 151665 if qwen else cfg.model.bpe_vocab_size
+    mcfg = cfg.model
+    mcfg.attn_implementation = "sdpa"  # no kernel registration needed to count parameters
+    model = build_model(mcfg, ids, vocab, meta=True)
+    counts = param_counts(model)
+    units = [(name, sum(p.numel() for p in mod.parameters())) for name, mod in fsdp_units(model)]
+    root = counts["total"] - sum(n for _, n in units)
+    tc = model.hf.config.text_config
+    h, inter = tc.hidden_size, tc.intermediate_size
+    kv = tc.num_key_value_heads * (h // tc.num_attention_heads)
+    # Saved activations of one decoder layer per token in bf16 (norm inputs, q/k/v, attention out, MLP
+    # gate/up/act/down inputs): ~ (4h + 2kv + 3*inter) values.
+    layer_act = 2 * (4 * h + 2 * kv + 3 * inter)
+    est = memory_estimate(cfg, counts, [n for _, n in units], world, layer_act)
+    print(f"== dry run: {model.hf.config.model_type}, world size {world} "
+          f"({'HSDP ' + str(cfg.dist.hsdp_replicas) + ' replicas x ' + str(world // cfg.dist.hsdp_replicas) if cfg.dist.hsdp_replicas > 1 else 'FSDP'})")
+    print(f"parameters: total {counts['total'] / 1e9:.3f}B, trainable {counts['trainable'] / 1e9:.3f}B, "
+          f"ViT {counts['vision'] / 1e9:.3f}B ({'frozen' if cfg.model.freeze_vision else 'trained'}), "
+          f"LLM layers {counts['llm_layers'] / 1e9:.3f}B, embeddings + LM head {counts['embed_and_head'] / 1e9:.3f}B")
+    print("FSDP plan (fully_shard order; each unit gathers in bf16, reduces grads in fp32):")
+    layer_sizes = [n for name, n in units if name.startswith("layers.")]
+    print(f"  unit visual: {units[0][1] / 1e6:.1f}M params")
+    print(f"  units layers.0..{len(layer_sizes) - 1}: {len(layer_sizes)} x {layer_sizes[0] / 1e6:.1f}M params")
+    print(f"  root (embed_tokens, norm, lm_head): {root / 1e6:.1f}M params, kept gathered from forward to backward")
+    print(f"memory per GPU (estimate, micro-batch {cfg.data.token_budget} tokens, activation checkpointing "
+          f"{'on' if cfg.model.activation_checkpointing else 'off'}):")
+    for key, value in est.items():
+        print(f"  {key:>18}: {value:8.2f} GiB")
+    verdict = "fits" if est["total"] < 0.9 * cfg.run.gpu_memory_gib else "does NOT fit"
+    print(f"  -> {verdict} in {cfg.run.gpu_memory_gib:.0f} GiB (keep ~10% for the allocator and NCCL buffers)")
+    return est
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args, overrides = parse_args(argv)
+    try:
+        cfg = load_config(args.config, overrides)
+    except ValueError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if rank0:
+        print(f"# resolved config ({args.config or 'embedded default configs/tiny.yaml'})\n{dump_config(cfg)}")
+    if args.dry_run:
+        if rank0:
+            dry_run(cfg)
+        return
+    from ovr_train.dist import init_distributed, shutdown
+
+    info = init_distributed(cfg.dist)
+    try:
+        if args.stage in ("sft", "all"):
+            from ovr_train.sft import train_sft
+
+            train_sft(cfg, info)
+        if args.stage in ("rl", "all"):
+            from ovr_train.rl import train_rl  # written by the RL stage; imported only when asked for
+
+            train_rl(cfg, info)
+        if args.stage == "eval":
+            from ovr_train.evaluate import evaluate
+
+            evaluate(cfg, info)
+    finally:
+        if torch.distributed.is_initialized():
+            shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Stage 1, the linguistic cold start: `train_sft(cfg, info)` is the whole SFT loop, top to bottom (T1).
+
+Per step: the step's global batch (a pure function of seed and step) is split over ranks balanced by tokens and
+packed into token-budget micro-batches; the loss is the sum of -log p(target) over assistant tokens divided by the
+GLOBAL number of such tokens in the step (one all-reduce before the micro-batch loop, T4), so packing, micro-batch
+count and world size do not change the gradient. No host sync inside the micro-batch loop. A step whose loss or
+gradient norm is NaN/inf is skipped (no update) and reported; `sft.max_bad_steps` in a row abort the run.
+"""
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ovr_train.checkpoint import ModelState, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
+from ovr_train.config import Config, dump_config
+from ovr_train.data import ImageProcessor, StepSampler, collate, filler, load_sft_samples, step_plan
+from ovr_train.dist import DistInfo, all_reduce, barrier, clip_grad_norm, compute_dtype
+from ovr_train.metrics import MetricsLogger, Throughput, peak_memory_gib, plot_curves
+from ovr_train.model import build_sharded_model, flops_per_token, param_counts
+from ovr_train.synth_text import ensure_corpus
+from ovr_train.tokenizer import load_tokenizer, special_ids
+
+
+def lr_lambda(ocfg, total_steps: int):
+    """Multiplier of optim.lr at a step: linear warmup from 0, then cosine to min_lr_ratio (or constant)."""
+    def f(step: int) -> float:
+        if step < ocfg.warmup_steps:
+            return (step + 1) / (ocfg.warmup_steps + 1)
+        if ocfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - ocfg.warmup_steps) / max(1, total_steps - ocfg.warmup_steps - 1))
+        return ocfg.min_lr_ratio + (1 - ocfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def setup_tokenizer_and_data(cfg: Config, info: DistInfo):
+    """Tokenizer, encoded samples and load stats; rank 0 builds the cached corpus / tokenizer first."""
+    if info.is_main:  # build caches once, then every rank reads them
+        if not cfg.data.train_files:
+            ensure_corpus(cfg.data.cache_dir, cfg.data.synth_num_train, cfg.data.synth_num_eval, cfg.data.synth_seed)
+        load_tokenizer(cfg.model.path, cfg.model.tokenizer, cfg.model.bpe_vocab_size, cfg.data.cache_dir,
+                       cfg.data.synth_seed)
+    barrier()
+    tok = load_tokenizer(cfg.model.path, cfg.model.tokenizer, cfg.model.bpe_vocab_size, cfg.data.cache_dir,
+                         cfg.data.synth_seed)
+    ids = special_ids(tok)
+    files = cfg.data.train_files or [ensure_corpus(cfg.data.cache_dir, cfg.data.synth_num_train,
+                                                   cfg.data.synth_num_eval, cfg.data.synth_seed)[0]]
+    image_proc = ImageProcessor(cfg.data.min_pixels, cfg.data.max_pixels, cfg.model.patch_size,
+                                cfg.model.spatial_merge_size)
+    samples, stats = load_sft_samples(files, tok, ids, image_proc, cfg.data)
+    return tok, ids, samples, stats
+
+
+def train_sft(cfg: Config, info: DistInfo) -> Path:
+    """Run (or resume) the SFT stage; returns the stage directory (checkpoints/, metrics.jsonl, curves.png, hf/)."""
+    stage_dir = Path(cfg.run.out_dir) / "sft"
+    ckpt_root = stage_dir / "checkpoints"
+    if info.is_main:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        (stage_dir / "config.yaml").write_text(dump_config(cfg))
+    rank, world, device = info.rank, info.world_size, info.device
+    if cfg.sft.batch_size < world:
+        raise ValueError(f"sft.batch_size={cfg.sft.batch_size} must be >= the world size {world}")
+
+    # ---- data ----
+    tok, ids, samples, stats = setup_tokenizer_and_data(cfg, info)
+    lengths = [s.length for s in samples]
+    sampler = StepSampler(len(samples), cfg.sft.batch_size, cfg.run.seed)
+    total_steps = cfg.sft.steps or cfg.sft.epochs * sampler.steps_per_epoch
+    pad_id, merge, packing = ids["endoftext"], cfg.model.spatial_merge_size, cfg.data.packing
+    if info.is_main:
+        print(f"[sft] {len(samples)} samples ({sum(lengths)} tokens, longest {max(lengths)}); skipped: malformed "
+              f"{stats.skipped_malformed}, image {stats.skipped_image}, overlong {stats.skipped_overlong}, no loss "
+              f"{stats.skipped_no_loss}; truncated {stats.truncated}; {total_steps} steps of {cfg.sft.batch_size}")
+        for err in stats.errors[:5]:
+            print(f"[sft]   skipped: {err}")
+
+    # ---- model, optimizer, schedule ----
+    torch.manual_seed(cfg.run.seed)
+    model = build_sharded_model(cfg, info, ids, len(tok))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                              weight_decay=cfg.optim.weight_decay, foreach=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg.optim, total_steps))
+    if info.is_main:
+        counts = param_counts(model)
+        print(f"[sft] model: {counts['total'] / 1e6:.2f}M params ({counts['trainable'] / 1e6:.2f}M trainable; ViT "
+              f"{'frozen' if cfg.model.freeze_vision else 'trained'}), vocab {model.hf.config.text_config.vocab_size}"
+              f", {world} rank(s) on {device.type}, compute {compute_dtype(cfg.model, device)}")
+
+    # ---- resume ----
+    start, bad_in_a_row = 0, 0
+    latest = latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
+    if latest is not None:
+        trainer = load_checkpoint(latest, {"model": ModelState(model, optim)}, rank)
+        sched.load_state_dict(trainer["scheduler"])
+        sampler.load_state_dict(trainer["sampler"])
+        start, bad_in_a_row = trainer["step"], trainer["bad_in_a_row"]
+        if info.is_main:
+            print(f"[sft] resumed from {latest} at step {start}")
+    if start >= total_steps and info.is_main:
+        print(f"[sft] nothing to do: checkpoint step {start} >= sft.steps {total_steps} (delete {ckpt_root} or raise "
+              "sft.steps to train more)")
+
+    logger = MetricsLogger(stage_dir, info.is_main, resume_step=start)
+    meter = Throughput(flops_per_token(model, cfg.data.max_seq_len // 2), device, world)
+    pbar = tqdm(total=total_steps, initial=start, disable=not info.is_main, desc="sft", dynamic_ncols=True)
+    t_start = time.perf_counter()
+    for step in range(start, total_steps):
+        meter.start()
+        # ---- this rank's micro-batches of the step ----
+        plan = step_plan(sampler.batch_indices(step), lengths, world, cfg.data.token_budget, packing)
+        mine = [mb for mb in plan[rank] if mb is not None]
+        micro = [collate([samples[i] for i in mb], packing, pad_id, merge) for mb in mine]
+        micro += [filler([samples[mine[0][0]]], packing, pad_id, merge)] * (len(plan[rank]) - len(mine))
+        counts = torch.tensor([sum(b.num_loss_tokens for b in micro), sum(b.num_tokens for b in micro)],
+                              dtype=torch.float64, device=device)
+        all_reduce(counts)  # the one pre-loop all-reduce: global loss tokens (and tokens, for throughput)
+        num_loss_global = counts[0].clamp_min(1.0).float()
+
+        # ---- forward / backward over micro-batches (no host sync in here) ----
+        sums = torch.zeros(2, device=device)  # [sum of -logp over loss tokens, sum of entropy]
+        for batch in micro:
+            batch = batch.to(device)
+            out = model(**batch.model_inputs(), targets=batch.targets)
+            nll = -out.logprobs.sum()  # ignored positions contribute exactly 0
+            # FSDP averages gradients over ranks; x world makes the total sum(nll over all ranks) / global tokens.
+            (nll * (world / num_loss_global)).backward()
+            sums += torch.stack([nll.detach(), out.entropy.detach().sum()])
+
+        # ---- update (skipped when non-finite) ----
+        grad_norm = clip_grad_norm(params, cfg.optim.grad_clip)
+        all_reduce(sums)
+        loss = sums[0] / num_loss_global
+        finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))  # one host sync per step
+        lr = sched.get_last_lr()[0]
+        if finite:
+            optim.step()
+            bad_in_a_row = 0
+        else:
+            bad_in_a_row += 1
+            if info.is_main:
+                tqdm.write(f"[sft] step {step + 1}: non-finite loss {loss.item()} / grad norm {grad_norm.item()}: "
+                           f"step skipped ({bad_in_a_row} in a row)")
+            if bad_in_a_row >= cfg.sft.max_bad_steps:
+                raise RuntimeError(f"{bad_in_a_row} consecutive non-finite steps (sft.max_bad_steps="
+                                   f"{cfg.sft.max_bad_steps}): aborting at step {step + 1}")
+        optim.zero_grad(set_to_none=True)
+        sched.step()
+        sampler.step = step + 1
+
+        # ---- log ----
+        if (step + 1) % cfg.sft.log_every == 0 or step + 1 == total_steps:
+            rec = {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(), "skipped": int(not finite),
+                   "entropy": (sums[1] / num_loss_global).item(), "loss_tokens": int(counts[0]),
+                   "micro_batches": len(micro), "peak_mem_gib": peak_memory_gib(device),
+                   **meter.stop(int(counts[1]))}
+            logger.log(step + 1, rec)
+            pbar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        pbar.update(1)
+
+        # ---- checkpoint ----
+        last = step + 1 == total_steps
+        if (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or last:
+            save_checkpoint(ckpt_root, step + 1, {"model": ModelState(model, optim)},
+                            {"scheduler": sched.state_dict(), "sampler": sampler.state_dict(),
+                             "bad_in_a_row": bad_in_a_row}, rank, cfg.checkpoint.keep, dump_config(cfg))
+    pbar.close()
+    logger.close()
+
+    # ---- export and plot ----
+    if cfg.checkpoint.export_hf and (start < total_steps or not (stage_dir / "hf").exists()):
+        export_hf(model, tok, stage_dir / "hf", rank)
+    if info.is_main:
+        plot_curves(stage_dir / "metrics.jsonl", stage_dir / "curves.png",
+                    ["loss", "lr", "grad_norm", "entropy", "tokens_per_s"], title="SFT (cold start)")
+        print(f"[sft] done: steps {start}->{total_steps} in {time.perf_counter() - t_start:.1f}s; outputs in "
+              f"{stage_dir} (checkpoints/, metrics.jsonl, tensorboard/, curves.png, hf/)")
+    return stage_dir

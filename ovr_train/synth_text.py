@@ -1,0 +1,147 @@
+"""The embedded default text corpus: verifiable reasoning problems with R1-style traces.
+
+Each item is a user question and an assistant answer `<think>...</think>` + `The answer is \\boxed{N}.` whose trace
+shows the linguistic behaviours the cold start should teach (RECIPE.md): verification ("Let me verify", "Wait, let
+me check") and backtracking (a slip, "Wait, that's wrong", the fix). Problems: two-step arithmetic on single-digit
+operands, linear equations, and comparisons. Everything is deterministic per seed; held-out questions come from a
+disjoint part of the question space (chosen by a hash of the question), so no eval question is ever trained on.
+
+`ensure_corpus(cache_dir, num_train, num_eval, seed)` writes `train.jsonl` / `eval.jsonl` (OpenAI `messages` style,
+plus an `answer` field) on first use and returns their paths.
+"""
+
+import hashlib
+import json
+import os
+import random
+from pathlib import Path
+
+VERIFY_PHRASES = ("Let me verify", "Wait, let me check", "Let me double-check")
+"""Phrases every trace uses to verify its result (behaviours.py counts these)."""
+BACKTRACK_PHRASES = ("Wait, that's wrong", "Wait, that is not right", "Hmm, let me recheck")
+"""Phrases that open a correction after a deliberate slip."""
+
+_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+_WORDS = {"+": "plus", "-": "minus", "*": "times"}
+
+
+def _is_eval_question(question: str) -> bool:
+    """1 question in 8 (by hash) belongs to the held-out split: eval and train never share a question."""
+    return hashlib.sha1(question.encode()).digest()[0] % 8 == 0
+
+
+def _arith(rng: random.Random) -> tuple:
+    a, b, c = rng.randint(1, 9), rng.randint(1, 9), rng.randint(1, 9)
+    op1, op2 = rng.choice("+-*"), rng.choice("+-*")
+    first = _OPS[op1](a, b)
+    result = _OPS[op2](first, c)
+    question = f"Compute ({a} {op1} {b}) {op2} {c}."
+    steps = [(f"{a} {op1} {b}", first), (f"{first} {op2} {c}", result)]
+    # Verification by an inverse operation where one exists, else by recomputing the first step differently.
+    if op2 == "+":
+        check = f"{result} - {c} = {first}, which matches the first step"
+    elif op2 == "-":
+        check = f"{result} + {c} = {first}, which matches the first step"
+    else:
+        check = f"{first} * {c} = " + " + ".join([str(first)] * c) + f" = {result}" if c <= 4 else \
+            f"{c} * {first} = {result} as well"
+    return question, steps, check, result
+
+
+def _equation(rng: random.Random) -> tuple:
+    x, a = rng.randint(0, 20), rng.randint(1, 9)
+    op = rng.choice("+-*")
+    if op == "*":
+        x = rng.randint(1, 9)
+    rhs = _OPS[op](x, a)
+    question = f"Solve for x: x {op} {a} = {rhs}."
+    inverse = {"+": "-", "-": "+", "*": "/"}[op]
+    steps = [(f"x = {rhs} {inverse} {a}", x)]
+    check = f"{x} {op} {a} = {rhs}, so x = {x} satisfies the equation"
+    return question, steps, check, x
+
+
+def _compare(rng: random.Random) -> tuple:
+    a, b, c, d = (rng.randint(1, 9) for _ in range(4))
+    left, right = a * b, c + d
+    question = f"What is the larger of {a} * {b} and {c} + {d}? Give the larger value."
+    result = max(left, right)
+    steps = [(f"{a} * {b}", left), (f"{c} + {d}", right)]
+    check = f"{left} {'>=' if left >= right else '<'} {right}, so the larger value is {result}"
+    return question, steps, check, result
+
+
+def _trace(rng: random.Random, steps: list, check: str, result: int) -> str:
+    """Reasoning with a verification phrase; in ~1/3 of traces a slip on one step, then backtracking."""
+    lines = []
+    slip_at = rng.randrange(len(steps)) if rng.random() < 0.35 else -1
+    for i, (expr, value) in enumerate(steps):
+        word = "First" if i == 0 else "Then"
+        if i == slip_at:
+            wrong = value + rng.choice([-2, -1, 1, 2])
+            lines.append(f"{word}, {expr} = {wrong}. {rng.choice(BACKTRACK_PHRASES)}: {expr} = {value}.")
+        else:
+            lines.append(f"{word}, {expr} = {value}.")
+    lines.append(f"{rng.choice(VERIFY_PHRASES)}: {check}.")
+    return "<think>" + " ".join(lines) + "</think>\nThe answer is \\boxed{" + str(result) + "}."
+
+
+def generate_items(num: int, seed: int, split: str) -> list:
+    """`num` distinct problems of `split` ("train" or "eval"), each {"messages": [...], "answer": str}."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split={split!r}: must be 'train' or 'eval'")
+    rng = random.Random(f"{seed}-{split}")
+    makers = (_arith, _arith, _equation, _compare)  # arithmetic twice as often: it carries the 2-step reasoning
+    items, seen = [], set()
+    attempts = 0
+    while len(items) < num:
+        attempts += 1
+        if attempts > 50 * num + 10000:
+            raise ValueError(f"cannot draw {num} distinct {split} problems (question space exhausted)")
+        question, steps, check, result = rng.choice(makers)(rng)
+        if _is_eval_question(question) != (split == "eval"):
+            continue
+        if split == "eval" and question in seen:
+            continue  # held-out questions are distinct; training may repeat a question with a different trace
+        seen.add(question)
+        answer = _trace(rng, steps, check, result)
+        items.append({"messages": [{"role": "user", "content": question},
+                                   {"role": "assistant", "content": answer}], "answer": str(result)})
+    return items
+
+
+def default_cache_dir(cache_dir: str = "") -> Path:
+    """`cache_dir`, else $OVR_CACHE, else ~/.cache/ovr."""
+    return Path(cache_dir or os.environ.get("OVR_CACHE", "") or Path.home() / ".cache" / "ovr")
+
+
+def _write_atomic(path: Path, items: list):
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(item) + "\n" for item in items)
+    os.replace(tmp, path)  # concurrent ranks may race: each writes the same bytes, the rename is atomic
+
+
+def ensure_corpus(cache_dir: str, num_train: int, num_eval: int, seed: int) -> tuple:
+    """Write (once) and return (train_path, eval_path) of the generated corpus under the cache directory."""
+    root = default_cache_dir(cache_dir) / "synth_text" / f"seed{seed}_train{num_train}_eval{num_eval}"
+    root.mkdir(parents=True, exist_ok=True)
+    train, held = root / "train.jsonl", root / "eval.jsonl"
+    if not train.exists():
+        _write_atomic(train, generate_items(num_train, seed, "train"))
+    if not held.exists():
+        _write_atomic(held, generate_items(num_eval, seed, "eval"))
+    return train, held
+
+
+def tokenizer_training_text(num: int = 4000, seed: int = 0) -> list:
+    """Text the small BPE is trained on: corpus problems plus words the image tasks and behaviours use."""
+    words = ("red green blue yellow purple orange black white gray brown pink circle circles square squares "
+             "triangle triangles shape shapes star stars dot dots image picture figure count counted how many more "
+             "fewer than largest smallest colour color left right top bottom number digit digits there are is the "
+             "of and in a an answer look at the image again re-examine let me look closer see I need to "
+             "alternatively, however, wait, recheck retry first then so total describe shows")
+    texts = [words] * 20
+    for item in generate_items(num, seed, "train"):
+        texts.extend(m["content"] for m in item["messages"])
+    return texts
