@@ -1,5 +1,6 @@
 """Entry point: `torchrun [--nproc_per_node N] -m ovr_train.launch --stage {sft,rl,all} [--config F.yaml]
-[--section.field=value ...] [--dry-run]`; `python -m ovr_train.launch ...` runs one process.
+[--section.field=value | --section.field value ...] [--dry-run]`; `python -m ovr_train.launch ...` runs one
+process.
 
 Without --config the embedded default (configs/tiny.yaml) runs: the tiny Qwen2.5-VL-shaped model on the generated
 reasoning corpus. The resolved config is printed at start and saved in the stage directory and each checkpoint.
@@ -28,10 +29,23 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true", help="print the FSDP plan, parameter counts and a per-GPU "
                                                           "memory estimate, then exit (no weights loaded)")
     args, rest = p.parse_known_args(argv)
-    bad = [r for r in rest if not (r.startswith("--") and "=" in r and "." in r.split("=", 1)[0])]
+    overrides, bad, i = [], [], 0
+    while i < len(rest):  # --section.field=value or --section.field value
+        tok = rest[i]
+        key = tok.split("=", 1)[0]
+        if not (tok.startswith("--") and "." in key):
+            bad.append(tok)
+        elif "=" in tok:
+            overrides.append(tok)
+        elif i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+            overrides.append(f"{tok}={rest[i + 1]}")
+            i += 1
+        else:
+            bad.append(tok)
+        i += 1
     if bad:
-        p.error(f"unrecognised arguments {bad}: overrides are --section.field=value")
-    return args, rest
+        p.error(f"unrecognised arguments {bad}: overrides are --section.field=value or --section.field value")
+    return args, overrides
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -72,3 +72,23 @@ def test_rlcfg_defaults_follow_recipe():
     rl = Config().rl
     assert (rl.policy_lr, rl.critic_lr, rl.warmup_steps, rl.betas, rl.weight_decay) == (1e-6, 5e-6, 50, [0.9, 0.95], 0)
     assert (rl.kl_coef, rl.entropy_coef, rl.temperature, rl.top_p, rl.algo) == (0.0, 0.0, 1.0, 1.0, "ppo")
+
+
+def test_launch_accepts_space_separated_overrides():
+    from ovr_train.launch import parse_args
+
+    args, overrides = parse_args(["--stage", "eval", "--eval.sets", "a.jsonl,b.jsonl", "--model.path=/ckpt",
+                                  "--sft.steps", "3"])
+    assert args.stage == "eval"
+    assert overrides == ["--eval.sets=a.jsonl,b.jsonl", "--model.path=/ckpt", "--sft.steps=3"]
+
+
+def test_launch_rejects_stray_arguments():
+    import pytest
+
+    from ovr_train.launch import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--stage", "sft", "stray"])
+    with pytest.raises(SystemExit):
+        parse_args(["--stage", "sft", "--sft.steps"])  # a key without a value
