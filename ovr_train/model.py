@@ -72,12 +72,13 @@ class OvrVLM(nn.Module):
             return flat.view_as(embeds)
         if num_image_tokens:
             raise ValueError(f"batch has {num_image_tokens} <|image_pad|> tokens but no pixel_values")
-        if self._vision_trainable():
-            # A text-only micro-batch still runs the (trainable) ViT on a 1-token dummy image, so every rank joins
-            # the ViT's FSDP collectives every step (mixed image/text ranks must not hang); it adds exactly 0.
+        if self._vision_trainable() or (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+            # A text-only micro-batch still runs the ViT on a 1-token dummy image, so every rank joins the ViT's FSDP
+            # collectives (sharded even when frozen) every step: mixed image/text ranks must not hang; it adds 0.
+            # The patch size comes from the weight's global shape: indexing a sharded DTensor is a collective.
             s = self.merge
-            dummy = torch.zeros(s * s, self.visual.patch_embed.proj.weight[0].numel(), device=embeds.device,
-                                dtype=embeds.dtype)
+            patch_dim = math.prod(self.visual.patch_embed.proj.weight.shape[1:])
+            dummy = torch.zeros(s * s, patch_dim, device=embeds.device, dtype=embeds.dtype)
             feats = self.visual(dummy, grid_thw=torch.tensor([[1, s, s]], device=embeds.device)).pooler_output
             embeds = embeds + 0.0 * feats.sum()
         return embeds

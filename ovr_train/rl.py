@@ -1,0 +1,378 @@
+"""Stage 2, multimodal ORZ-style PPO: `train_rl(cfg, info)` is the whole RL loop, readable top to bottom (T1).
+
+One step: this rank's prompts (a pure function of seed and step) -> rollout engine (n samples each, sampling
+logprobs) -> rewards (verifier pool, hard timeout) -> [dynamic sampling] -> prompt + response sequences with mRoPE
+ids, packed into token-budget micro-batches (every rank runs the same number: loss-free fillers) -> old logprobs
+(policy) and values (critic) -> GAE (gamma = lambda = 1) or group advantages (GRPO / RLOO / Dr.GRPO) -> batch
+advantage normalisation over all ranks -> policy update(s) and critic updates, losses divided by the GLOBAL number
+of response tokens (T4) -> weights pushed to the engine -> log -> checkpoint.
+
+Legend: T response tokens of this rank (packed, micro-batch order), B sequences, G prompt groups.
+"""
+
+import math
+import time
+import zlib
+from pathlib import Path
+
+import torch
+
+from ovr_kernels import (
+    broadcast_to_tokens,
+    drgrpo_advantages,
+    gae,
+    grpo_advantages,
+    ppo_loss,
+    rloo_advantages,
+    token_budget_microbatches,
+    value_loss,
+)
+from ovr_train import behaviors
+from ovr_train.checkpoint import ModelState, latest_checkpoint, load_checkpoint, save_checkpoint
+from ovr_train.config import dump_config
+from ovr_train.data import IGNORE, Encoded, ImageProcessor, StepSampler, collate, filler, mrope_position_ids
+from ovr_train.dist import all_reduce, broadcast_object, clip_grad_norm, full_state_dict
+from ovr_train.metrics import MetricsLogger, plot_curves, read_metrics
+
+SFT_COMMAND = "torchrun --nproc_per_node 2 -m ovr_train.launch --stage sft"
+
+
+def prompt_pool(rcfg, seed):
+    """The RL prompts as evaluate.EvalItems: rows of rl.prompt_files, or the built-in task (generated image
+    questions from synth_images' train split, plus a `text_fraction` of synth_text problems)."""
+    from ovr_train import synth_images, synth_text
+    from ovr_train.data import ImageRef
+    from ovr_train.evaluate import EvalItem, _png_data_url, load_eval_set
+
+    if rcfg.prompt_files:
+        return [it for f in rcfg.prompt_files for it in load_eval_set(f, instruction="")]
+    num_text = round(rcfg.num_prompts * rcfg.text_fraction)
+    texts = synth_text.generate_items(num_text, seed, "train") if num_text else []
+    items = [EvalItem(f"text-{i}", [("user", [r["messages"][0]["content"]])], r["answer"]) for i, r in
+             enumerate(texts)]
+    for i in range(rcfg.num_prompts - num_text):
+        r = synth_images.make_item(i, seed, "train")
+        items.append(EvalItem(f"image-{i}", [("user", [ImageRef(_png_data_url(r["image"])), r["question"]])],
+                              r["answer"]))
+    return items
+
+
+def max_new_tokens_at(rcfg, step):
+    """Length curriculum: the max_len of the last (from_step, max_len) pair with from_step <= step."""
+    cap = rcfg.max_new_tokens
+    for from_step, max_len in rcfg.length_curriculum:
+        if step >= int(from_step):
+            cap = int(max_len)
+    return cap
+
+
+def rollout_sequence(prompt, response_ids, ids, merge):
+    """Prompt + response -> Encoded with targets on the response tokens only (none for an empty response: a
+    loss-free filler) and mRoPE ids of the whole sequence, computed before packing (the response continues the
+    prompt's text positions after its image)."""
+    full = torch.tensor(prompt.token_ids + list(response_ids), dtype=torch.long)
+    targets = torch.full_like(full, IGNORE)
+    p = len(prompt.token_ids)
+    targets[p - 1:-1] = full[p:]  # position t predicts token t + 1
+    mrope = mrope_position_ids(full, prompt.image_grid_thw, ids["image_pad"], merge)
+    return Encoded(full, targets, mrope, prompt.pixel_values, prompt.image_grid_thw)
+
+
+def group_advantages(algo, scores_B, n):
+    """Critic-free advantages per sample from its group of n: GRPO (z-score), RLOO (leave-one-out), Dr.GRPO."""
+    if algo == "grpo":
+        return grpo_advantages(scores_B, n)
+    if algo == "rloo":
+        return rloo_advantages(scores_B, n)
+    return drgrpo_advantages(scores_B, n)
+
+
+def push_weights(policy, engine, names):
+    """Collective: gather the full policy weights and load them into this rank's engine (HF parameter names)."""
+    full = full_state_dict(policy)
+    engine.load_weights((k[3:], v) for k, v in full.items() if k.startswith("hf.") and k[3:] in names)
+
+
+def global_whiten(x_T, eps=1e-8):
+    """Batch advantage normalisation over every rank's tokens: (x - mean) / sqrt(var + eps), unbiased variance."""
+    s = all_reduce(torch.stack([torch.tensor(float(x_T.numel()), dtype=torch.float64), x_T.double().sum(),
+                                x_T.double().square().sum()]).to(x_T.device))
+    mean = s[1] / s[0].clamp_min(1)
+    var = ((s[2] - s[0] * mean * mean) / (s[0] - 1).clamp_min(1)).clamp_min(0)
+    return ((x_T.double() - mean) * torch.rsqrt(var + eps)).to(x_T.dtype)
+
+
+def _var(total, total_sq, count):
+    """Unbiased variance from a sum and a sum of squares over `count` items."""
+    return (total_sq - total * total / count) / max(count - 1, 1)
+
+
+def build_engine(cfg, info, init_from, tok, ids):
+    """This rank's rollout engine: HF generate on its own full copy of the policy, or vLLM."""
+    if cfg.rl.rollout_engine == "vllm":
+        from ovr_train.rollout import VLLMEngine
+
+        return VLLMEngine(init_from, seed=cfg.run.seed + info.rank, enable_sleep_mode=info.device.type == "cuda")
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from ovr_train.rollout import HFEngine
+
+    dtype = torch.bfloat16 if info.device.type == "cuda" else torch.float32
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(init_from), dtype=dtype,
+                                                               attn_implementation="sdpa").to(info.device)
+    blocked = [v for k, v in ids.items() if k not in ("im_end", "endoftext")]
+    blocked += list(range(len(tok), model.get_output_embeddings().weight.shape[0]))  # padding rows
+    return HFEngine(model, tok, [ids["im_end"], ids["endoftext"]], ids["endoftext"], blocked)
+
+
+def train_rl(cfg, info) -> Path:
+    """Run (or resume) the RL stage; returns its directory (checkpoints/, metrics.jsonl, curves.png, ...)."""
+    from ovr_train.evaluate import build_prompt, gold_spec, score_eval
+    from ovr_train.rewards import RewardPool, score_response
+    from ovr_train.sft import build_sharded_model
+    from ovr_train.tokenizer import load_tokenizer, special_ids
+
+    rcfg, rank, world, device = cfg.rl, info.rank, info.world_size, info.device
+    stage_dir, use_critic = Path(cfg.run.out_dir) / "rl", rcfg.algo == "ppo"
+    init_from = Path(rcfg.init_from or Path(cfg.run.out_dir) / "sft" / "hf")
+    if not (init_from / "config.json").is_file():
+        raise FileNotFoundError(f"RL starts from the SFT model at {init_from}, which does not exist: run `{SFT_COMMAND}`"
+                                " first (or --stage all), or point --rl.init_from at an HF model directory")
+    if info.is_main:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        (stage_dir / "config.yaml").write_text(dump_config(cfg))
+
+    # ---- tokenizer, prompts, models, optimizers, engine, verifier ----
+    tok = load_tokenizer(str(init_from))
+    ids, merge, pad_id = special_ids(tok), cfg.model.spatial_merge_size, special_ids(tok)["endoftext"]
+    image_proc = ImageProcessor(cfg.data.min_pixels, cfg.data.max_pixels, cfg.model.patch_size, merge)
+    items = prompt_pool(rcfg, cfg.data.synth_seed)
+    cfg.model.path, cfg.model.freeze_vision = str(init_from), not rcfg.train_vision
+    torch.manual_seed(cfg.run.seed)
+    policy = build_sharded_model(cfg, info, ids, len(tok))
+    critic = build_sharded_model(cfg, info, ids, len(tok), value_head=True) if use_critic else None
+    if critic is not None:
+        critic.hf.lm_head.requires_grad_(False)  # unused by the critic: no gradient, so no optimizer state
+    nets = [("policy", policy, rcfg.policy_lr)] + ([("critic", critic, rcfg.critic_lr)] if use_critic else [])
+    optims, scheds = {}, {}
+    for name, net, lr in nets:
+        optims[name] = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr,
+                                         betas=tuple(rcfg.betas), weight_decay=rcfg.weight_decay, foreach=True)
+        scheds[name] = torch.optim.lr_scheduler.LambdaLR(  # linear warmup, then constant (RECIPE.md)
+            optims[name], lambda s: min(1.0, (s + 1) / (rcfg.warmup_steps + 1)))
+    engine = build_engine(cfg, info, init_from, tok, ids)
+    names = {n for n, _ in engine.model.named_parameters()} if hasattr(engine, "model") else \
+        {k[3:] for k in policy.state_dict() if k.startswith("hf.")}
+    use_eval_scoring = any(it.choices for it in items) or not rcfg.format_reward
+    pool = RewardPool(rcfg.reward_workers, rcfg.reward_timeout_s, score_eval if use_eval_scoring else score_response,
+                      rcfg.format_reward)
+    keep = list(range(len(items)))
+
+    # ---- resume (or pre-filter the prompt pool by pass rate with the initial policy) ----
+    start, states = 0, {name: ModelState(net, optims[name]) for name, net, _ in nets}
+    latest = latest_checkpoint(stage_dir / "checkpoints") if cfg.checkpoint.resume else None
+    if latest is not None:
+        trainer = load_checkpoint(latest, states, rank)
+        for name, sched in scheds.items():
+            sched.load_state_dict(trainer["schedulers"][name])
+        start, keep = trainer["step"], trainer["keep"]
+        push_weights(policy, engine, names)  # the engine was built from init_from: give it the resumed policy
+        if info.is_main:
+            print(f"[rl] resumed from {latest} at step {start}")
+    elif rcfg.prefilter_samples:
+        mine = keep[rank::world]
+        samples = engine.generate([build_prompt(items[i], tok, ids, image_proc) for i in mine],
+                                  n=rcfg.prefilter_samples, max_new_tokens=max_new_tokens_at(rcfg, 0),
+                                  temperature=rcfg.temperature, top_p=rcfg.top_p, seed=cfg.run.seed + rank)
+        scored = pool.score([s.text for s in samples], [gold_spec(items[mine[s.prompt_index]]) for s in samples],
+                            [s.truncated for s in samples])
+        rates = torch.tensor(scored.rewards).clamp(max=1).view(len(mine), -1).mean(1).tolist()
+        passed = [i for i, r in zip(mine, rates) if rcfg.prefilter_min_pass < r < rcfg.prefilter_max_pass]
+        gathered = [broadcast_object(passed, src) for src in range(world)]
+        keep = sorted(i for part in gathered for i in part)
+        if info.is_main:
+            print(f"[rl] pre-filter: kept {len(keep)} of {len(items)} prompts with pass rate in "
+                  f"({rcfg.prefilter_min_pass}, {rcfg.prefilter_max_pass}) over {rcfg.prefilter_samples} samples")
+    if start >= rcfg.steps and info.is_main:
+        print(f"[rl] nothing to do: checkpoint step {start} >= rl.steps {rcfg.steps} (raise rl.steps to train more)")
+    sampler = StepSampler(len(keep), rcfg.prompts_per_step, cfg.run.seed)
+    logger = MetricsLogger(stage_dir, info.is_main, resume_step=start)
+
+    for step in range(start, rcfg.steps):
+        t0 = time.perf_counter()
+        # ---- rollout: this rank's share of the step's prompts, n samples each ----
+        batch_items = [items[keep[i]] for i in sampler.batch_indices(step)][rank::world]
+        prompts = [build_prompt(it, tok, ids, image_proc) for it in batch_items]
+        n, max_len = rcfg.samples_per_prompt, max_new_tokens_at(rcfg, step)
+        seed = zlib.crc32(f"{cfg.run.seed}:{step}:{rank}".encode())  # reproducible on resume
+        engine.wake_up()
+        samples = engine.generate(prompts, n=n, max_new_tokens=max_len, temperature=rcfg.temperature,
+                                  top_p=rcfg.top_p, seed=seed) if prompts else []
+        engine.sleep()
+        t1 = time.perf_counter()
+
+        # ---- rewards (timeouts and errors are counted, never silent) ----
+        scored = pool.score([s.text for s in samples], [gold_spec(batch_items[s.prompt_index]) for s in samples],
+                            [s.truncated for s in samples])
+        scores_B = torch.tensor(scored.rewards, dtype=torch.float32)
+        t2 = time.perf_counter()
+
+        # ---- dynamic sampling: drop groups where every sample is right or every one is wrong ----
+        groups = list(range(len(prompts)))
+        if rcfg.dynamic_sampling:
+            correct_GN = (scores_B >= 1.0).view(-1, n)
+            groups = [g for g in groups if 0 < int(correct_GN[g].sum()) < n]
+        kept = [g * n + j for g in groups for j in range(n)]
+
+        # ---- sequences -> token-budget micro-batches (same count on every rank) ----
+        seqs = [rollout_sequence(prompts[samples[b].prompt_index], samples[b].token_ids, ids, merge) for b in kept]
+        plan = token_budget_microbatches([s.length for s in seqs], cfg.data.token_budget) if seqs else []
+        plan = [[kept[k] for k in mb] for mb in plan]  # indices into samples
+        counts = all_reduce(torch.tensor([len(plan), sum(len(samples[b].token_ids) for b in kept)],
+                                         dtype=torch.float64, device=device), op=torch.distributed.ReduceOp.SUM)
+        num_micro = int(all_reduce(torch.tensor([len(plan)], device=device), op=torch.distributed.ReduceOp.MAX))
+        num_tokens = counts[1].clamp_min(1).float()
+        norm = num_tokens / world  # FSDP averages gradients over ranks: x world makes it sum / global tokens
+        seq_of = dict(zip(kept, seqs))
+        dummy = rollout_sequence(prompts[0] if prompts else build_prompt(items[keep[0]], tok, ids, image_proc), [],
+                                 ids, merge)
+        micro = [collate([seq_of[b] for b in mb], cfg.data.packing, pad_id, merge).to(device) for mb in plan]
+        micro += [filler([dummy], cfg.data.packing, pad_id, merge).to(device)] * (num_micro - len(plan))
+        order = [b for mb in plan for b in mb]  # token order of every per-token tensor below
+        cu_T = torch.tensor([0] + [len(samples[b].token_ids) for b in order], device=device).cumsum(0).int()
+        mask_of = [m.targets != IGNORE for m in micro]
+
+        # ---- old logprobs, values, advantages (no grad; models stay in train mode: the ViT runs everywhere) ----
+        with torch.no_grad():
+            old_T = torch.cat([policy(**m.model_inputs(), targets=m.targets, temperature=rcfg.temperature)
+                               .logprobs[k] for m, k in zip(micro, mask_of)])
+            rollout_T = torch.tensor([lp for b in order for lp in samples[b].logprobs], device=device)
+            reward_T = torch.zeros_like(old_T)
+            if len(order):
+                reward_T[cu_T[1:].long() - 1] = scores_B[order].to(device)  # the score sits on the last token
+            if use_critic:
+                values_T = torch.cat([critic(**m.model_inputs()).values[k] for m, k in zip(micro, mask_of)])
+                adv_T, returns_T = gae(reward_T, values_T, cu_T, rcfg.gamma, rcfg.lam)
+            else:
+                group_adv = group_advantages(rcfg.algo, scores_B, n) if len(scores_B) else scores_B
+                adv_T = broadcast_to_tokens(group_adv[order].to(device), cu_T)
+            if use_critic:  # ORZ: batch-level advantage normalisation (group methods normalise per group)
+                adv_T = global_whiten(adv_T)
+
+        if rcfg.dump_rollouts:
+            (stage_dir / "rollouts").mkdir(parents=True, exist_ok=True)
+            torch.save({"samples": [(s.prompt_index, s.token_ids, s.logprobs, s.text, s.finish_reason)
+                                    for s in samples], "answers": [it.answer for it in batch_items],
+                        "prompt_ids": [p.token_ids for p in prompts], "scores": scores_B, "order": order,
+                        "cu": cu_T.cpu(), "old": old_T.cpu(), "reward": reward_T.cpu(), "adv": adv_T.cpu(),
+                        "values": values_T.cpu() if use_critic else None,
+                        "returns": returns_T.cpu() if use_critic else None},
+                       stage_dir / "rollouts" / f"step{step + 1}_rank{rank}.pt")
+
+        # ---- policy update(s): 1 optimizer step per rollout batch by default ----
+        stats = torch.zeros(8, dtype=torch.float64, device=device)  # loss, clip, kl, entropy, vloss, vclip, pg, gn
+        for _ in range(rcfg.policy_updates_per_step):
+            at = 0
+            for m, k in zip(micro, mask_of):
+                out = policy(**m.model_inputs(), targets=m.targets, temperature=rcfg.temperature)
+                cnt = int(k.sum())
+                sl = slice(at, at + cnt)
+                at += cnt
+                loss, met = ppo_loss(out.logprobs[k], old_T[sl], adv_T[sl], torch.ones(cnt, device=device),
+                                     clip_low=rcfg.clip_low, clip_high=rcfg.clip_high, normalizer=norm,
+                                     entropy=out.entropy[k] if rcfg.entropy_coef else None,
+                                     entropy_coef=rcfg.entropy_coef)
+                (loss + 0.0 * out.logprobs.sum()).backward()  # a filler still runs FSDP's backward collectives
+                w = cnt / rcfg.policy_updates_per_step
+                stats[:4] += torch.stack([loss.detach() * norm, met["clip_frac"] * w, met["approx_kl"] * w,
+                                          (out.entropy[k].detach().sum() / rcfg.policy_updates_per_step)]).double()
+            stats[7] += clip_grad_norm([p for p in policy.parameters() if p.requires_grad], cfg.optim.grad_clip)
+            optims["policy"].step()
+            optims["policy"].zero_grad(set_to_none=True)
+        scheds["policy"].step()
+
+        # ---- critic updates (4 by default), clipped value loss against the GAE returns ----
+        for _ in range(rcfg.critic_updates_per_step if use_critic else 0):
+            at = 0
+            for m, k in zip(micro, mask_of):
+                v_all = critic(**m.model_inputs()).values
+                v = v_all[k]
+                sl = slice(at, at + v.numel())
+                at += v.numel()
+                vloss, vmet = value_loss(v, values_T[sl], returns_T[sl], torch.ones_like(v), clip=rcfg.value_clip,
+                                         normalizer=norm)
+                (vloss + 0.0 * v_all.sum()).backward()
+                w = v.numel() / rcfg.critic_updates_per_step
+                stats[4:6] += torch.stack([vloss.detach() * norm / rcfg.critic_updates_per_step,
+                                           vmet["vf_clip_frac"] * w]).double()
+            clip_grad_norm([p for p in critic.parameters() if p.requires_grad], cfg.optim.grad_clip)
+            optims["critic"].step()
+            optims["critic"].zero_grad(set_to_none=True)
+        if use_critic:
+            scheds["critic"].step()
+        t4 = time.perf_counter()
+
+        # ---- push the new weights to the rollout engine ----
+        push_weights(policy, engine, names)
+        t5 = time.perf_counter()
+
+        # ---- log: every sum is all-reduced once ----
+        texts, is_img = [s.text for s in samples], [batch_items[s.prompt_index].has_image for s in samples]
+        hits = [behaviors.detect(t) for t in texts]
+        per_split = [[sum(h[b] for h, im in zip(hits, is_img) if im == split) for b in behaviors.BEHAVIORS]
+                     for split in (False, True)]
+        lens = [len(s.token_ids) for s in samples]
+        vals = values_T if use_critic else torch.zeros_like(old_T)
+        rets = returns_T if use_critic else torch.zeros_like(old_T)
+        sums = torch.tensor(
+            [len(samples), float(scores_B.sum()), float(scores_B.square().sum()), sum(lens),
+             sum(s.truncated for s in samples), scored.num_timeout, scored.num_error, len(kept),
+             float((old_T - rollout_T).abs().sum()), float(rets.sum()), float(rets.square().sum()),
+             float((rets - vals).sum()), float((rets - vals).square().sum()), is_img.count(False), is_img.count(True),
+             *per_split[0], *per_split[1]], dtype=torch.float64, device=device)
+        all_reduce(sums)
+        all_reduce(stats)
+        num_s, nt = max(sums[0].item(), 1), num_tokens.item()
+        rec = {"reward_mean": sums[1].item() / num_s,
+               "reward_std": math.sqrt(max(sums[2].item() / num_s - (sums[1].item() / num_s) ** 2, 0)),
+               "response_len": sums[3].item() / num_s, "truncation_rate": sums[4].item() / num_s,
+               "reward_timeouts": sums[5].item(), "reward_errors": sums[6].item(), "kept_fraction": sums[7].item()
+               / num_s, "logprob_gap": sums[8].item() / nt, "loss": stats[0].item() / nt,
+               "clip_frac": stats[1].item() / nt, "approx_kl": stats[2].item() / nt, "entropy": stats[3].item() / nt,
+               "grad_norm": stats[7].item() / world / rcfg.policy_updates_per_step, "max_new_tokens": max_len,
+               "lr": scheds["policy"].get_last_lr()[0], "tokens_per_s": sums[3].item() / (t5 - t0),
+               "time_rollout_s": t1 - t0, "time_reward_s": t2 - t1, "time_train_s": t4 - t2, "time_sync_s": t5 - t4}
+        if use_critic:
+            rec.update(value_loss=stats[4].item() / nt, value_clip_frac=stats[5].item() / nt,
+                       explained_var=1 - _var(sums[11].item(), sums[12].item(), nt) / max(
+                           _var(sums[9].item(), sums[10].item(), nt), 1e-8))
+        nb = len(behaviors.BEHAVIORS)
+        for i, b in enumerate(behaviors.BEHAVIORS):
+            text_rate = sums[15 + i].item() / sums[13].item() if sums[13] else math.nan
+            image_rate = sums[15 + nb + i].item() / sums[14].item() if sums[14] else math.nan
+            rec.update({f"behav/text/{b}": text_rate, f"behav/image/{b}": image_rate,
+                        f"behav/transfer/{b}": image_rate / text_rate if text_rate > 0 else math.nan})
+        logger.log(step + 1, rec)
+        if info.is_main:
+            print(f"[rl] step {step + 1}/{rcfg.steps} reward {rec['reward_mean']:.3f} len {rec['response_len']:.1f} "
+                  f"trunc {rec['truncation_rate']:.2f} kl {rec['approx_kl']:.4f} gap {rec['logprob_gap']:.2e} "
+                  f"timeouts {int(rec['reward_timeouts'])} errors {int(rec['reward_errors'])} ({t5 - t0:.1f}s)")
+            if scored.first_error:
+                print(f"[rl]   verifier error: {scored.first_error}")
+
+        # ---- checkpoint (policy, critic, both optimizers, schedulers, data position = step, RNG) ----
+        if (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or step + 1 == rcfg.steps:
+            save_checkpoint(stage_dir / "checkpoints", step + 1, states,
+                            {"schedulers": {k: s.state_dict() for k, s in scheds.items()}, "keep": keep}, rank,
+                            cfg.checkpoint.keep, dump_config(cfg))
+    pool.close()
+    logger.close()
+    if info.is_main:
+        records = read_metrics(stage_dir / "metrics.jsonl")
+        plot_curves(stage_dir / "metrics.jsonl", stage_dir / "curves.png", ["reward_mean", "response_len",
+                    "truncation_rate", "approx_kl", "entropy", "value_loss", "logprob_gap"], title="RL (PPO)")
+        history = [(r["step"], {k[len("behav/"):]: v for k, v in r.items() if k.startswith("behav/")})
+                   for r in records]
+        if history:
+            behaviors.plot_behaviors(history, stage_dir / "behaviors.png")
+    return stage_dir
