@@ -14,6 +14,7 @@ blocked tokens (image / vision / other special tokens) and, with top_p < 1, the 
 Legend: B = sequences in a generate batch (prompts x n), L = padded length, V = vocabulary, S = decode steps.
 """
 
+import inspect
 import math
 import os
 from dataclasses import dataclass
@@ -145,6 +146,11 @@ class HFEngine:
         self.blocked_V = torch.zeros(vocab, dtype=torch.bool, device=self.device)
         self.blocked_V[blocked] = True
         self._params = dict(model.named_parameters())
+        # Qwen2.5-VL's 3-D mRoPE ids for image tokens are computed in `generate` only from `mm_token_type_ids`
+        # (transformers >= 5.x; a processor would provide them): resolved once from the model's signature.
+        inner = getattr(model, "model", None)
+        self._wants_token_types = "mm_token_type_ids" in inspect.signature(
+            getattr(inner, "get_rope_index", lambda: None)).parameters
 
     @torch.no_grad()
     def generate(self, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0, stop=(), seed=0):
@@ -173,6 +179,9 @@ class HFEngine:
         if with_images:  # images in batch order, as the model consumes image-pad runs left to right
             inputs["pixel_values"] = torch.cat([p.pixel_values for p in with_images]).to(self.device)
             inputs["image_grid_thw"] = torch.cat([p.image_grid_thw for p in with_images]).to(self.device)
+            if self._wants_token_types:  # without them transformers 5.x gives image tokens 1-D (text) positions
+                image_id = self.model.config.image_token_id
+                inputs["mm_token_type_ids"] = (ids_BL == image_id).int().to(self.device)  # 0 text, 1 image
         sampler = _GumbelSampler(temperature, top_p, self.blocked_V, generator)
         criteria = StoppingCriteriaList([_StopOnStrings(self.tokenizer, stop, prompt_len)] if stop else [])
         config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=self.stop_token_ids,

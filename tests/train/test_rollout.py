@@ -79,10 +79,14 @@ def engine_for(model, tok, **kw):
 
 @torch.no_grad()
 def teacher_forced_logprobs(model, prompt, response, temperature):
+    """Unpadded forward over prompt + response with the trainer's own 3-D mRoPE ids (ovr_train.data), which are
+    what the policy is trained with: the engine must sample from exactly this distribution."""
+    from ovr_train.data import mrope_position_ids
+
     ids = torch.tensor([prompt.token_ids + response])
-    kwargs = {}
+    kwargs = {"position_ids": mrope_position_ids(ids[0], prompt.image_grid_thw, IMG, 2)[:, None, :]}
     if prompt.pixel_values is not None:
-        kwargs = {"pixel_values": prompt.pixel_values, "image_grid_thw": prompt.image_grid_thw}
+        kwargs |= {"pixel_values": prompt.pixel_values, "image_grid_thw": prompt.image_grid_thw}
     logits = model(input_ids=ids, **kwargs).logits[0].float()
     p = len(prompt.token_ids)
     logp = torch.log_softmax(logits[p - 1: p - 1 + len(response)] / temperature, dim=-1)
