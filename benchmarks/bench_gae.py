@@ -31,20 +31,23 @@ def _reference_loop_scaled(bench, device):
     return sub_s * NUM_SEQS / SUBSET
 
 
-def _report(bench, r):
+def _measure(bench, device, rounds, warmup_rounds, fallback_rounds):
+    """Time gae (C++ on CPU, CUDA on GPU) and, in the same run, the torch fallback and the scaled reference loop;
+    returns (rewards, values, cu_seqlens, advantages) for the caller's correctness check."""
+    r, v, cu = _inputs(device)
+    adv, _ = bench(gae, r, v, cu, GAMMA, LAM, rounds=rounds, warmup_rounds=warmup_rounds)
     bench.gbps(4 * r.numel() * r.element_size())
     bench.rate("tokens_per_s", r.numel())
     bench.extra_info.update(num_seqs=NUM_SEQS, seq_len=SEQ_LEN, dtype=str(r.dtype))
+    torch_s = bench.time_baseline("torch_fallback", gae, r, v, cu, GAMMA, LAM, use_ext=False, rounds=fallback_rounds)
+    bench.ratio_vs("torch_fallback", torch_s)
+    bench.ratio_vs("reference_loop_scaled", _reference_loop_scaled(bench, device))
+    return r, v, cu, adv
 
 
 @pytest.mark.skipif(not _ext.HAS_EXT, reason="ovr_kernels._C not built")
 def test_gae_cpu(cpu_bench):
-    r, v, cu = _inputs("cpu")
-    adv, _ = cpu_bench(gae, r, v, cu, GAMMA, LAM, rounds=5, warmup_rounds=1)
-    _report(cpu_bench, r)
-    torch_s = cpu_bench.time_baseline("torch_fallback", gae, r, v, cu, GAMMA, LAM, use_ext=False, rounds=1)
-    cpu_bench.ratio_vs("torch_fallback", torch_s)
-    cpu_bench.ratio_vs("reference_loop_scaled", _reference_loop_scaled(cpu_bench, "cpu"))
+    r, v, cu, adv = _measure(cpu_bench, "cpu", rounds=5, warmup_rounds=1, fallback_rounds=1)
     sub = SUBSET * SEQ_LEN
     assert torch.equal(adv[:sub], gae_ref(r[:sub], v[:sub], cu[:SUBSET + 1], GAMMA, LAM)[0])
 
@@ -52,11 +55,6 @@ def test_gae_cpu(cpu_bench):
 def test_gae_cuda(gpu_bench):
     if not _ext.HAS_CUDA_EXT:
         pytest.skip("ovr_kernels._C built without nvcc")
-    r, v, cu = _inputs("cuda")
-    adv, _ = gpu_bench(gae, r, v, cu, GAMMA, LAM, rounds=50, warmup_rounds=5)
-    _report(gpu_bench, r)
-    torch_s = gpu_bench.time_baseline("torch_fallback", gae, r, v, cu, GAMMA, LAM, use_ext=False, rounds=3)
-    gpu_bench.ratio_vs("torch_fallback", torch_s)
-    gpu_bench.ratio_vs("reference_loop_scaled", _reference_loop_scaled(gpu_bench, "cuda"))
+    r, v, cu, adv = _measure(gpu_bench, "cuda", rounds=50, warmup_rounds=5, fallback_rounds=3)
     truth, _ = gae(r.double().cpu(), v.double().cpu(), cu.cpu(), GAMMA, LAM)
     gpu_bench.extra_info["max_abs_err_vs_fp64"] = float((adv.double().cpu() - truth).abs().max())

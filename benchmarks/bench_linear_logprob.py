@@ -98,19 +98,6 @@ def _time_or_oom(bench, name, fn, *args, rounds=5):
         return None
 
 
-def _peak_extra_mib(fn, *args):
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    try:
-        fn(*args)
-    except torch.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        return "oom"
-    torch.cuda.synchronize()
-    return round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("num_tokens", [4096, 16384])
 def test_gpu_forward_only(gpu_bench, num_tokens):
@@ -122,13 +109,13 @@ def test_gpu_forward_only(gpu_bench, num_tokens):
     gpu_bench(ours, hidden, weight, targets, rounds=10, warmup_rounds=3)
     gpu_bench.tflops(2 * num_tokens * HIDDEN * VOCAB)
     gpu_bench.extra_info.update(shape=f"T={num_tokens} H={HIDDEN} V={VOCAB} bf16", mode="forward-only, with entropy",
-                                peak_extra_mib=_peak_extra_mib(ours, hidden, weight, targets))
+                                peak_extra_mib=gpu_bench.peak_extra_mib(ours, hidden, weight, targets))
     for name, fn in [("eager", eager_logprob_entropy), ("compiled_chunked", compiled_chunked_logprob_entropy)]:
         seconds = _time_or_oom(gpu_bench, name, forward_only, fn, hidden, weight, targets)
         if seconds is not None:
             gpu_bench.ratio_vs(name, seconds)
-            gpu_bench.extra_info[f"{name}_peak_extra_mib"] = _peak_extra_mib(forward_only, fn, hidden, weight,
-                                                                             targets)
+            gpu_bench.extra_info[f"{name}_peak_extra_mib"] = gpu_bench.peak_extra_mib(forward_only, fn, hidden,
+                                                                                      weight, targets)
     cce = _cce_loss()
     if cce is not None:  # log-prob only (CE): not like for like with ours (+ entropy); recorded for reference
         seconds = _time_or_oom(gpu_bench, "cce_logprob_only", forward_only,
@@ -151,20 +138,20 @@ def test_gpu_fwd_bwd(gpu_bench, num_tokens):
     gpu_bench.extra_info.update(
         shape=f"T={num_tokens} H={HIDDEN} V={VOCAB} bf16", mode="fwd+bwd, grads from logprob and entropy",
         flops_counted="6*T*H*V (the backward's logit recompute, another 2THV, is not counted)",
-        peak_extra_mib=_peak_extra_mib(fwd_bwd, linear_logprob_entropy, hidden, weight, targets, g_logprob,
-                                       g_entropy))
+        peak_extra_mib=gpu_bench.peak_extra_mib(fwd_bwd, linear_logprob_entropy, hidden, weight, targets, g_logprob,
+                                                g_entropy))
     for name, fn in [("eager", eager_logprob_entropy), ("compiled_chunked", compiled_chunked_logprob_entropy)]:
         seconds = _time_or_oom(gpu_bench, name, fwd_bwd, fn, hidden, weight, targets, g_logprob, g_entropy)
         if seconds is not None:
             gpu_bench.ratio_vs(name, seconds)
-            gpu_bench.extra_info[f"{name}_peak_extra_mib"] = _peak_extra_mib(fwd_bwd, fn, hidden, weight, targets,
-                                                                             g_logprob, g_entropy)
+            gpu_bench.extra_info[f"{name}_peak_extra_mib"] = gpu_bench.peak_extra_mib(fwd_bwd, fn, hidden, weight,
+                                                                                      targets, g_logprob, g_entropy)
 
     # Like with like for the log-prob-only baselines: loss = -sum(logprob) over valid tokens, one backward.
     ones = torch.ones(num_tokens, device="cuda")
     ours_lp = _time_or_oom(gpu_bench, "ours_logprob_only", fwd_bwd, linear_logprob_entropy, hidden, weight,
                            targets, -ones, None)
-    gpu_bench.extra_info["ours_logprob_only_peak_extra_mib"] = _peak_extra_mib(
+    gpu_bench.extra_info["ours_logprob_only_peak_extra_mib"] = gpu_bench.peak_extra_mib(
         fwd_bwd, linear_logprob_entropy, hidden, weight, targets, -ones, None)
     baselines = []
     liger = _liger_loss()
@@ -180,7 +167,7 @@ def test_gpu_fwd_bwd(gpu_bench, num_tokens):
         seconds = _time_or_oom(gpu_bench, f"{name}_logprob_only", step)
         if seconds is not None and ours_lp is not None:
             gpu_bench.extra_info[f"speedup_vs_{name}_logprob_only"] = round(seconds / ours_lp, 4)
-            gpu_bench.extra_info[f"{name}_peak_extra_mib"] = _peak_extra_mib(step)
+            gpu_bench.extra_info[f"{name}_peak_extra_mib"] = gpu_bench.peak_extra_mib(step)
     gpu_bench.extra_info["like_with_like"] = ("liger/cce give log-prob (CE) only: compare them with "
                                               "ours_logprob_only (same loss -sum logprob), not with the main timing")
 

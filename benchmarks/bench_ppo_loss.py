@@ -15,6 +15,7 @@ CPU: the policy loss on a small head (T = 512, H = 128, V = 32,768, fp32): the P
 
 import pytest
 import torch
+from bench_linear_logprob import make_inputs as lm_head_inputs  # benchmarks/ is on sys.path (no __init__.py)
 from torch.profiler import ProfilerActivity, profile
 
 from ovr_kernels.advantages import grpo_advantages, masked_whiten
@@ -68,19 +69,6 @@ def count_cuda_launches(fn, *args):
         fn(*args)
         torch.cuda.synchronize()
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-
-
-def peak_extra_mib(fn, *args):
-    """Peak CUDA memory above what was allocated before one call of fn (MiB); None on OOM."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    try:
-        fn(*args)
-    except torch.cuda.OutOfMemoryError:
-        return None
-    torch.cuda.synchronize()
-    return round((torch.cuda.max_memory_allocated() - base) / 2**20, 2)
 
 
 @pytest.mark.gpu
@@ -138,14 +126,12 @@ def test_gpu_grpo_advantages(gpu_bench):
 
 
 def make_policy_inputs(T, H, V, device, dtype):
-    g = torch.Generator(device="cpu").manual_seed(0)
-    hidden = torch.randn(T, H, generator=g).to(device, dtype)
-    weight = (torch.randn(V, H, generator=g) * H**-0.5).to(device, dtype)
-    targets = torch.randint(0, V, (T,), generator=g)
-    targets[::17] = -100
+    """The linear log-prob benchmark's (hidden, weight, targets) plus rollout-time log-probs and advantages."""
+    hidden, weight, targets = lm_head_inputs(T, H, V, device, dtype)
+    g = torch.Generator(device="cpu").manual_seed(1)
     old = -(torch.rand(T, generator=g) * 8)  # ratios spread over the clip range
-    return {"hidden": hidden, "weight": weight, "targets": targets.to(device), "old_logprobs": old.to(device),
-            "advantages": torch.randn(T, generator=g).to(device), "mask": (targets != -100).to(device)}
+    return {"hidden": hidden, "weight": weight, "targets": targets, "old_logprobs": old.to(device),
+            "advantages": torch.randn(T, generator=g).to(device), "mask": targets != -100}
 
 
 def policy_step(kind, x):
@@ -170,7 +156,7 @@ def test_gpu_fused_policy_loss(gpu_bench):
     gpu_bench(policy_step, "fused", x, rounds=10, warmup_rounds=3)
     gpu_bench.tflops(6 * POLICY_TOKENS * HIDDEN * VOCAB)  # forward + two backward GEMMs (recompute not counted)
     gpu_bench.extra_info.update(shape=f"T={POLICY_TOKENS} H={HIDDEN} V={VOCAB} bf16", mode="fwd+bwd, entropy metric",
-                                fused_peak_extra_mib=peak_extra_mib(policy_step, "fused", x))
+                                fused_peak_extra_mib=gpu_bench.peak_extra_mib(policy_step, "fused", x))
     for kind in ("unfused", "eager"):
         try:
             seconds = gpu_bench.time_baseline(kind, policy_step, kind, x, rounds=5)
@@ -178,7 +164,7 @@ def test_gpu_fused_policy_loss(gpu_bench):
             gpu_bench.extra_info[f"{kind}_oom"] = True
             continue
         gpu_bench.ratio_vs(kind, seconds)
-        gpu_bench.extra_info[f"{kind}_peak_extra_mib"] = peak_extra_mib(policy_step, kind, x)
+        gpu_bench.extra_info[f"{kind}_peak_extra_mib"] = gpu_bench.peak_extra_mib(policy_step, kind, x)
 
 
 @pytest.mark.parametrize("kind", ["fused", "eager"])

@@ -8,6 +8,7 @@ Usage (one measured op per test; baselines are timed in the same run with `time_
         gpu_bench.gbps(bytes_moved)               # extra_info["gbps"]
         base_s = gpu_bench.time_baseline("reference", ref_op, x, w, rounds=5)
         gpu_bench.ratio_vs("reference", base_s)   # extra_info["speedup_vs_reference"] = base median / our median
+        gpu_bench.extra_info["reference_peak_extra_mib"] = gpu_bench.peak_extra_mib(ref_op, x, w)  # one call
 
 `gpu_bench(fn, ...)` synchronizes CUDA after every call of `fn` (so wall time covers the kernels), resets and then
 records peak memory (`extra_info["peak_mib"]`, torch.cuda.max_memory_allocated over the measured rounds).
@@ -151,6 +152,21 @@ class Bench:
         value = from_median(med)
         self.extra_info[key] = round(value, 4)
         return value
+
+    def peak_extra_mib(self, fn, *args, **kwargs):
+        """CUDA: peak memory of one call of `fn(*args, **kwargs)` above what was allocated before it (MiB, e.g. for
+        a baseline timed with `time_baseline`), or "oom" when the call runs out of memory. Not recorded: the caller
+        names the extra_info key."""
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        try:
+            fn(*args, **kwargs)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            return "oom"
+        torch.cuda.synchronize()
+        return round((torch.cuda.max_memory_allocated() - base) / 2**20, 2)
 
     def time_baseline(self, name: str, fn, *args, rounds: int = 5, warmup_rounds: int = 1, **kwargs) -> float:
         """Median seconds of `fn(*args, **kwargs)` timed here (not by pytest-benchmark), for same-run baselines.

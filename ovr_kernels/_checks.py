@@ -69,3 +69,36 @@ def check_scalar(name: str, value, *, low: float | None = None, high: float | No
     if high is not None and v > high:
         raise ValueError(f"{name} must be <= {high}, got {value!r}")
     return v
+
+
+def check_normalizer(normalizer, device):
+    """A loss denominator: None, a Python number > 0, or a 0-d float/int tensor on `device` (its value is not read:
+    no sync). Returns it (a number as a float)."""
+    if normalizer is None:
+        return None
+    if isinstance(normalizer, torch.Tensor):
+        check_tensor("normalizer", normalizer, ndim=0, device=device)
+        if normalizer.dtype == torch.bool or normalizer.is_complex():
+            raise ValueError(f"normalizer must be a float or integer tensor, got {normalizer.dtype}")
+        return normalizer
+    return check_scalar("normalizer", normalizer, low=0.0, low_open=True)
+
+
+def check_token_inputs(names_tensors, mask_T, cu_seqlens) -> int:
+    """Per-token loss inputs: 1-D contiguous float tensors of one length T on one device (None entries skipped), a
+    bool or float mask of the same length, optional int32 cu_seqlens ending at T. Returns T.
+
+    Inside torch.compile the cu_seqlens values are not checked (that needs a host sync, which breaks the graph)."""
+    first_name, first = names_tensors[0]
+    check_tensor(first_name, first, ndim=1, dtypes=FLOAT_DTYPES, contiguous=True)
+    T, device = first.shape[0], first.device
+    for name, x in names_tensors[1:]:
+        if x is not None:
+            check_tensor(name, x, dtypes=FLOAT_DTYPES, device=device, shape=(T,), contiguous=True)
+    check_tensor("mask", mask_T, dtypes=(torch.bool,) + FLOAT_DTYPES, device=device, shape=(T,), contiguous=True)
+    if cu_seqlens is not None:
+        if torch.compiler.is_compiling():
+            check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), device=device)
+        else:
+            check_cu_seqlens("cu_seqlens", cu_seqlens, T, device=device)
+    return T

@@ -18,55 +18,86 @@ Legend: T tokens, H hidden size, V vocabulary, P PPO programs, C metric columns.
 import torch
 
 from ovr_kernels import reference
-from ovr_kernels._checks import check_scalar, check_tensor
+from ovr_kernels._checks import check_normalizer, check_scalar, check_tensor, check_token_inputs
 from ovr_kernels._triton import use_triton
-from ovr_kernels.linear_logprob import linear_logprob_bwd, linear_logprob_entropy, linear_logprob_fwd
+from ovr_kernels.linear_logprob import linear_logprob_entropy, linear_logprob_fwd
 from ovr_kernels.ppo_loss import (
     LOG_RATIO_CLAMP,
     METRIC_COLS,
-    check_normalizer,
-    check_token_inputs,
-    ppo_loss_bwd,
+    NUM_COLS,
+    check_ppo_options,
+    fake_loss_outputs,
     ppo_loss_fwd,
+    split_normalizer,
 )
 
 # ----------------------------------------------------------------------------------------------------------------
-# autograd.Function (the kernels and launchers live in linear_logprob.py and ppo_loss.py)
+# Autograd: one torch.library custom op (eager and under torch.compile, K6); the kernels and launchers live in
+# linear_logprob.py and ppo_loss.py; the backward formula calls their backward ops (ovr::ppo_loss_bwd,
+# ovr::linear_logprob_bwd).
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class PPOPolicyLossFn(torch.autograd.Function):
-    """Fused linear log-prob + PPO loss; gradients to hidden and weight. Returns (loss 0-d fp32, out_C metrics)."""
+@torch.library.custom_op("ovr::ppo_policy_loss_fwd", mutates_args=())
+def _ppo_policy_loss_op(hidden_TH: torch.Tensor, weight_VH: torch.Tensor, targets_T: torch.Tensor,
+                        old_logprobs_T: torch.Tensor, advantages_T: torch.Tensor, mask_T: torch.Tensor,
+                        ref_logprobs_T: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+                        normalizer_tensor: torch.Tensor | None, normalizer_value: float | None, temperature: float,
+                        ignore_index: int, with_entropy: bool, clip_low: float, clip_high: float,
+                        dual_clip: float | None, kl_coef: float, kl_type: str, entropy_coef: float
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                   torch.Tensor]:
+    """(loss 0-d fp32, out_C metrics row, then what the backward needs: part_PC, logprob_T, max_T, logsum_T,
+    entropy_T (empty when not with_entropy))."""
+    logprob_T, entropy_T, (max_T, logsum_T, _) = linear_logprob_fwd(hidden_TH, weight_VH, targets_T, temperature,
+                                                                    ignore_index, with_entropy)
+    normalizer = normalizer_tensor if normalizer_tensor is not None else normalizer_value
+    loss, out_C, part_PC = ppo_loss_fwd(logprob_T, old_logprobs_T, advantages_T, mask_T, ref_logprobs_T, entropy_T,
+                                        cu_seqlens, normalizer, clip_low, clip_high, dual_clip, kl_coef, kl_type,
+                                        entropy_coef)
+    return (loss, out_C, part_PC, logprob_T, max_T, logsum_T,
+            entropy_T if entropy_T is not None else logprob_T.new_empty(0))
 
-    @staticmethod
-    def forward(ctx, hidden_TH, weight_VH, targets_T, old_logprobs_T, advantages_T, mask_T, ref_logprobs_T,
-                cu_seqlens, normalizer, temperature, ignore_index, with_entropy, clip_low, clip_high, dual_clip,
-                kl_coef, kl_type, entropy_coef):
-        logprob_T, entropy_T, stats = linear_logprob_fwd(hidden_TH, weight_VH, targets_T, temperature, ignore_index,
-                                                         with_entropy)
-        loss, out_C, part_PC = ppo_loss_fwd(logprob_T, old_logprobs_T, advantages_T, mask_T, ref_logprobs_T,
-                                            entropy_T, cu_seqlens, normalizer, clip_low, clip_high, dual_clip,
-                                            kl_coef, kl_type, entropy_coef)
-        # `stats` is linear_logprob's opaque tuple of tensors (or None): saved flat, rebuilt in backward
-        ctx.save_for_backward(hidden_TH, weight_VH, targets_T, logprob_T, old_logprobs_T, advantages_T, mask_T,
-                              ref_logprobs_T, cu_seqlens, part_PC, out_C, *stats)
-        ctx.lin_opts = (temperature, ignore_index)
-        ctx.ppo_opts = (clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef)
-        ctx.entropy_grad = with_entropy and entropy_coef != 0.0  # a zero entropy gradient is skipped, not computed
-        ctx.mark_non_differentiable(out_C)
-        return loss, out_C
 
-    @staticmethod
-    def backward(ctx, grad_loss, grad_out_C):
-        (hidden_TH, weight_VH, targets_T, logprob_T, old_T, adv_T, mask_T, ref_T, cu_seqlens, part_PC, out_C,
-         *stats) = ctx.saved_tensors
-        grad_logp_T, grad_ent_T = ppo_loss_bwd(grad_loss, logprob_T, old_T, adv_T, mask_T, ref_T, cu_seqlens,
-                                               part_PC, out_C, *ctx.ppo_opts,
-                                               entropy_dtype=torch.float32 if ctx.entropy_grad else None)
-        grad_hidden, grad_weight = linear_logprob_bwd(hidden_TH, weight_VH, targets_T, *ctx.lin_opts,
-                                                      tuple(stats), grad_logp_T, grad_ent_T)
-        return ((grad_hidden if ctx.needs_input_grad[0] else None, grad_weight if ctx.needs_input_grad[1] else None)
-                + (None,) * 16)
+@_ppo_policy_loss_op.register_fake
+def _(hidden_TH, weight_VH, targets_T, old_logprobs_T, advantages_T, mask_T, ref_logprobs_T, cu_seqlens,
+      normalizer_tensor, normalizer_value, temperature, ignore_index, with_entropy, clip_low, clip_high, dual_clip,
+      kl_coef, kl_type, entropy_coef):
+    num_tokens = hidden_TH.shape[0]
+    per_token = [hidden_TH.new_empty(n, dtype=torch.float32)
+                 for n in (num_tokens, num_tokens, num_tokens, num_tokens if with_entropy else 0)]
+    return (*fake_loss_outputs(old_logprobs_T, cu_seqlens, NUM_COLS), *per_token)
+
+
+def _setup_context(ctx, inputs, output):
+    (hidden_TH, weight_VH, targets_T, old_T, adv_T, mask_T, ref_T, cu_seqlens, _norm_tensor, _norm_value,
+     temperature, ignore_index, with_entropy, *ppo_opts) = inputs
+    _, out_C, part_PC, logprob_T, max_T, logsum_T, entropy_T = output
+    # Only save_for_backward references: with FSDP2 `weight` is the gathered lm_head weight, freed after use.
+    ctx.save_for_backward(hidden_TH, weight_VH, targets_T, logprob_T, old_T, adv_T, mask_T, ref_T, cu_seqlens,
+                          part_PC, out_C, max_T, logsum_T, entropy_T)
+    ctx.lin_opts = (temperature, ignore_index)
+    ctx.ppo_opts = tuple(ppo_opts)  # clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef
+    ctx.entropy_grad = with_entropy and ppo_opts[-1] != 0.0  # a zero entropy gradient is skipped, not computed
+    ctx.mark_non_differentiable(out_C, part_PC, logprob_T, max_T, logsum_T, entropy_T)
+
+
+def _backward(ctx, grad_loss, *_grad_saved):
+    """Gradients to hidden and weight only: PPO backward (per-token d loss / d logp, d loss / d entropy, already
+    times grad_out and over the normaliser) straight into the linear log-prob backward."""
+    (hidden_TH, weight_VH, targets_T, logprob_T, old_T, adv_T, mask_T, ref_T, cu_seqlens, part_PC, out_C, max_T,
+     logsum_T, entropy_T) = ctx.saved_tensors
+    grad_logp_T, grad_ent_T = torch.ops.ovr.ppo_loss_bwd(grad_loss, logprob_T, old_T, adv_T, mask_T, ref_T,
+                                                         cu_seqlens, part_PC, out_C, *ctx.ppo_opts,
+                                                         torch.float32 if ctx.entropy_grad else None)
+    grad_hidden, grad_weight = torch.ops.ovr.linear_logprob_bwd(hidden_TH, weight_VH, targets_T, *ctx.lin_opts,
+                                                                max_T, logsum_T, entropy_T, grad_logp_T,
+                                                                grad_ent_T if ctx.entropy_grad else None)
+    return ((grad_hidden if ctx.needs_input_grad[0] else None, grad_weight if ctx.needs_input_grad[1] else None)
+            + (None,) * 17)
+
+
+_ppo_policy_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -102,18 +133,10 @@ def ppo_policy_loss_from_hidden(hidden, lm_head_weight, targets, old_logprobs, a
     if old_logprobs.shape[0] != hidden.shape[0] or old_logprobs.device != hidden.device:
         raise ValueError(f"old_logprobs has shape {tuple(old_logprobs.shape)} on {old_logprobs.device}; hidden has "
                          f"{hidden.shape[0]} tokens on {hidden.device}")
-    for name, value in (("clip_low", clip_low), ("clip_high", clip_high)):
-        if not 0.0 <= check_scalar(name, value) < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-    if dual_clip is not None:
-        dual_clip = check_scalar("dual_clip", dual_clip, low=1.0, low_open=True)
+    clip_low, clip_high, dual_clip, kl_coef = check_ppo_options(clip_low, clip_high, dual_clip, kl_coef, kl_type,
+                                                                ref_logprobs is not None)
     normalizer = check_normalizer(normalizer, hidden.device)
-    kl_coef = check_scalar("kl_coef", kl_coef, low=0.0)
     entropy_coef = check_scalar("entropy_coef", entropy_coef)
-    if kl_type not in ("k1", "k3"):
-        raise ValueError(f"kl_type must be 'k1' or 'k3', got {kl_type!r}")
-    if kl_coef != 0.0 and ref_logprobs is None:
-        raise ValueError(f"kl_coef={kl_coef} needs ref_logprobs")
     if entropy_coef != 0.0 and not with_entropy:
         raise ValueError(f"entropy_coef={entropy_coef} needs with_entropy=True")
     temperature = check_scalar("temperature", temperature, low=0.0, low_open=True)
@@ -123,8 +146,10 @@ def ppo_policy_loss_from_hidden(hidden, lm_head_weight, targets, old_logprobs, a
         return reference.ppo_loss_ref(logprob_T, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip,
                                       normalizer, ref_logprobs, kl_coef, kl_type,
                                       entropy_T if with_entropy else None, entropy_coef, cu_seqlens, LOG_RATIO_CLAMP)
-    loss, out_C = PPOPolicyLossFn.apply(hidden, lm_head_weight, targets, old_logprobs.detach(), advantages.detach(),
-                                        mask.detach(), ref_logprobs.detach() if ref_logprobs is not None else None,
-                                        cu_seqlens, normalizer, temperature, int(ignore_index), bool(with_entropy),
-                                        float(clip_low), float(clip_high), dual_clip, kl_coef, kl_type, entropy_coef)
+    loss, out_C, *_ = _ppo_policy_loss_op(hidden, lm_head_weight, targets, old_logprobs.detach(),
+                                          advantages.detach(), mask.detach(),
+                                          ref_logprobs.detach() if ref_logprobs is not None else None, cu_seqlens,
+                                          *split_normalizer(normalizer), temperature, int(ignore_index),
+                                          bool(with_entropy), clip_low, clip_high, dual_clip, kl_coef, kl_type,
+                                          entropy_coef)
     return loss, {name: out_C[col] for name, col in METRIC_COLS.items()}

@@ -10,8 +10,10 @@ mean) into a row of per-program partial sums; a one-program finalize kernel sums
 host sync. The backward recomputes the per-token derivative from the inputs (one launch) and reads grad_out and
 the denominator from device memory.
 
-The partial-sum layout and the finalize kernel are shared with `ovr_kernels.value_loss`: column 0 holds the loss
-sum, 1 the mask count, 2 the number of non-empty slices, 3.. the op's metric sums (one column may be a max).
+Shared with `ovr_kernels.value_loss` (and the fused `ovr_kernels.policy_loss`): the slicing (`_slice_bounds`,
+`partial_grid`), the partial-sum layout (`_store_partial_head`: column 0 the loss sum, 1 the mask count, 2 the
+number of non-empty slices, 3.. the op's metric sums, one column may be a max), the finalize kernel, the backward's
+gradient scale (`_grad_scale`) and the custom-op plumbing (`split_normalizer`, `fake_loss_outputs`).
 
 Legend: T packed tokens, B sequences, P forward programs, C partial-sum columns.
 """
@@ -21,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ovr_kernels import reference
-from ovr_kernels._checks import FLOAT_DTYPES, check_cu_seqlens, check_scalar, check_tensor
+from ovr_kernels._checks import check_normalizer, check_scalar, check_token_inputs
 from ovr_kernels._triton import INTERPRET, use_triton
 
 LOG_RATIO_CLAMP = 20.0  # |logp - old_logp| clamp before exp (as the reference): no inf ratio from a stale token
@@ -55,11 +57,42 @@ def _slice_bounds(cu_ptr, T, BLOCK_T: tl.constexpr, SEQ_MEAN: tl.constexpr):
 
 
 @triton.jit
-def _ppo_token(logp, old, adv, ref, lo, hi, dual_c, kl_coef, lr_clamp,
+def _store_partial_head(part_ptr, acc_loss, acc_cnt, SEQ_MEAN: tl.constexpr, NUM_COLS: tl.constexpr):
+    """Write columns 0..2 of this program's partial row (loss sum, mask count, non-empty flag); returns the row
+    pointer for the op's metric columns. Under SEQ_MEAN the loss sum is already the sequence's masked mean."""
+    cnt = tl.sum(acc_cnt, axis=0)
+    loss_sum = tl.sum(acc_loss, axis=0)
+    if SEQ_MEAN:
+        loss_sum = loss_sum / tl.maximum(cnt, 1.0)
+    row = part_ptr + tl.program_id(0) * NUM_COLS
+    tl.store(row + 0, loss_sum)
+    tl.store(row + 1, cnt)
+    tl.store(row + 2, (cnt > 0).to(tl.float32))
+    return row
+
+
+@triton.jit
+def _grad_scale(gout_ptr, out_ptr, part_ptr, SEQ_MEAN: tl.constexpr, NUM_COLS: tl.constexpr):
+    """grad_out / denominator (out_C[1]), and / max(masked tokens of this program's sequence, 1) under SEQ_MEAN:
+    the factor every per-token derivative of this program is multiplied by, read on device (no sync)."""
+    scale = tl.load(gout_ptr).to(tl.float32) / tl.load(out_ptr + 1)
+    if SEQ_MEAN:
+        scale = scale / tl.maximum(tl.load(part_ptr + tl.program_id(0) * NUM_COLS + 1), 1.0)
+    return scale
+
+
+@triton.jit
+def _ppo_token(offs, inb, logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, lo, hi, dual_c, kl_coef, lr_clamp,
                HAS_KL: tl.constexpr, KL_K3: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr):
-    """Per-token PPO terms (fp32): (pg, d loss/d logp without the entropy term, ratio, log-ratio, clipped, dual
-    active, kl). The derivative takes the reference's subgradients: clamps pass the gradient at their bounds
-    (torch.clamp), the clipped branch only when strictly larger, the dual clip only when strictly smaller."""
+    """Load one tile of tokens and return its PPO terms (fp32): (mask weight, pg, d loss/d logp without the entropy
+    term, ratio, log-ratio, clipped, dual active, kl). The derivative takes the reference's subgradients: clamps pass
+    the gradient at their bounds (torch.clamp), the clipped branch only when strictly larger, the dual clip only when
+    strictly smaller. Shared by the forward and the backward kernel, which recomputes rather than stores."""
+    # every load is cast to fp32 at once (bf16 arithmetic is garbage under the interpreter, DESIGN.md)
+    m = tl.load(mask_ptr + offs, mask=inb, other=0).to(tl.float32)
+    logp = tl.load(logp_ptr + offs, mask=inb, other=0).to(tl.float32)
+    old = tl.load(old_ptr + offs, mask=inb, other=0).to(tl.float32)
+    adv = tl.load(adv_ptr + offs, mask=inb, other=0).to(tl.float32)
     lr_raw = logp - old
     lr = tl.minimum(tl.maximum(lr_raw, -lr_clamp), lr_clamp)
     dlr = ((lr_raw >= -lr_clamp) & (lr_raw <= lr_clamp)).to(tl.float32)
@@ -82,6 +115,7 @@ def _ppo_token(logp, old, adv, ref, lo, hi, dual_c, kl_coef, lr_clamp,
         dual = clipped  # unused without HAS_DUAL_CLIP
     kl = tl.zeros_like(pg)
     if HAS_KL:
+        ref = tl.load(ref_ptr + offs, mask=inb, other=0).to(tl.float32)
         if KL_K3:
             d_raw = ref - logp
             d = tl.minimum(tl.maximum(d_raw, -20.0), 20.0)
@@ -91,7 +125,7 @@ def _ppo_token(logp, old, adv, ref, lo, hi, dual_c, kl_coef, lr_clamp,
         else:
             kl = logp - ref
             dpg += kl_coef
-    return pg, dpg, ratio, lr, clipped, dual, kl
+    return m, pg, dpg, ratio, lr, clipped, dual, kl
 
 
 @triton.jit
@@ -101,7 +135,6 @@ def _ppo_loss_fwd_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr,
                          HAS_DUAL_CLIP: tl.constexpr, SEQ_MEAN: tl.constexpr, BLOCK_T: tl.constexpr,
                          NUM_COLS: tl.constexpr):
     """One program: reduce its slice of tokens into row pid of part_PC (see the module docstring)."""
-    pid = tl.program_id(0)
     start, end = _slice_bounds(cu_ptr, T, BLOCK_T, SEQ_MEAN)
     acc_loss = tl.zeros([BLOCK_T], tl.float32)
     acc_cnt = tl.zeros([BLOCK_T], tl.float32)
@@ -116,16 +149,9 @@ def _ppo_loss_fwd_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr,
     for off in range(start, end, BLOCK_T):
         offs = off + tl.arange(0, BLOCK_T)
         inb = offs < end
-        # every load is cast to fp32 at once (bf16 arithmetic is garbage under the interpreter, DESIGN.md)
-        m = tl.load(mask_ptr + offs, mask=inb, other=0).to(tl.float32)
-        logp = tl.load(logp_ptr + offs, mask=inb, other=0).to(tl.float32)
-        old = tl.load(old_ptr + offs, mask=inb, other=0).to(tl.float32)
-        adv = tl.load(adv_ptr + offs, mask=inb, other=0).to(tl.float32)
-        ref = logp
-        if HAS_KL:
-            ref = tl.load(ref_ptr + offs, mask=inb, other=0).to(tl.float32)
-        pg, _dpg, ratio, lr, clipped, dual, kl = _ppo_token(logp, old, adv, ref, lo, hi, dual_c, kl_coef,
-                                                            lr_clamp, HAS_KL, KL_K3, HAS_DUAL_CLIP)
+        m, pg, _dpg, ratio, lr, clipped, dual, kl = _ppo_token(offs, inb, logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr,
+                                                               lo, hi, dual_c, kl_coef, lr_clamp, HAS_KL, KL_K3,
+                                                               HAS_DUAL_CLIP)
         loss = pg + kl_coef * kl
         if HAS_ENTROPY:
             ent = tl.load(ent_ptr + offs, mask=inb, other=0).to(tl.float32)
@@ -143,14 +169,7 @@ def _ppo_loss_fwd_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr,
         acc_ratio += tl.where(on, ratio * m, 0.0)
         acc_rmax = tl.maximum(acc_rmax, tl.where(m > 0, ratio, 0.0))
         acc_kl += tl.where(on, kl * m, 0.0)
-    cnt = tl.sum(acc_cnt, axis=0)
-    loss_sum = tl.sum(acc_loss, axis=0)
-    if SEQ_MEAN:
-        loss_sum = loss_sum / tl.maximum(cnt, 1.0)
-    row = part_ptr + pid * NUM_COLS
-    tl.store(row + 0, loss_sum)
-    tl.store(row + 1, cnt)
-    tl.store(row + 2, (cnt > 0).to(tl.float32))
+    row = _store_partial_head(part_ptr, acc_loss, acc_cnt, SEQ_MEAN, NUM_COLS)
     tl.store(row + 3, tl.sum(acc_pg, axis=0))
     tl.store(row + 4, tl.sum(acc_clip, axis=0))
     tl.store(row + 5, tl.sum(acc_dual, axis=0))
@@ -209,23 +228,14 @@ def _ppo_loss_bwd_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, cu_ptr, 
                          NUM_COLS: tl.constexpr):
     """grad_logp_t = grad_out * m_t * w_t * d loss_t / d logp_t / denominator (and grad_entropy_t likewise with
     -entropy_coef); w_t = 1 / max(masked tokens of the sequence, 1) under SEQ_MEAN, read from the forward's row."""
-    pid = tl.program_id(0)
     start, end = _slice_bounds(cu_ptr, T, BLOCK_T, SEQ_MEAN)
-    scale = tl.load(gout_ptr).to(tl.float32) / tl.load(out_ptr + 1)
-    if SEQ_MEAN:
-        scale = scale / tl.maximum(tl.load(part_ptr + pid * NUM_COLS + 1), 1.0)
+    scale = _grad_scale(gout_ptr, out_ptr, part_ptr, SEQ_MEAN, NUM_COLS)
     for off in range(start, end, BLOCK_T):
         offs = off + tl.arange(0, BLOCK_T)
         inb = offs < end
-        m = tl.load(mask_ptr + offs, mask=inb, other=0).to(tl.float32)
-        logp = tl.load(logp_ptr + offs, mask=inb, other=0).to(tl.float32)
-        old = tl.load(old_ptr + offs, mask=inb, other=0).to(tl.float32)
-        adv = tl.load(adv_ptr + offs, mask=inb, other=0).to(tl.float32)
-        ref = logp
-        if HAS_KL:
-            ref = tl.load(ref_ptr + offs, mask=inb, other=0).to(tl.float32)
-        _pg, dpg, _r, _lr, _clipped, _dual, _kl = _ppo_token(logp, old, adv, ref, lo, hi, dual_c, kl_coef,
-                                                             lr_clamp, HAS_KL, KL_K3, HAS_DUAL_CLIP)
+        m, _pg, dpg, _r, _lr, _clipped, _dual, _kl = _ppo_token(offs, inb, logp_ptr, old_ptr, adv_ptr, mask_ptr,
+                                                                ref_ptr, lo, hi, dual_c, kl_coef, lr_clamp, HAS_KL,
+                                                                KL_K3, HAS_DUAL_CLIP)
         # where, not a product with the mask: padding may hold inf/NaN and must still get an exact 0
         on = m != 0
         tl.store(glogp_ptr + offs, tl.where(on, dpg * m * scale, 0.0).to(glogp_ptr.dtype.element_ty), mask=inb)
@@ -239,14 +249,12 @@ def _ppo_loss_bwd_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, cu_ptr, 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _block_t(T: int) -> int:
-    """Tile size: MAX_BLOCK_T on GPU; under the interpreter no bigger than the input (numpy works per tile)."""
-    return MAX_BLOCK_T if not INTERPRET else min(MAX_BLOCK_T, triton.next_power_of_2(max(T, 16)))
-
-
-def _num_programs(T: int, cu_seqlens, block_t: int) -> int:
-    """One program per sequence (sequence mean) or per tile; at least one so the partial row exists."""
-    return cu_seqlens.numel() - 1 if cu_seqlens is not None else max(1, triton.cdiv(T, block_t))
+def partial_grid(T: int, cu_seqlens) -> tuple[int, int]:
+    """(BLOCK_T, P) of the forward and backward launches: one program per sequence (sequence mean) or per tile of
+    BLOCK_T tokens, at least one so that the partial row exists. BLOCK_T is MAX_BLOCK_T on GPU; under the
+    interpreter no bigger than the input (numpy works per tile). Shape-only: also sizes the fake outputs."""
+    block_t = MAX_BLOCK_T if not INTERPRET else min(MAX_BLOCK_T, triton.next_power_of_2(max(T, 16)))
+    return block_t, (cu_seqlens.numel() - 1 if cu_seqlens is not None else max(1, triton.cdiv(T, block_t)))
 
 
 def _as_kernel_mask(mask_T):
@@ -284,8 +292,7 @@ def ppo_loss_fwd(logprobs_T, old_logprobs_T, advantages_T, mask_T, ref_logprobs_
                  normalizer, clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef):
     """Forward launches (main + finalize); returns (loss 0-d fp32, out_C fp32 metrics row, part_PC partials)."""
     T = logprobs_T.numel()
-    block_t = _block_t(T)
-    P = _num_programs(T, cu_seqlens, block_t)
+    block_t, P = partial_grid(T, cu_seqlens)
     part_PC = torch.empty((P, NUM_COLS), dtype=torch.float32, device=logprobs_T.device)
     dummy = logprobs_T
     _ppo_loss_fwd_kernel[(P,)](
@@ -306,8 +313,7 @@ def ppo_loss_bwd(grad_out, logprobs_T, old_logprobs_T, advantages_T, mask_T, ref
 
     grad_out: 0-d tensor (read on device). entropy_dtype: the entropy's dtype when it needs a gradient, else None."""
     T = logprobs_T.numel()
-    block_t = _block_t(T)
-    P = part_PC.shape[0]
+    block_t, P = partial_grid(T, cu_seqlens)
     grad_logp_T = torch.empty_like(logprobs_T)
     grad_ent_T = torch.empty(T, dtype=entropy_dtype, device=logprobs_T.device) if entropy_dtype is not None else None
     _ppo_loss_bwd_kernel[(P,)](
@@ -323,35 +329,83 @@ def ppo_loss_bwd(grad_out, logprobs_T, old_logprobs_T, advantages_T, mask_T, ref
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# autograd.Function
+# Autograd: torch.library custom ops (eager and under torch.compile, K6)
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class PPOLossFn(torch.autograd.Function):
-    """Triton PPO loss; gradients to logprobs and entropy only. Returns (loss 0-d fp32, out_C fp32 metrics row)."""
+def split_normalizer(normalizer):
+    """A checked normalizer as the custom ops take it: (0-d tensor or None, Python float or None)."""
+    if isinstance(normalizer, torch.Tensor):
+        return normalizer, None
+    return None, normalizer
 
-    @staticmethod
-    def forward(ctx, logprobs_T, old_logprobs_T, advantages_T, mask_T, ref_logprobs_T, entropy_T, cu_seqlens,
-                normalizer, clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef):
-        loss, out_C, part_PC = ppo_loss_fwd(logprobs_T, old_logprobs_T, advantages_T, mask_T, ref_logprobs_T,
-                                            entropy_T, cu_seqlens, normalizer, clip_low, clip_high, dual_clip,
-                                            kl_coef, kl_type, entropy_coef)
-        ctx.save_for_backward(logprobs_T, old_logprobs_T, advantages_T, mask_T, ref_logprobs_T, cu_seqlens,
-                              part_PC, out_C)
-        ctx.opts = (clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef)
-        ctx.entropy_dtype = entropy_T.dtype if entropy_T is not None else None
-        ctx.mark_non_differentiable(out_C)
-        return loss, out_C
 
-    @staticmethod
-    def backward(ctx, grad_loss, grad_out_C):
-        logprobs_T, old_T, adv_T, mask_T, ref_T, cu_seqlens, part_PC, out_C = ctx.saved_tensors
-        ent_dtype = ctx.entropy_dtype if ctx.needs_input_grad[5] else None
-        grad_logp_T, grad_ent_T = ppo_loss_bwd(grad_loss, logprobs_T, old_T, adv_T, mask_T, ref_T, cu_seqlens,
-                                               part_PC, out_C, *ctx.opts, entropy_dtype=ent_dtype)
-        if not ctx.needs_input_grad[0]:
-            grad_logp_T = None
-        return (grad_logp_T, None, None, None, None, grad_ent_T) + (None,) * 8
+def fake_loss_outputs(x_T, cu_seqlens, num_cols: int):
+    """Shape-only (loss 0-d, out_C (C,), part_PC (P, C)), all fp32, of a masked-mean loss forward (register_fake)."""
+    _, P = partial_grid(x_T.shape[0], cu_seqlens)
+    return (x_T.new_empty((), dtype=torch.float32), x_T.new_empty(num_cols, dtype=torch.float32),
+            x_T.new_empty((P, num_cols), dtype=torch.float32))
+
+
+@torch.library.custom_op("ovr::ppo_loss_fwd", mutates_args=())
+def _ppo_loss_op(logprobs_T: torch.Tensor, old_logprobs_T: torch.Tensor, advantages_T: torch.Tensor,
+                 mask_T: torch.Tensor, ref_logprobs_T: torch.Tensor | None, entropy_T: torch.Tensor | None,
+                 cu_seqlens: torch.Tensor | None, normalizer_tensor: torch.Tensor | None,
+                 normalizer_value: float | None, clip_low: float, clip_high: float, dual_clip: float | None,
+                 kl_coef: float, kl_type: str, entropy_coef: float
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss 0-d fp32, out_C fp32 metrics row, part_PC partial sums: saved for the backward)."""
+    normalizer = normalizer_tensor if normalizer_tensor is not None else normalizer_value
+    return ppo_loss_fwd(logprobs_T, old_logprobs_T, advantages_T, mask_T, ref_logprobs_T, entropy_T, cu_seqlens,
+                        normalizer, clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef)
+
+
+@_ppo_loss_op.register_fake
+def _(logprobs_T, old_logprobs_T, advantages_T, mask_T, ref_logprobs_T, entropy_T, cu_seqlens, normalizer_tensor,
+      normalizer_value, clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef):
+    return fake_loss_outputs(logprobs_T, cu_seqlens, NUM_COLS)
+
+
+@torch.library.custom_op("ovr::ppo_loss_bwd", mutates_args=())
+def _ppo_loss_bwd_op(grad_loss: torch.Tensor, logprobs_T: torch.Tensor, old_logprobs_T: torch.Tensor,
+                     advantages_T: torch.Tensor, mask_T: torch.Tensor, ref_logprobs_T: torch.Tensor | None,
+                     cu_seqlens: torch.Tensor | None, part_PC: torch.Tensor, out_C: torch.Tensor, clip_low: float,
+                     clip_high: float, dual_clip: float | None, kl_coef: float, kl_type: str, entropy_coef: float,
+                     entropy_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_logprobs_T, grad_entropy_T: (T,) in entropy_dtype, or empty when entropy_dtype is None)."""
+    grad_logp_T, grad_ent_T = ppo_loss_bwd(grad_loss, logprobs_T, old_logprobs_T, advantages_T, mask_T,
+                                           ref_logprobs_T, cu_seqlens, part_PC, out_C, clip_low, clip_high, dual_clip,
+                                           kl_coef, kl_type, entropy_coef, entropy_dtype=entropy_dtype)
+    return grad_logp_T, (grad_ent_T if grad_ent_T is not None else logprobs_T.new_empty(0))
+
+
+@_ppo_loss_bwd_op.register_fake
+def _(grad_loss, logprobs_T, old_logprobs_T, advantages_T, mask_T, ref_logprobs_T, cu_seqlens, part_PC, out_C,
+      clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef, entropy_dtype):
+    num_ent = logprobs_T.shape[0] if entropy_dtype is not None else 0
+    return torch.empty_like(logprobs_T), logprobs_T.new_empty(num_ent, dtype=entropy_dtype or logprobs_T.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    logprobs_T, old_T, adv_T, mask_T, ref_T, entropy_T, cu_seqlens, _norm_tensor, _norm_value, *opts = inputs
+    _, out_C, part_PC = output
+    ctx.save_for_backward(logprobs_T, old_T, adv_T, mask_T, ref_T, cu_seqlens, part_PC, out_C)
+    ctx.opts = tuple(opts)  # clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef
+    ctx.entropy_dtype = entropy_T.dtype if entropy_T is not None else None
+    ctx.mark_non_differentiable(out_C, part_PC)
+
+
+def _backward(ctx, grad_loss, _grad_out_C, _grad_part_PC):
+    """Gradients to logprobs and entropy only."""
+    logprobs_T, old_T, adv_T, mask_T, ref_T, cu_seqlens, part_PC, out_C = ctx.saved_tensors
+    ent_dtype = ctx.entropy_dtype if ctx.needs_input_grad[5] else None
+    grad_logp_T, grad_ent_T = _ppo_loss_bwd_op(grad_loss, logprobs_T, old_T, adv_T, mask_T, ref_T, cu_seqlens,
+                                               part_PC, out_C, *ctx.opts, ent_dtype)
+    return ((grad_logp_T if ctx.needs_input_grad[0] else None, None, None, None, None,
+             grad_ent_T if ent_dtype is not None else None) + (None,) * 9)
+
+
+_ppo_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -359,31 +413,20 @@ class PPOLossFn(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def check_normalizer(normalizer, device):
-    """None, a Python number > 0, or a 0-d float/int tensor on `device` (its value is not read: no sync)."""
-    if normalizer is None:
-        return None
-    if isinstance(normalizer, torch.Tensor):
-        check_tensor("normalizer", normalizer, ndim=0, device=device)
-        if normalizer.dtype == torch.bool or normalizer.is_complex():
-            raise ValueError(f"normalizer must be a float or integer tensor, got {normalizer.dtype}")
-        return normalizer
-    return check_scalar("normalizer", normalizer, low=0.0, low_open=True)
-
-
-def check_token_inputs(names_tensors, mask_T, cu_seqlens):
-    """Shared validation of per-token inputs: 1-D contiguous float tensors of one length T on one device, a bool
-    or float mask of the same length, optional int32 cu_seqlens ending at T. Returns T."""
-    first_name, first = names_tensors[0]
-    check_tensor(first_name, first, ndim=1, dtypes=FLOAT_DTYPES, contiguous=True)
-    T, device = first.shape[0], first.device
-    for name, x in names_tensors[1:]:
-        if x is not None:
-            check_tensor(name, x, dtypes=FLOAT_DTYPES, device=device, shape=(T,), contiguous=True)
-    check_tensor("mask", mask_T, dtypes=(torch.bool,) + FLOAT_DTYPES, device=device, shape=(T,), contiguous=True)
-    if cu_seqlens is not None:
-        check_cu_seqlens("cu_seqlens", cu_seqlens, T, device=device)
-    return T
+def check_ppo_options(clip_low, clip_high, dual_clip, kl_coef, kl_type, has_ref_logprobs: bool):
+    """Validate the PPO options shared by `ppo_loss` and the fused policy loss; returns (clip_low, clip_high,
+    dual_clip, kl_coef) as floats (dual_clip None stays None)."""
+    for name, value in (("clip_low", clip_low), ("clip_high", clip_high)):
+        if not 0.0 <= check_scalar(name, value) < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    if dual_clip is not None:
+        dual_clip = check_scalar("dual_clip", dual_clip, low=1.0, low_open=True)
+    kl_coef = check_scalar("kl_coef", kl_coef, low=0.0)
+    if kl_type not in ("k1", "k3"):
+        raise ValueError(f"kl_type must be 'k1' or 'k3', got {kl_type!r}")
+    if kl_coef != 0.0 and not has_ref_logprobs:
+        raise ValueError(f"kl_coef={kl_coef} needs ref_logprobs")
+    return float(clip_low), float(clip_high), dual_clip, kl_coef
 
 
 def ppo_loss(logprobs, old_logprobs, advantages, mask, clip_low=0.2, clip_high=0.2, dual_clip=None, normalizer=None,
@@ -409,21 +452,14 @@ def ppo_loss(logprobs, old_logprobs, advantages, mask, clip_low=0.2, clip_high=0
         loss: 0-d tensor (fp32 on the Triton path, the inputs' dtype on the reference path).
         metrics: dict of 0-d tensors on the input device, no grad, masked-token means: pg_loss, clip_frac,
             dual_clip_frac, approx_kl, ratio_mean, ratio_max (max), kl, entropy (0 when not given).
+    Works under torch.compile(fullgraph=True): the Triton path is one custom op (`ovr::ppo_loss_fwd`).
     """
     check_token_inputs([("logprobs", logprobs), ("old_logprobs", old_logprobs), ("advantages", advantages),
                         ("ref_logprobs", ref_logprobs), ("entropy", entropy)], mask, cu_seqlens)
-    for name, value in (("clip_low", clip_low), ("clip_high", clip_high)):
-        if not 0.0 <= check_scalar(name, value) < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-    if dual_clip is not None:
-        check_scalar("dual_clip", dual_clip, low=1.0, low_open=True)
+    clip_low, clip_high, dual_clip, kl_coef = check_ppo_options(clip_low, clip_high, dual_clip, kl_coef, kl_type,
+                                                                ref_logprobs is not None)
     normalizer = check_normalizer(normalizer, logprobs.device)
-    kl_coef = check_scalar("kl_coef", kl_coef, low=0.0)
     entropy_coef = check_scalar("entropy_coef", entropy_coef)
-    if kl_type not in ("k1", "k3"):
-        raise ValueError(f"kl_type must be 'k1' or 'k3', got {kl_type!r}")
-    if kl_coef != 0.0 and ref_logprobs is None:
-        raise ValueError(f"kl_coef={kl_coef} needs ref_logprobs")
     if entropy_coef != 0.0 and entropy is None:
         raise ValueError(f"entropy_coef={entropy_coef} needs entropy")
 
@@ -431,8 +467,8 @@ def ppo_loss(logprobs, old_logprobs, advantages, mask, clip_low=0.2, clip_high=0
         return reference.ppo_loss_ref(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip,
                                       normalizer, ref_logprobs, kl_coef, kl_type, entropy, entropy_coef, cu_seqlens,
                                       LOG_RATIO_CLAMP)
-    loss, out_C = PPOLossFn.apply(logprobs, old_logprobs.detach(), advantages.detach(), mask.detach(),
+    loss, out_C, _ = _ppo_loss_op(logprobs, old_logprobs.detach(), advantages.detach(), mask.detach(),
                                   ref_logprobs.detach() if ref_logprobs is not None else None, entropy, cu_seqlens,
-                                  normalizer, float(clip_low), float(clip_high), dual_clip, kl_coef, kl_type,
+                                  *split_normalizer(normalizer), clip_low, clip_high, dual_clip, kl_coef, kl_type,
                                   entropy_coef)
     return loss, {name: out_C[col] for name, col in METRIC_COLS.items()}

@@ -62,6 +62,28 @@ if HAS_TRITON:
                  mask=(rows < num_rows)[:, None])
 
     @triton.jit
+    def _segment(cu_q_ptr, cu_k_ptr, seg_order_ptr):
+        """(q_start, seqlen_q, k_start, seqlen_k) of the segment this program's grid axis 2 walks (longest first)."""
+        seg = tl.load(seg_order_ptr + tl.program_id(2))
+        q_start = tl.load(cu_q_ptr + seg)
+        k_start = tl.load(cu_k_ptr + seg)
+        return q_start, tl.load(cu_q_ptr + seg + 1) - q_start, k_start, tl.load(cu_k_ptr + seg + 1) - k_start
+
+    @triton.jit
+    def _head_base(ptr, start, stride_t, head, stride_h):
+        """Pointer to token `start`, head `head` of a (T, H, D) tensor. The segment start goes to int64: T * stride
+        can pass 2**31 on long packs; offsets inside a segment cannot."""
+        return ptr + start.to(tl.int64) * stride_t + head * stride_h
+
+    @triton.jit
+    def _causal_kv_bounds(start_m, diag, seqlen_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Causal kv range of the q block at start_m: (hi, full_end): keys [0, full_end) are fully visible to every
+        row of the block (no mask), [full_end, hi) cross the diagonal (masked), keys >= hi are seen by none."""
+        hi = tl.minimum(seqlen_k, tl.maximum(start_m + BLOCK_M + diag, 0))
+        full_end = tl.minimum(hi, tl.maximum(start_m + diag + 1, 0)) // BLOCK_N * BLOCK_N
+        return hi, full_end
+
+    @triton.jit
     def _fwd_kv_loop(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_k_t, stride_v_t, rows, offs_n, offs_d0,
                      offs_d1, seqlen_k, diag, lo, hi, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                      HEAD_D1: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
@@ -105,11 +127,7 @@ if HAS_TRITON:
                                 BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
         pid_m = tl.program_id(0)
         head = tl.program_id(1)
-        seg = tl.load(seg_order_ptr + tl.program_id(2))
-        q_start = tl.load(cu_q_ptr + seg)
-        seqlen_q = tl.load(cu_q_ptr + seg + 1) - q_start
-        k_start = tl.load(cu_k_ptr + seg)
-        seqlen_k = tl.load(cu_k_ptr + seg + 1) - k_start
+        q_start, seqlen_q, k_start, seqlen_k = _segment(cu_q_ptr, cu_k_ptr, seg_order_ptr)
         # heaviest block first: under causal masking q block m visits ~m kv blocks
         m_block = tl.cdiv(seqlen_q, BLOCK_M) - 1 - pid_m
         if m_block < 0:
@@ -120,10 +138,9 @@ if HAS_TRITON:
         offs_d0 = tl.arange(0, HEAD_D0)
         offs_d1 = HEAD_D0 + tl.arange(0, BLOCK_D1)
         kv_head = head // GROUP
-        # segment starts in int64: T * stride can pass 2**31 on long packs; offsets inside a segment cannot
-        q_base = q_ptr + q_start.to(tl.int64) * stride_q_t + head * stride_q_h
-        k_base = k_ptr + k_start.to(tl.int64) * stride_k_t + kv_head * stride_k_h
-        v_base = v_ptr + k_start.to(tl.int64) * stride_v_t + kv_head * stride_v_h
+        q_base = _head_base(q_ptr, q_start, stride_q_t, head, stride_q_h)
+        k_base = _head_base(k_ptr, k_start, stride_k_t, kv_head, stride_k_h)
+        v_base = _head_base(v_ptr, k_start, stride_v_t, kv_head, stride_v_h)
         q0 = _load_rows(q_base, rows, seqlen_q, stride_q_t, offs_d0, UPCAST)
         if HEAD_D1 > 0:
             q1 = _load_rows(q_base, rows, seqlen_q, stride_q_t, offs_d1, UPCAST)
@@ -135,8 +152,7 @@ if HAS_TRITON:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         diag = seqlen_k - seqlen_q  # bottom-right alignment: row i sees keys j <= i + diag
         if CAUSAL:
-            hi = tl.minimum(seqlen_k, tl.maximum(start_m + BLOCK_M + diag, 0))
-            full_end = tl.minimum(hi, tl.maximum(start_m + diag + 1, 0)) // BLOCK_N * BLOCK_N
+            hi, full_end = _causal_kv_bounds(start_m, diag, seqlen_k, BLOCK_M, BLOCK_N)
         else:
             hi = seqlen_k
             full_end = seqlen_k // BLOCK_N * BLOCK_N
@@ -148,7 +164,7 @@ if HAS_TRITON:
                                             True, CAUSAL, HEAD_D1, BLOCK_N, UPCAST, DOT_PRECISION)
         # rows that saw no key: l = 0 -> output 0, LSE -inf
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-        o_base = o_ptr + q_start.to(tl.int64) * stride_o_t + head * stride_o_h
+        o_base = _head_base(o_ptr, q_start, stride_o_t, head, stride_o_h)
         _store_rows(o_base, rows, seqlen_q, stride_o_t, offs_d0, acc0 / l_safe[:, None])
         if HEAD_D1 > 0:
             _store_rows(o_base, rows, seqlen_q, stride_o_t, offs_d1, acc1 / l_safe[:, None])
@@ -220,11 +236,7 @@ if HAS_TRITON:
         partial dK/dV is atomically added to fp32 buffers (GROUP x more programs, order-dependent rounding)."""
         pid_n = tl.program_id(0)
         pid_h = tl.program_id(1)
-        seg = tl.load(seg_order_ptr + tl.program_id(2))
-        q_start = tl.load(cu_q_ptr + seg)
-        seqlen_q = tl.load(cu_q_ptr + seg + 1) - q_start
-        k_start = tl.load(cu_k_ptr + seg)
-        seqlen_k = tl.load(cu_k_ptr + seg + 1) - k_start
+        q_start, seqlen_q, k_start, seqlen_k = _segment(cu_q_ptr, cu_k_ptr, seg_order_ptr)
         start_n = pid_n * BLOCK_N  # causal: the first kv blocks are seen by the most q rows, so they go first
         if start_n >= seqlen_k:
             return
@@ -238,8 +250,8 @@ if HAS_TRITON:
         offs_m = tl.arange(0, BLOCK_M)
         offs_d0 = tl.arange(0, HEAD_D0)
         offs_d1 = HEAD_D0 + tl.arange(0, BLOCK_D1)
-        k_base = k_ptr + k_start.to(tl.int64) * stride_k_t + kv_head * stride_k_h
-        v_base = v_ptr + k_start.to(tl.int64) * stride_v_t + kv_head * stride_v_h
+        k_base = _head_base(k_ptr, k_start, stride_k_t, kv_head, stride_k_h)
+        v_base = _head_base(v_ptr, k_start, stride_v_t, kv_head, stride_v_h)
         k0 = _load_rows(k_base, cols, seqlen_k, stride_k_t, offs_d0, UPCAST)
         v0 = _load_rows(v_base, cols, seqlen_k, stride_v_t, offs_d0, UPCAST)
         if HEAD_D1 > 0:
@@ -263,8 +275,8 @@ if HAS_TRITON:
             mid_masked = 0
         for g in range(1 if ATOMIC else GROUP):
             q_head = first_q_head + g
-            q_base = q_ptr + q_start.to(tl.int64) * stride_q_t + q_head * stride_q_h
-            do_base = do_ptr + q_start.to(tl.int64) * stride_do_t + q_head * stride_do_h
+            q_base = _head_base(q_ptr, q_start, stride_q_t, q_head, stride_q_h)
+            do_base = _head_base(do_ptr, q_start, stride_do_t, q_head, stride_do_h)
             lse_base = lse_ptr + q_head * stride_lse_h + q_start
             delta_base = delta_ptr + q_head * stride_lse_h + q_start
             if CAUSAL:
@@ -277,8 +289,8 @@ if HAS_TRITON:
                                                 seqlen_q, diag, mid, seqlen_q, qk_scale, False, HEAD_D1, BLOCK_M,
                                                 UPCAST, DOT_PRECISION)
         # dS was taken w.r.t. the scaled scores, so dK = scale * dS^T Q
-        dk_base = dk_ptr + k_start.to(tl.int64) * stride_dk_t + kv_head * stride_dk_h
-        dv_base = dv_ptr + k_start.to(tl.int64) * stride_dv_t + kv_head * stride_dv_h
+        dk_base = _head_base(dk_ptr, k_start, stride_dk_t, kv_head, stride_dk_h)
+        dv_base = _head_base(dv_ptr, k_start, stride_dv_t, kv_head, stride_dv_h)
         if ATOMIC:
             keep = (cols < seqlen_k)[:, None]
             tl.atomic_add(dk_base + cols[:, None] * stride_dk_t + offs_d0[None, :], dk0 * sm_scale, mask=keep)
@@ -331,11 +343,7 @@ if HAS_TRITON:
                                    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
         pid_m = tl.program_id(0)
         head = tl.program_id(1)
-        seg = tl.load(seg_order_ptr + tl.program_id(2))
-        q_start = tl.load(cu_q_ptr + seg)
-        seqlen_q = tl.load(cu_q_ptr + seg + 1) - q_start
-        k_start = tl.load(cu_k_ptr + seg)
-        seqlen_k = tl.load(cu_k_ptr + seg + 1) - k_start
+        q_start, seqlen_q, k_start, seqlen_k = _segment(cu_q_ptr, cu_k_ptr, seg_order_ptr)
         m_block = tl.cdiv(seqlen_q, BLOCK_M) - 1 - pid_m  # heaviest block first, as in the forward
         if m_block < 0:
             return
@@ -345,10 +353,10 @@ if HAS_TRITON:
         offs_d0 = tl.arange(0, HEAD_D0)
         offs_d1 = HEAD_D0 + tl.arange(0, BLOCK_D1)
         kv_head = head // GROUP
-        q_base = q_ptr + q_start.to(tl.int64) * stride_q_t + head * stride_q_h
-        do_base = do_ptr + q_start.to(tl.int64) * stride_do_t + head * stride_do_h
-        k_base = k_ptr + k_start.to(tl.int64) * stride_k_t + kv_head * stride_k_h
-        v_base = v_ptr + k_start.to(tl.int64) * stride_v_t + kv_head * stride_v_h
+        q_base = _head_base(q_ptr, q_start, stride_q_t, head, stride_q_h)
+        do_base = _head_base(do_ptr, q_start, stride_do_t, head, stride_do_h)
+        k_base = _head_base(k_ptr, k_start, stride_k_t, kv_head, stride_k_h)
+        v_base = _head_base(v_ptr, k_start, stride_v_t, kv_head, stride_v_h)
         q0 = _load_rows(q_base, rows, seqlen_q, stride_q_t, offs_d0, UPCAST)
         do0 = _load_rows(do_base, rows, seqlen_q, stride_do_t, offs_d0, UPCAST)
         if HEAD_D1 > 0:
@@ -363,8 +371,7 @@ if HAS_TRITON:
         dq1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
         diag = seqlen_k - seqlen_q
         if CAUSAL:
-            hi = tl.minimum(seqlen_k, tl.maximum(start_m + BLOCK_M + diag, 0))
-            full_end = tl.minimum(hi, tl.maximum(start_m + diag + 1, 0)) // BLOCK_N * BLOCK_N
+            hi, full_end = _causal_kv_bounds(start_m, diag, seqlen_k, BLOCK_M, BLOCK_N)
             dq0, dq1 = _bwd_dq_loop(dq0, dq1, q0, q1, do0, do1, lse, delta, k_base, v_base, stride_k_t, stride_v_t,
                                     rows, offs_n, offs_d0, offs_d1, seqlen_k, diag, full_end, hi, qk_scale, True,
                                     HEAD_D1, BLOCK_N, UPCAST, DOT_PRECISION)
@@ -373,7 +380,7 @@ if HAS_TRITON:
         dq0, dq1 = _bwd_dq_loop(dq0, dq1, q0, q1, do0, do1, lse, delta, k_base, v_base, stride_k_t, stride_v_t, rows,
                                 offs_n, offs_d0, offs_d1, seqlen_k, diag, 0, full_end, qk_scale, False, HEAD_D1,
                                 BLOCK_N, UPCAST, DOT_PRECISION)
-        dq_base = dq_ptr + q_start.to(tl.int64) * stride_dq_t + head * stride_dq_h
+        dq_base = _head_base(dq_ptr, q_start, stride_dq_t, head, stride_dq_h)
         _store_rows(dq_base, rows, seqlen_q, stride_dq_t, offs_d0, dq0 * sm_scale)
         if HEAD_D1 > 0:
             _store_rows(dq_base, rows, seqlen_q, stride_dq_t, offs_d1, dq1 * sm_scale)

@@ -136,6 +136,41 @@ def test_without_entropy(backend):
     assert_close("grad_hidden", gh, ref[2], atol=1e-6, rtol=1e-4)
 
 
+
+@pytest.mark.parametrize("case", ["defaults", "all_options"])
+def test_torch_compile(backend, case):
+    """K6: the fused policy loss traces with fullgraph=True (Triton path: the ovr::ppo_policy_loss_fwd custom op,
+    whose backward calls ovr::ppo_loss_bwd and ovr::linear_logprob_bwd) and equals eager bit for bit."""
+    torch._dynamo.reset()
+    x, kwargs = _case(case)
+    ppo_kw = _ppo_kwargs(x, kwargs)
+    results = []
+    for fn in (ppo_policy_loss_from_hidden,
+               torch.compile(ppo_policy_loss_from_hidden, fullgraph=True, backend="aot_eager")):
+        h, w = x["hidden"].clone().requires_grad_(), x["weight"].clone().requires_grad_()
+        loss, metrics = fn(h, w, x["targets"], x["old_logprobs"], x["advantages"], x["mask"],
+                           temperature=kwargs.get("temperature", 1.0), **ppo_kw)
+        results.append((loss, metrics, *torch.autograd.grad(loss, [h, w])))
+    (loss_e, metrics_e, gh_e, gw_e), (loss_c, metrics_c, gh_c, gw_c) = results
+    assert torch.equal(loss_e, loss_c) and torch.equal(gh_e, gh_c) and torch.equal(gw_e, gw_c)
+    for name in METRICS:
+        assert torch.equal(metrics_e[name], metrics_c[name]), name
+
+
+def test_opcheck(monkeypatch):
+    """torch.library.opcheck: schema, fake and autograd registrations of ovr::ppo_policy_loss_fwd (the Triton path's
+    op) are consistent."""
+    monkeypatch.setenv("OVR_BACKEND", "triton")
+    x, _ = _case("all_options")
+    h, w = x["hidden"].requires_grad_(), x["weight"].requires_grad_()
+    cu_seqlens = torch.tensor([0, 1, 40, 40, 97], dtype=torch.int32, device=DEVICE)
+    torch.library.opcheck(torch.ops.ovr.ppo_policy_loss_fwd.default,
+                          (h, w, x["targets"], x["old_logprobs"], x["advantages"], x["mask"], x["ref_logprobs"],
+                           cu_seqlens, None, 50.0, 0.7, -100, True, 0.2, 0.28, 2.0, 0.05, "k3", 0.01))
+    torch.library.opcheck(torch.ops.ovr.ppo_policy_loss_fwd.default,
+                          (h, w, x["targets"], x["old_logprobs"], x["advantages"], x["mask"], None, None,
+                           torch.tensor(9.0, device=DEVICE), None, 1.0, -100, False, 0.2, 0.2, None, 0.0, "k3", 0.0))
+
 def _bad_call(name):
     T, H, V = 6, 8, 10
     h, w = torch.randn(T, H), torch.randn(V, H)

@@ -237,6 +237,40 @@ def test_empty_input(triton_backend):
     assert float(loss.detach()) == 0.0 and float(metrics["ratio_max"]) == 0.0 and x.grad.shape == (0,)
 
 
+
+@pytest.mark.parametrize("all_options", [False, True], ids=["default", "all_options"])
+def test_torch_compile(triton_backend, all_options):
+    """K6: ppo_loss traces with fullgraph=True (its Triton path is the ovr::ppo_loss_fwd / _bwd custom ops) and the
+    compiled loss, metrics and gradients equal eager bit for bit (same deterministic kernels)."""
+    torch._dynamo.reset()
+    lengths = [5, 0, 1, 300, 2, 60]
+    inputs = make_inputs(sum(lengths), torch.float32)
+    kwargs = {}
+    if all_options:
+        kwargs = {"clip_low": 0.1, "clip_high": 0.3, "dual_clip": 2.5, "kl_coef": 0.05, "kl_type": "k3",
+                  "entropy_coef": 0.01, "cu_seqlens": cu(lengths), "normalizer": torch.tensor(5.0, device=DEVICE)}
+    eager = run(ppo_loss, inputs, **kwargs)
+    compiled = run(torch.compile(ppo_loss, fullgraph=True, backend="aot_eager"), inputs, **kwargs)
+    assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[2], compiled[2])
+    assert (eager[3] is None) == (not all_options)
+    if all_options:
+        assert torch.equal(eager[3], compiled[3])
+    for name in METRICS:
+        assert torch.equal(eager[1][name], compiled[1][name]), name
+
+
+def test_opcheck(triton_backend):
+    """torch.library.opcheck: schema, fake and autograd registrations of ovr::ppo_loss_fwd are consistent."""
+    lengths = [7, 0, 40, 1]
+    x = make_inputs(sum(lengths), torch.float32)
+    logp, ent = x["logprobs"].requires_grad_(), x["entropy"].requires_grad_()
+    torch.library.opcheck(torch.ops.ovr.ppo_loss_fwd.default,
+                          (logp, x["old_logprobs"], x["advantages"], x["mask"], x["ref_logprobs"], ent, cu(lengths),
+                           torch.tensor(3.0, device=DEVICE), None, 0.2, 0.28, 3.0, 0.05, "k3", 0.01))
+    torch.library.opcheck(torch.ops.ovr.ppo_loss_fwd.default,
+                          (logp, x["old_logprobs"], x["advantages"], x["mask"], None, None, None, None, 17.0, 0.2,
+                           0.2, None, 0.0, "k1", 0.0))
+
 def _bad(name):
     """Inputs plus one broken argument, by name."""
     T = 8

@@ -110,6 +110,34 @@ def test_global_normalizer_micro_batches_sum_to_full_batch(triton_backend):
     assert_close("grad", torch.cat([parts[0][2], parts[1][2]]), full[2], atol=1e-9)
 
 
+
+@pytest.mark.parametrize("seq_mean", [False, True], ids=["token_mean", "seq_mean"])
+def test_torch_compile(triton_backend, seq_mean):
+    """K6: value_loss traces with fullgraph=True (its Triton path is the ovr::value_loss_fwd / _bwd custom ops) and
+    the compiled loss, metrics and gradient equal eager bit for bit (same deterministic kernels)."""
+    torch._dynamo.reset()
+    lengths = [3, 0, 1, 200, 2, 91]
+    inputs = make_inputs(sum(lengths), torch.float32)
+    kwargs = {"clip": 0.5, "cu_seqlens": cu(lengths), "normalizer": torch.tensor(7, device=DEVICE)} if seq_mean \
+        else {}
+    eager = run(value_loss, inputs, **kwargs)
+    compiled = run(torch.compile(value_loss, fullgraph=True, backend="aot_eager"), inputs, **kwargs)
+    assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[2], compiled[2])
+    for name in METRICS:
+        assert torch.equal(eager[1][name], compiled[1][name]), name
+
+
+def test_opcheck(triton_backend):
+    """torch.library.opcheck: schema, fake and autograd registrations of ovr::value_loss_fwd are consistent."""
+    lengths = [7, 0, 40, 1]
+    x = make_inputs(sum(lengths), torch.float32)
+    values = x["values"].requires_grad_()
+    torch.library.opcheck(torch.ops.ovr.value_loss_fwd.default,
+                          (values, x["old_values"], x["returns"], x["mask"], cu(lengths),
+                           torch.tensor(3.0, device=DEVICE), None, 0.2))
+    torch.library.opcheck(torch.ops.ovr.value_loss_fwd.default,
+                          (values, x["old_values"], x["returns"], x["mask"], None, None, 11.0, None))
+
 @pytest.mark.parametrize("change, match", [
     ({"values": torch.zeros(4, 2)}, "values must have 1 dims"),
     ({"returns": torch.zeros(5)}, r"returns must have shape \(4,\)"),
