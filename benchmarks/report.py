@@ -16,7 +16,8 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-ENV_KEYS = {"device", "gpu_name", "torch", "triton", "cuda", "git_sha", "date", "timestamp", "python", "host"}
+RESULT_WORDS = ("tflops", "gbps", "tokens_per_s", "mfu", "peak", "speedup", "ratio", "fraction", "_vs_", "error")
+ENV_KEYS = {"median_ms", "cpu_threads", "has_ext", "has_cuda_ext", "device", "gpu_name", "torch", "triton", "cuda", "git_sha", "date", "timestamp", "python", "host"}
 
 
 def _fmt(v):
@@ -38,17 +39,14 @@ def to_markdown(data: dict, source: str) -> str:
     head = [f"Device: {device}{' (CPU-only run)' if is_cpu else ''}; "
             + ", ".join(f"{k} {env[k]}" for k in ("torch", "triton", "cuda", "git_sha") if env.get(k))
             + f"; date {env.get('date') or data.get('datetime', '?')}; source `{source}`", ""]
-    unit_keys = []
-    for b in benches:
-        for k, v in b.get("extra_info", {}).items():
-            if k not in ENV_KEYS and k not in unit_keys and isinstance(v, (int, float, str)):
-                unit_keys.append(k)
-    head.append("| benchmark | median ms | " + " | ".join(unit_keys) + " |")
-    head.append("|---|---:|" + "---:|" * len(unit_keys))
+    head.append("| benchmark | median ms | shape / mode | results (derived units, ratios to baselines in the same run) |")
+    head.append("|---|---:|---|---|")
     for b in sorted(benches, key=lambda b: b.get("fullname", b["name"])):
         info = b.get("extra_info", {})
-        row = [b["name"], _fmt(b["stats"]["median"] * 1e3)] + [_fmt(info[k]) if k in info else "" for k in unit_keys]
-        head.append("| " + " | ".join(row) + " |")
+        shape = " ".join(str(info[k]) for k in ("shape", "mode") if k in info)
+        results = ", ".join(f"{k} {_fmt(v)}" for k, v in info.items()
+                            if any(w in k for w in RESULT_WORDS) and k not in ENV_KEYS)
+        head.append(f"| {b['name']} | {_fmt(b['stats']['median'] * 1e3)} | {shape} | {results} |")
     return "\n".join(head) + "\n"
 
 
