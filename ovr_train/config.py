@@ -202,6 +202,9 @@ class SFTCfg:
     """Abort after this many consecutive steps with a NaN/inf loss or gradient (each is skipped and reported)."""
     log_every: int = 1
     """Log metrics every N steps (JSONL / TensorBoard / progress bar)."""
+    init_from: str = "auto"
+    """HF dir the SFT stage starts from: "auto" (<run.out_dir>/base/hf if the base stage wrote it, else model.path
+    or a random init), "none" (model.path or a random init) or a path."""
 
     def __post_init__(self):
         _check(self.steps >= 0, "sft.steps", self.steps, "must be >= 0")
@@ -209,6 +212,37 @@ class SFTCfg:
         _check(self.batch_size > 0, "sft.batch_size", self.batch_size, "must be > 0")
         _check(self.max_bad_steps > 0, "sft.max_bad_steps", self.max_bad_steps, "must be > 0")
         _check(self.log_every > 0, "sft.log_every", self.log_every, "must be > 0")
+
+
+@dataclass
+class BaseCfg:
+    """The base stage (`--stage base`): short image -> `\\boxed{answer}` perception pretraining on generated images,
+    so the tiny random model starts like a real VLM base (it can see). Runs sft.py's loop with these settings, the
+    ViT trained, and a seed-dependent init (model.init_seed + run.seed)."""
+
+    steps: int = 300
+    """Optimizer steps."""
+    batch_size: int = 64
+    """Sequences per step, over all ranks."""
+    lr: float = 1e-3
+    """Peak learning rate (warmup, then optim.schedule down to optim.min_lr_ratio)."""
+    warmup_steps: int = 10
+    """Linear warmup steps."""
+    num_train: int = 8000
+    """Generated training items (synth_images "train" split; the held-out sets use its "test" split)."""
+    tasks: list = field(default_factory=lambda: ["count_color", "count_all", "color_largest", "digit_read"])
+    """Perception tasks of ovr_train/synth_images.py (no reasoning tasks: those are the RL stage's)."""
+
+    def __post_init__(self):
+        _check(self.steps > 0, "base.steps", self.steps, "must be > 0")
+        _check(self.batch_size > 0, "base.batch_size", self.batch_size, "must be > 0")
+        _check(self.lr > 0, "base.lr", self.lr, "must be > 0")
+        _check(self.warmup_steps >= 0, "base.warmup_steps", self.warmup_steps, "must be >= 0")
+        _check(self.num_train > 0, "base.num_train", self.num_train, "must be > 0")
+        from ovr_train.synth_images import TASKS
+
+        _check(bool(self.tasks) and all(t in TASKS for t in self.tasks), "base.tasks", self.tasks,
+               f"must be a non-empty subset of {list(TASKS)}")
 
 
 @dataclass
@@ -401,6 +435,9 @@ class EvalCfg:
     """Verifier processes (math-verify with rl.reward_timeout_s per answer)."""
     every_n_steps: int = 0
     """RL stage: evaluate the policy on the held-out sets every N steps (and at the end); 0: never."""
+    num_perception: int = 0
+    """`--stage all`: also evaluate each stage on this many held-out perception questions (the base stage's tasks,
+    synth_images "test" split); 0: none."""
     seed: int = 0
     """Sampling seed (each rank offsets it)."""
     label: str = ""
@@ -413,7 +450,7 @@ class EvalCfg:
     def __post_init__(self):
         for name in ("num_samples", "max_new_tokens", "batch_size", "reward_workers"):
             _check(getattr(self, name) > 0, f"eval.{name}", getattr(self, name), "must be > 0")
-        for name in ("limit", "num_text", "num_images", "every_n_steps"):
+        for name in ("limit", "num_text", "num_images", "every_n_steps", "num_perception"):
             _check(getattr(self, name) >= 0, f"eval.{name}", getattr(self, name), "must be >= 0")
         _check(bool(self.ks) and all(isinstance(k, int) and k >= 1 for k in self.ks), "eval.ks", self.ks,
                "must be a non-empty list of ints >= 1")
@@ -429,6 +466,7 @@ class Config:
     model: ModelCfg = field(default_factory=ModelCfg)
     data: DataCfg = field(default_factory=DataCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
+    base: BaseCfg = field(default_factory=BaseCfg)
     sft: SFTCfg = field(default_factory=SFTCfg)
     rl: RLCfg = field(default_factory=RLCfg)
     checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)

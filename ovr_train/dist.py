@@ -133,8 +133,9 @@ def broadcast_object(obj, src: int = 0):
 
 
 def full_state_dict(model, cpu_offload: bool = True) -> dict:
-    """The full (unsharded) model state dict on every rank (collective; e.g. for the HF export or to push weights
-    to a rollout engine). Keys are OvrVLM's (`hf.model...`)."""
+    """The full (unsharded) model state dict (collective; e.g. for the HF export or to push weights to a rollout
+    engine). Keys are OvrVLM's (`hf.model...`). With cpu_offload (in CPU memory) only rank 0 gets it, the other
+    ranks get an empty dict (torch's rule); without, every rank gets it on the model's device."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload))

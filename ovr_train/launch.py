@@ -1,9 +1,11 @@
-"""Entry point: `torchrun [--nproc_per_node N] -m ovr_train.launch --stage {sft,rl,all} [--config F.yaml]
+"""Entry point: `torchrun [--nproc_per_node N] -m ovr_train.launch --stage {base,sft,rl,all,eval} [--config F.yaml]
 [--section.field=value | --section.field value ...] [--dry-run]`; `python -m ovr_train.launch ...` runs one
 process.
 
 Without --config the embedded default (configs/tiny.yaml) runs: the tiny Qwen2.5-VL-shaped model on the generated
-reasoning corpus. The resolved config is printed at start and saved in the stage directory and each checkpoint.
+data. `--stage all` is the whole miniature OVR pipeline (ovr_train/pipeline.py): base perception pretraining ->
+text-only cold start -> multimodal RL, each stage's model evaluated on held-out text and image sets, then a report
+(<run.out_dir>/report.md + plots/). The resolved config is printed at start and saved in the stage directory and each checkpoint.
 --dry-run builds the model on the meta device (no weights, no memory), prints the FSDP plan, parameter counts and a
 per-GPU memory estimate for the world size, and exits.
 """
@@ -22,8 +24,9 @@ def parse_args(argv=None):
                                 epilog="Any --section.field=value overrides the config, e.g. --sft.steps=20 "
                                        "--optim.lr=1e-3 --data.train_files='[a.jsonl]'.")
     # ---- what to run ----
-    p.add_argument("--stage", choices=("sft", "rl", "all", "eval"), required=True,
-                   help="sft, rl, sft then rl, or eval (a checkpoint on --eval.sets=a.jsonl,b.jsonl)")
+    p.add_argument("--stage", choices=("base", "sft", "rl", "all", "eval"), required=True,
+                   help="base (perception pretraining), sft (text cold start), rl, all (base -> sft -> rl with "
+                        "held-out evals and a report), or eval (a checkpoint on --eval.sets=a.jsonl,b.jsonl)")
     p.add_argument("--config", default=None, help="YAML config (default: the embedded configs/tiny.yaml)")
     # ---- inspection ----
     p.add_argument("--dry-run", action="store_true", help="print the FSDP plan, parameter counts and a per-GPU "
@@ -150,14 +153,18 @@ def main(argv=None):
 
     info = init_distributed(cfg.dist)
     try:
-        if args.stage in ("sft", "all"):
+        if args.stage in ("base", "sft"):
             from ovr_train.sft import train_sft
 
-            train_sft(cfg, info)
-        if args.stage in ("rl", "all"):
-            from ovr_train.rl import train_rl  # written by the RL stage; imported only when asked for
+            train_sft(cfg, info, stage=args.stage)
+        if args.stage == "rl":
+            from ovr_train.rl import train_rl  # imported only when asked for
 
             train_rl(cfg, info)
+        if args.stage == "all":
+            from ovr_train.pipeline import run_all
+
+            run_all(cfg, info)
         if args.stage == "eval":
             from ovr_train.evaluate import evaluate
 

@@ -28,7 +28,7 @@ from ovr_kernels import (
     value_loss,
 )
 from ovr_train import behaviors
-from ovr_train.checkpoint import ModelState, latest_checkpoint, load_checkpoint, save_checkpoint
+from ovr_train.checkpoint import ModelState, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from ovr_train.config import dump_config
 from ovr_train.data import IGNORE, Encoded, ImageProcessor, StepSampler, collate, filler, mrope_position_ids
 from ovr_train.dist import all_reduce, broadcast_object, clip_grad_norm, full_state_dict
@@ -88,9 +88,13 @@ def group_advantages(algo, scores_B, n):
 
 
 def push_weights(policy, engine, names):
-    """Collective: gather the full policy weights and load them into this rank's engine (HF parameter names)."""
-    full = full_state_dict(policy)
-    engine.load_weights((k[3:], v) for k, v in full.items() if k.startswith("hf.") and k[3:] in names)
+    """Collective: gather the full policy weights and load them into this rank's engine (HF parameter names).
+    Every rank needs the full weights: with cpu_offload torch gathers them on rank 0 only (the other ranks get an
+    empty dict), and those ranks' engines would silently keep sampling from the initial policy."""
+    full = full_state_dict(policy, cpu_offload=False)
+    count = engine.load_weights((k[3:], v) for k, v in full.items() if k.startswith("hf.") and k[3:] in names)
+    if count != len(names):
+        raise RuntimeError(f"push_weights: {count} of the engine's {len(names)} parameters received new weights")
 
 
 def global_whiten(x_T, eps=1e-8):
@@ -329,7 +333,9 @@ def train_rl(cfg, info) -> Path:
              sum(s.truncated for s in samples), scored.num_timeout, scored.num_error, len(kept),
              float((old_T - rollout_T).abs().sum()), float(rets.sum()), float(rets.square().sum()),
              float((rets - vals).sum()), float((rets - vals).square().sum()), is_img.count(False), is_img.count(True),
-             *per_split[0], *per_split[1]], dtype=torch.float64, device=device)
+             *per_split[0], *per_split[1],
+             sum(float(r) for r, im in zip(scored.rewards, is_img) if not im),
+             sum(float(r) for r, im in zip(scored.rewards, is_img) if im)], dtype=torch.float64, device=device)
         all_reduce(sums)
         all_reduce(stats)
         num_s, nt = max(sums[0].item(), 1), num_tokens.item()
@@ -342,6 +348,9 @@ def train_rl(cfg, info) -> Path:
                "grad_norm": stats[7].item() / world / rcfg.policy_updates_per_step, "max_new_tokens": max_len,
                "lr": scheds["policy"].get_last_lr()[0], "tokens_per_s": sums[3].item() / (t5 - t0),
                "time_rollout_s": t1 - t0, "time_reward_s": t2 - t1, "time_train_s": t4 - t2, "time_sync_s": t5 - t4}
+        nb2 = 15 + 2 * len(behaviors.BEHAVIORS)  # per-kind reward sums follow the behaviour counts
+        rec.update(reward_text=sums[nb2].item() / sums[13].item() if sums[13] else math.nan,
+                   reward_image=sums[nb2 + 1].item() / sums[14].item() if sums[14] else math.nan)
         if use_critic:
             rec.update(value_loss=stats[4].item() / nt, value_clip_frac=stats[5].item() / nt,
                        explained_var=1 - _var(sums[11].item(), sums[12].item(), nt) / max(
@@ -367,9 +376,11 @@ def train_rl(cfg, info) -> Path:
                             cfg.checkpoint.keep, dump_config(cfg))
     pool.close()
     logger.close()
+    if cfg.checkpoint.export_hf:  # collective: the final policy as an HF dir (what --stage all evaluates)
+        export_hf(policy, tok, stage_dir / "hf", rank)
     if info.is_main:
         records = read_metrics(stage_dir / "metrics.jsonl")
-        plot_curves(stage_dir / "metrics.jsonl", stage_dir / "curves.png", ["reward_mean", "response_len",
+        plot_curves(stage_dir / "metrics.jsonl", stage_dir / "curves.png", ["reward_mean", "reward_image", "reward_text", "response_len",
                     "truncation_rate", "approx_kl", "entropy", "value_loss", "logprob_gap"], title="RL (PPO)")
         history = [(r["step"], {k[len("behav/"):]: v for k, v in r.items() if k.startswith("behav/")})
                    for r in records]

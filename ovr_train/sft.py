@@ -1,5 +1,9 @@
 """Stage 1, the linguistic cold start: `train_sft(cfg, info)` is the whole SFT loop, top to bottom (T1).
 
+The same loop runs the base stage (`train_sft(cfg, info, stage="base")`): perception pretraining on generated
+images with `\\boxed{}` answers (`base_stage_config` derives its settings from cfg.base), so the default pipeline
+starts RL's cold start from a model that can see, as the real Qwen2.5-VL base can.
+
 Per step: the step's global batch (a pure function of seed and step) is split over ranks balanced by tokens and
 packed into token-budget micro-batches; the loss is the sum of -log p(target) over assistant tokens divided by the
 GLOBAL number of such tokens in the step (one all-reduce before the micro-batch loop, T4), so packing, micro-batch
@@ -7,6 +11,7 @@ count and world size do not change the gradient. No host sync inside the micro-b
 gradient norm is NaN/inf is skipped (no update) and reported; `sft.max_bad_steps` in a row abort the run.
 """
 
+import copy
 import math
 import time
 from pathlib import Path
@@ -20,6 +25,7 @@ from ovr_train.data import ImageProcessor, StepSampler, collate, filler, load_sf
 from ovr_train.dist import DistInfo, all_reduce, barrier, clip_grad_norm, compute_dtype
 from ovr_train.metrics import MetricsLogger, Throughput, peak_memory_gib, plot_curves
 from ovr_train.model import build_sharded_model, flops_per_token, param_counts
+from ovr_train.synth_images import ensure_perception_corpus
 from ovr_train.synth_text import ensure_corpus
 from ovr_train.tokenizer import load_tokenizer, special_ids
 
@@ -36,10 +42,42 @@ def lr_lambda(ocfg, total_steps: int):
     return f
 
 
-def setup_tokenizer_and_data(cfg: Config, info: DistInfo):
+def base_stage_config(cfg: Config) -> Config:
+    """The SFT loop's config for the base stage: cfg.base's steps / batch / lr, the ViT trained, a random init
+    seeded by model.init_seed + run.seed (so seeds differ in init too), the generated perception corpus."""
+    c = copy.deepcopy(cfg)
+    c.sft.steps, c.sft.batch_size = cfg.base.steps, cfg.base.batch_size
+    c.optim.lr, c.optim.warmup_steps = cfg.base.lr, cfg.base.warmup_steps
+    c.model.freeze_vision = False
+    c.model.init_seed = cfg.model.init_seed + cfg.run.seed
+    return c
+
+
+def perception_files(cfg: Config) -> list:
+    """The base stage's training file (generated and cached on first use)."""
+    return [ensure_perception_corpus(cfg.data.cache_dir, cfg.base.num_train, cfg.data.synth_seed,
+                                     tuple(cfg.base.tasks))]
+
+
+def resolve_sft_init(cfg: Config) -> str:
+    """The HF dir the SFT stage starts from per sft.init_from ("" = random init)."""
+    init = cfg.sft.init_from
+    if init == "auto":
+        base = Path(cfg.run.out_dir) / "base" / "hf"
+        return str(base) if (base / "config.json").is_file() else cfg.model.path
+    if init == "none":
+        return cfg.model.path
+    if not (Path(init) / "config.json").is_file():
+        raise ValueError(f"sft.init_from={init!r} is not an HF model directory (no config.json)")
+    return init
+
+
+def setup_tokenizer_and_data(cfg: Config, info: DistInfo, stage: str = "sft"):
     """Tokenizer, encoded samples and load stats; rank 0 builds the cached corpus / tokenizer first."""
     if info.is_main:  # build caches once, then every rank reads them
-        if not cfg.data.train_files:
+        if stage == "base":
+            perception_files(cfg)
+        elif not cfg.data.train_files:
             ensure_corpus(cfg.data.cache_dir, cfg.data.synth_num_train, cfg.data.synth_num_eval, cfg.data.synth_seed)
         load_tokenizer(cfg.model.path, cfg.model.tokenizer, cfg.model.bpe_vocab_size, cfg.data.cache_dir,
                        cfg.data.synth_seed)
@@ -47,17 +85,27 @@ def setup_tokenizer_and_data(cfg: Config, info: DistInfo):
     tok = load_tokenizer(cfg.model.path, cfg.model.tokenizer, cfg.model.bpe_vocab_size, cfg.data.cache_dir,
                          cfg.data.synth_seed)
     ids = special_ids(tok)
-    files = cfg.data.train_files or [ensure_corpus(cfg.data.cache_dir, cfg.data.synth_num_train,
-                                                   cfg.data.synth_num_eval, cfg.data.synth_seed)[0]]
+    if stage == "base":
+        files = perception_files(cfg)
+    else:
+        files = cfg.data.train_files or [ensure_corpus(cfg.data.cache_dir, cfg.data.synth_num_train,
+                                                       cfg.data.synth_num_eval, cfg.data.synth_seed)[0]]
     image_proc = ImageProcessor(cfg.data.min_pixels, cfg.data.max_pixels, cfg.model.patch_size,
                                 cfg.model.spatial_merge_size)
     samples, stats = load_sft_samples(files, tok, ids, image_proc, cfg.data)
     return tok, ids, samples, stats
 
 
-def train_sft(cfg: Config, info: DistInfo) -> Path:
-    """Run (or resume) the SFT stage; returns the stage directory (checkpoints/, metrics.jsonl, curves.png, hf/)."""
-    stage_dir = Path(cfg.run.out_dir) / "sft"
+def train_sft(cfg: Config, info: DistInfo, stage: str = "sft") -> Path:
+    """Run (or resume) the SFT stage, or with stage="base" the base perception stage; returns the stage directory
+    <run.out_dir>/<stage> (checkpoints/, metrics.jsonl, curves.png, hf/)."""
+    if stage not in ("sft", "base"):
+        raise ValueError(f"stage={stage!r}: must be 'sft' or 'base'")
+    cfg = base_stage_config(cfg) if stage == "base" else copy.deepcopy(cfg)
+    if stage == "sft":
+        cfg.model.path = resolve_sft_init(cfg)
+    stage_dir = Path(cfg.run.out_dir) / stage
+    tag = f"[{stage}]"
     ckpt_root = stage_dir / "checkpoints"
     if info.is_main:
         stage_dir.mkdir(parents=True, exist_ok=True)
@@ -67,17 +115,17 @@ def train_sft(cfg: Config, info: DistInfo) -> Path:
         raise ValueError(f"sft.batch_size={cfg.sft.batch_size} must be >= the world size {world}")
 
     # ---- data ----
-    tok, ids, samples, stats = setup_tokenizer_and_data(cfg, info)
+    tok, ids, samples, stats = setup_tokenizer_and_data(cfg, info, stage)
     lengths = [s.length for s in samples]
     sampler = StepSampler(len(samples), cfg.sft.batch_size, cfg.run.seed)
     total_steps = cfg.sft.steps or cfg.sft.epochs * sampler.steps_per_epoch
     pad_id, merge, packing = ids["endoftext"], cfg.model.spatial_merge_size, cfg.data.packing
     if info.is_main:
-        print(f"[sft] {len(samples)} samples ({sum(lengths)} tokens, longest {max(lengths)}); skipped: malformed "
+        print(f"{tag} {len(samples)} samples ({sum(lengths)} tokens, longest {max(lengths)}); skipped: malformed "
               f"{stats.skipped_malformed}, image {stats.skipped_image}, overlong {stats.skipped_overlong}, no loss "
               f"{stats.skipped_no_loss}; truncated {stats.truncated}; {total_steps} steps of {cfg.sft.batch_size}")
         for err in stats.errors[:5]:
-            print(f"[sft]   skipped: {err}")
+            print(f"{tag}   skipped: {err}")
 
     # ---- model, optimizer, schedule ----
     torch.manual_seed(cfg.run.seed)
@@ -88,9 +136,10 @@ def train_sft(cfg: Config, info: DistInfo) -> Path:
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg.optim, total_steps))
     if info.is_main:
         counts = param_counts(model)
-        print(f"[sft] model: {counts['total'] / 1e6:.2f}M params ({counts['trainable'] / 1e6:.2f}M trainable; ViT "
+        print(f"{tag} model: {counts['total'] / 1e6:.2f}M params ({counts['trainable'] / 1e6:.2f}M trainable; ViT "
               f"{'frozen' if cfg.model.freeze_vision else 'trained'}), vocab {model.hf.config.text_config.vocab_size}"
-              f", {world} rank(s) on {device.type}, compute {compute_dtype(cfg.model, device)}")
+              f", {world} rank(s) on {device.type}, compute {compute_dtype(cfg.model, device)}; starting from "
+              f"{cfg.model.path or f'a random init (seed {cfg.model.init_seed})'}")
 
     # ---- resume ----
     start, bad_in_a_row = 0, 0
@@ -101,14 +150,14 @@ def train_sft(cfg: Config, info: DistInfo) -> Path:
         sampler.load_state_dict(trainer["sampler"])
         start, bad_in_a_row = trainer["step"], trainer["bad_in_a_row"]
         if info.is_main:
-            print(f"[sft] resumed from {latest} at step {start}")
+            print(f"{tag} resumed from {latest} at step {start}")
     if start >= total_steps and info.is_main:
-        print(f"[sft] nothing to do: checkpoint step {start} >= sft.steps {total_steps} (delete {ckpt_root} or raise "
+        print(f"{tag} nothing to do: checkpoint step {start} >= sft.steps {total_steps} (delete {ckpt_root} or raise "
               "sft.steps to train more)")
 
     logger = MetricsLogger(stage_dir, info.is_main, resume_step=start)
     meter = Throughput(flops_per_token(model, cfg.data.max_seq_len // 2), device, world)
-    pbar = tqdm(total=total_steps, initial=start, disable=not info.is_main, desc="sft", dynamic_ncols=True)
+    pbar = tqdm(total=total_steps, initial=start, disable=not info.is_main, desc=stage, dynamic_ncols=True)
     t_start = time.perf_counter()
     for step in range(start, total_steps):
         meter.start()
@@ -144,7 +193,7 @@ def train_sft(cfg: Config, info: DistInfo) -> Path:
         else:
             bad_in_a_row += 1
             if info.is_main:
-                tqdm.write(f"[sft] step {step + 1}: non-finite loss {loss.item()} / grad norm {grad_norm.item()}: "
+                tqdm.write(f"{tag} step {step + 1}: non-finite loss {loss.item()} / grad norm {grad_norm.item()}: "
                            f"step skipped ({bad_in_a_row} in a row)")
             if bad_in_a_row >= cfg.sft.max_bad_steps:
                 raise RuntimeError(f"{bad_in_a_row} consecutive non-finite steps (sft.max_bad_steps="
@@ -177,7 +226,7 @@ def train_sft(cfg: Config, info: DistInfo) -> Path:
         export_hf(model, tok, stage_dir / "hf", rank)
     if info.is_main:
         plot_curves(stage_dir / "metrics.jsonl", stage_dir / "curves.png",
-                    ["loss", "lr", "grad_norm", "entropy", "tokens_per_s"], title="SFT (cold start)")
-        print(f"[sft] done: steps {start}->{total_steps} in {time.perf_counter() - t_start:.1f}s; outputs in "
+                    ["loss", "lr", "grad_norm", "entropy", "tokens_per_s"], title="SFT (cold start)" if stage == "sft" else "Base (perception)")
+        print(f"{tag} done: steps {start}->{total_steps} in {time.perf_counter() - t_start:.1f}s; outputs in "
               f"{stage_dir} (checkpoints/, metrics.jsonl, tensorboard/, curves.png, hf/)")
     return stage_dir

@@ -3,7 +3,8 @@
 A scene is a few coloured shapes (circle / square / triangle in red / blue / green / yellow) or two seven-segment
 digits, drawn with PIL on a white square (112 px by default = 16 Qwen2.5-VL image tokens after the 2x2 merge).
 Tasks:
-  perception (the base stage gives the tiny model these): count_color, count_all, color_largest, describe
+  perception (the base stage gives the tiny model these): count_color, count_all, color_largest, describe,
+  digit_read ("what is the left digit?")
   reasoning (the RL stage: perception plus one step): more_than ("how many more red shapes than blue?"),
   total_two ("how many red and blue shapes in total?"), digit_sum, digit_diff (arithmetic on rendered digits).
 Every answer is an integer or a colour word, checked by `ovr_train.rewards`. Items are a pure function of
@@ -20,7 +21,7 @@ from PIL import Image, ImageDraw
 
 COLORS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (30, 160, 60), "yellow": (235, 190, 20)}
 KINDS = ("circle", "square", "triangle")
-PERCEPTION_TASKS = ("count_color", "count_all", "color_largest", "describe")
+PERCEPTION_TASKS = ("count_color", "count_all", "color_largest", "describe", "digit_read")
 REASONING_TASKS = ("more_than", "total_two", "digit_sum", "digit_diff")
 TASKS = PERCEPTION_TASKS + REASONING_TASKS
 SPLITS = ("train", "test")
@@ -146,6 +147,9 @@ def _shape_task(task, rng, image_size, max_shapes):
 
 def _digit_task(task, rng):
     d0, d1 = rng.randint(0, 9), rng.randint(0, 9)
+    if task == "digit_read":  # perception only: read one glyph
+        side = rng.choice(("left", "right"))
+        return [d0, d1], f"What is the {side} digit in the image?", str(d0 if side == "left" else d1)
     if task == "digit_sum":
         return [d0, d1], "What is the sum of the two digits in the image?", str(d0 + d1)
     hi, lo = max(d0, d1), min(d0, d1)
@@ -178,7 +182,7 @@ def make_item(index, seed=0, split="train", tasks=REASONING_TASKS, image_size=11
         rng = random.Random(f"ovr-synth-images:{seed}:{split}:{index}:{attempt}")
         if task.startswith("digit"):
             digits, question, answer = _digit_task(task, rng)
-            key = f"{task}|{digits}|{image_size}"
+            key = f"{task}|{digits}|{image_size}" + (f"|{question}" if task == "digit_read" else "")
             desc = " ".join(map(str, digits))
             make_image = (lambda d=digits: render_digits(d, image_size))
         else:
@@ -200,3 +204,41 @@ def make_dataset(num, seed=0, split="train", tasks=REASONING_TASKS, image_size=1
 def to_messages(item):
     """A record -> HF chat messages with one image placeholder before the question (user turn only)."""
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item["question"]}]}]
+
+
+def perception_answer(answer):
+    """The base stage's reply: no reasoning, only the answer in the same `\\boxed{}` form the cold start and the
+    verifier use (bare-word replies would leave nothing for the text-only SFT to bridge to, issue 10)."""
+    return "The answer is \\boxed{" + answer + "}."
+
+
+def ensure_perception_corpus(cache_dir, num, seed=0, tasks=("count_color", "count_all", "color_largest",
+                                                            "digit_read"), image_size=112, max_shapes=6):
+    """Write (once) and return the base stage's training JSONL: `num` items of the "train" split of `tasks`, each
+    {"messages": [user: image + question, assistant: perception_answer], "answer", "task"}, images inline as PNG
+    data URLs. Cached under <cache>/synth_images/ by every argument; written atomically (ranks may race)."""
+    import base64
+    import io
+    import json
+    import os
+
+    from ovr_train.synth_text import default_cache_dir
+
+    name = f"seed{seed}_n{num}_{'-'.join(tasks)}_{image_size}px_max{max_shapes}.jsonl"
+    path = default_cache_dir(cache_dir) / "synth_images" / name
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        for i in range(num):
+            item = make_item(i, seed, "train", tuple(tasks), image_size, max_shapes)
+            buf = io.BytesIO()
+            item["image"].save(buf, format="PNG")
+            url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+            user = [{"type": "image", "image": url}, {"type": "text", "text": item["question"]}]
+            f.write(json.dumps({"messages": [{"role": "user", "content": user},
+                                             {"role": "assistant", "content": perception_answer(item["answer"])}],
+                                "answer": item["answer"], "task": item["task"]}) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -64,6 +64,8 @@ def _answer_from_pixels(item):
     q = item["question"]
     if item["task"].startswith("digit"):
         d0, d1 = _read_digits(item["image"])
+        if item["task"] == "digit_read":
+            return str(d0 if " left " in q else d1)
         return str(d0 + d1) if item["task"] == "digit_sum" else str(abs(d0 - d1))
     blobs = _blobs(item["image"])
     counts = {c: len(s) for c, s in blobs.items()}

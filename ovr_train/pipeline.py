@@ -1,0 +1,156 @@
+"""`--stage all`: the miniature OVR pipeline (issue 10), readable top to bottom.
+
+    base (perception pretraining, images -> \\boxed{answer}) -> eval
+    -> sft (text-only cold start from the base model, ViT frozen) -> eval
+    -> rl (multimodal PPO from the cold-start model) -> eval
+    -> <run.out_dir>/report.md + plots/*.png + summary.json
+
+Every stage's model is evaluated on the same held-out sets (evaluate.default_sets: synth_text "eval" split,
+synth_images "test" split of the RL reasoning tasks; optionally the base stage's perception tasks), with the same
+sampling settings (cfg.eval), so the per-stage numbers compare like with like. Stage wall times (training and eval
+separately) go into summary.json and the report. Step counts are fixed by the config (deterministic for a seed);
+configs/tiny.yaml sizes them so the whole run takes ~12 minutes on 2 quiet CPU cores, leaving margin under 20.
+"""
+
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+STAGES = ("base", "sft", "rl")
+
+
+def perception_set(num: int, seed: int, tasks) -> list:
+    """Held-out perception questions (synth_images "test" split of the base stage's tasks but `describe`) as
+    EvalItems."""
+    from ovr_train import synth_images
+    from ovr_train.data import ImageRef
+    from ovr_train.evaluate import EvalItem, _png_data_url
+
+    tasks = tuple(t for t in tasks if t != "describe") or ("count_color",)  # captions: no single verifiable answer
+    rows = synth_images.make_dataset(num, seed, "test", tasks=tasks)
+    return [EvalItem(f"percep-{i}", [("user", [ImageRef(_png_data_url(r["image"])), r["question"]])], r["answer"],
+                     where=f"synth_images:test:{r['task']}:{i}") for i, r in enumerate(rows)]
+
+
+def eval_sets(cfg) -> dict:
+    """{set name: [EvalItem]}: synth_text, synth_images (reasoning tasks) and, if asked, synth_perception."""
+    from ovr_train.evaluate import default_sets
+
+    sets = default_sets(cfg.eval.num_text, cfg.eval.num_images, cfg.data.synth_seed)
+    if cfg.eval.num_perception:
+        sets["synth_perception"] = perception_set(cfg.eval.num_perception, cfg.data.synth_seed, cfg.base.tasks)
+    return sets
+
+
+def _task_of(set_name: str, row: dict, tasks_of_set: dict) -> str:
+    """Task name of a result row (items are generated round-robin over the set's tasks, in id order)."""
+    tasks = tasks_of_set.get(set_name)
+    if not tasks:
+        return "all"
+    return tasks[int(row["id"].rsplit("-", 1)[1]) % len(tasks)]
+
+
+def by_task(details: dict, tasks_of_set: dict) -> dict:
+    """{set: {task: {"acc": pass@1, "n": questions}}} from evaluate_items' per-question results."""
+    out = {}
+    for name, rows in details.items():
+        groups = {}
+        for r in rows:
+            groups.setdefault(_task_of(name, r, tasks_of_set), []).append(sum(r["correct"]) / len(r["correct"]))
+        out[name] = {t: {"acc": sum(v) / len(v), "n": len(v)} for t, v in sorted(groups.items())}
+    return out
+
+
+def std_error(details_rows: list) -> float:
+    """Standard error of pass@1 over questions (per-question accuracy c/n, sample std / sqrt(Q))."""
+    accs = [sum(r["correct"]) / len(r["correct"]) for r in details_rows]
+    return statistics.stdev(accs) / len(accs) ** 0.5 if len(accs) > 1 else float("nan")
+
+
+def evaluate_model(cfg, info, model_dir, label: str) -> dict:
+    """Collective: evaluate the HF model in `model_dir` on `eval_sets(cfg)` with cfg.eval's sampling settings.
+    Returns {"metrics": {set: summarize(...)}, "stderr": {set: SE of pass@1}, "by_task": ..., "seconds"} (same on
+    every rank); rank 0 writes <run.out_dir>/eval/<label>.json with the per-question results."""
+    from ovr_train import synth_images
+    from ovr_train.data import ImageProcessor
+    from ovr_train.evaluate import _engine, evaluate_items, score_eval
+    from ovr_train.rewards import RewardPool
+    from ovr_train.tokenizer import load_tokenizer, special_ids
+
+    ecfg, t0 = cfg.eval, time.perf_counter()
+    tok = load_tokenizer(str(model_dir))
+    ids = special_ids(tok)
+    image_proc = ImageProcessor(cfg.data.min_pixels, cfg.data.max_pixels, cfg.model.patch_size,
+                                cfg.model.spatial_merge_size)
+    sets = eval_sets(cfg)
+    engine = _engine(ecfg, Path(model_dir), tok, ids, info)
+    with RewardPool(num_workers=ecfg.reward_workers, timeout_s=cfg.rl.reward_timeout_s, score_fn=score_eval) as pool:
+        metrics, details = evaluate_items(
+            engine, tok, ids, sets, num_samples=ecfg.num_samples, ks=ecfg.ks, max_new_tokens=ecfg.max_new_tokens,
+            temperature=ecfg.temperature, top_p=ecfg.top_p, seed=ecfg.seed, image_proc=image_proc, pool=pool,
+            batch_size=ecfg.batch_size, system_prompt=cfg.data.system_prompt, reward_timeout_s=cfg.rl.reward_timeout_s,
+            rank=info.rank, world=info.world_size, return_details=True)
+    del engine
+    tasks_of_set = {"synth_images": list(synth_images.REASONING_TASKS),
+                    "synth_perception": [t for t in cfg.base.tasks if t != "describe"] or ["count_color"]}
+    result = {"label": label, "model": str(model_dir), "metrics": metrics,
+              "stderr": {k: std_error(v) for k, v in details.items()}, "by_task": by_task(details, tasks_of_set),
+              "seconds": time.perf_counter() - t0}
+    if info.is_main:
+        path = Path(cfg.run.out_dir) / "eval" / f"{label}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**result, "questions": details}, indent=1))
+        for name, m in metrics.items():
+            print(f"[eval] {label} {name}: pass@1 {m['pass@1']:.3f} +- {result['stderr'][name]:.3f} over "
+                  f"{m['num_questions']} questions x {m['num_samples']}, mean length {m['mean_length']:.0f}")
+    return result
+
+
+def command_line() -> str:
+    """How this run was started, as a user would type it."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    head = f"torchrun --nproc_per_node {world}" if "LOCAL_RANK" in os.environ else "python"
+    return f"{head} -m ovr_train.launch " + " ".join(sys.argv[1:])
+
+
+def run_all(cfg, info) -> dict:
+    """Collective: base -> eval -> sft -> eval -> rl -> eval -> report. Returns the summary (also summary.json)."""
+    from ovr_train.report import write_report
+    from ovr_train.rl import train_rl
+    from ovr_train.sft import train_sft
+
+    out = Path(cfg.run.out_dir)
+    times, evals = {}, {}
+    t_all = time.perf_counter()
+    for stage in STAGES:
+        scfg = copy.deepcopy(cfg)  # stages adjust their copy (init path, frozen ViT, ...)
+        t0 = time.perf_counter()
+        if stage == "rl":
+            train_rl(scfg, info)  # starts from <out>/sft/hf (rl.init_from empty)
+        else:
+            if stage == "sft":
+                scfg.sft.init_from = str(out / "base" / "hf")
+            train_sft(scfg, info, stage=stage)
+        times[f"{stage}_train_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        evals[stage] = evaluate_model(cfg, info, out / stage / "hf", stage)
+        times[f"{stage}_eval_s"] = time.perf_counter() - t0
+        if info.is_main:
+            print(f"[all] {stage}: train {times[f'{stage}_train_s']:.0f}s, eval {times[f'{stage}_eval_s']:.0f}s "
+                  f"(total so far {time.perf_counter() - t_all:.0f}s)")
+    times["total_s"] = time.perf_counter() - t_all
+    summary = {"command": command_line(), "seed": cfg.run.seed, "world_size": info.world_size,
+               "steps": {"base": cfg.base.steps, "sft": cfg.sft.steps, "rl": cfg.rl.steps},
+               "eval_settings": {"num_samples": cfg.eval.num_samples, "temperature": cfg.eval.temperature,
+                                 "max_new_tokens": cfg.eval.max_new_tokens, "seed": cfg.eval.seed},
+               "times": times, "evals": evals}
+    if info.is_main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        write_report(out, summary)
+        print(f"[all] done in {times['total_s']:.0f}s: {out / 'report.md'}")
+    return summary

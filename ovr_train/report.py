@@ -1,0 +1,249 @@
+"""The `--stage all` run report: <out_dir>/report.md and PNG plots under <out_dir>/plots/.
+
+Sections (tests/train/test_pipeline.py checks them): Command, Wall time per stage, Accuracy per stage, Accuracy per
+task, Behaviour rates per stage (text vs image responses and the transfer ratio image / text), RL curves, Claims.
+Plots: rl_curves.png (sampled reward, all / image / text prompts, and mean response length per RL step),
+accuracy.png (held-out pass@1 per stage per set), behaviors.png (behaviour rate per stage, text vs image),
+wall_time.png (training and eval seconds per stage). Everything is read from the summary `pipeline.run_all` builds
+and the RL stage's metrics.jsonl; nothing here recomputes a metric.
+"""
+
+import math
+from pathlib import Path
+
+from ovr_train.behaviors import BEHAVIORS
+from ovr_train.metrics import read_metrics
+
+SECTIONS = ("## Command", "## Wall time per stage", "## Accuracy per stage", "## Accuracy per task",
+            "## Behaviour rates per stage", "## RL curves", "## Claims")
+PLOTS = ("rl_curves.png", "accuracy.png", "behaviors.png", "wall_time.png")
+SET_TITLES = {"synth_text": "text (held-out arithmetic)", "synth_images": "image (held-out reasoning)",
+              "synth_perception": "image perception (held-out)"}
+
+
+def _fmt(x, spec="{:.3f}") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else spec.format(x)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _stages(summary) -> list:
+    return [s for s in ("base", "sft", "rl") if s in summary["evals"]]
+
+
+def _rate(summary, stage, set_name, behavior):
+    m = summary["evals"][stage]["metrics"].get(set_name)
+    return m.get(f"behavior/{behavior}") if m else None
+
+
+def plot_rl_curves(records: list, path: Path):
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    steps = [r["step"] for r in records]
+    for key, label in (("reward_mean", "all prompts"), ("reward_image", "image prompts"),
+                       ("reward_text", "text prompts")):
+        axes[0].plot(steps, [r.get(key, math.nan) for r in records], label=label, lw=1.2)
+    axes[0].set_title("RL sampled reward")
+    axes[1].plot(steps, [r.get("response_len", math.nan) for r in records], lw=1.2)
+    axes[1].set_title("RL mean response length (tokens)")
+    for ax in axes:
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_accuracy(summary, path: Path):
+    plt = _plt()
+    stages = _stages(summary)
+    sets = list(summary["evals"][stages[0]]["metrics"])
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    width = 0.8 / max(len(sets), 1)
+    for j, name in enumerate(sets):
+        accs = [summary["evals"][s]["metrics"][name]["pass@1"] for s in stages]
+        errs = [summary["evals"][s]["stderr"][name] for s in stages]
+        xs = [i + (j - (len(sets) - 1) / 2) * width for i in range(len(stages))]
+        ax.bar(xs, accs, width, yerr=errs, capsize=3, label=SET_TITLES.get(name, name))
+    ax.set_xticks(range(len(stages)), stages)
+    ax.set_ylabel("held-out pass@1")
+    ax.set_ylim(0, 1)
+    ax.set_title("Accuracy per stage (error bars: 1 s.e. over questions)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_behaviors(summary, path: Path):
+    plt = _plt()
+    stages = _stages(summary)
+    fig, axes = plt.subplots(1, len(BEHAVIORS), figsize=(3 * len(BEHAVIORS), 3.2), squeeze=False)
+    for ax, b in zip(axes[0], BEHAVIORS):
+        for j, (set_name, label) in enumerate((("synth_text", "text"), ("synth_images", "image"))):
+            vals = [_rate(summary, s, set_name, b) or 0.0 for s in stages]
+            ax.bar([i + (j - 0.5) * 0.4 for i in range(len(stages))], vals, 0.4, label=label)
+        ax.set_xticks(range(len(stages)), stages)
+        ax.set_ylim(0, 1.02)
+        ax.set_title(b, fontsize=9)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Behaviour rate in held-out responses per stage")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_wall_time(summary, path: Path):
+    plt = _plt()
+    stages = [s for s in ("base", "sft", "rl") if f"{s}_train_s" in summary["times"]]
+    train = [summary["times"][f"{s}_train_s"] / 60 for s in stages]
+    ev = [summary["times"].get(f"{s}_eval_s", 0.0) / 60 for s in stages]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.bar(stages, train, label="training")
+    ax.bar(stages, ev, bottom=train, label="eval")
+    ax.set_ylabel("minutes")
+    ax.set_title(f"Wall time per stage (total {summary['times'].get('total_s', 0) / 60:.1f} min)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def claims(summary) -> list:
+    """The issue's two claims, stated as measured (no thresholds tuned after the fact: 'clear margin' means the RL
+    gain exceeds twice the combined standard error of the two accuracies)."""
+    lines = []
+    ev = summary["evals"]
+    if "sft" in ev and "rl" in ev and "synth_images" in ev["rl"]["metrics"]:
+        a, b = ev["sft"]["metrics"]["synth_images"]["pass@1"], ev["rl"]["metrics"]["synth_images"]["pass@1"]
+        se = math.hypot(ev["sft"]["stderr"]["synth_images"], ev["rl"]["stderr"]["synth_images"])
+        q = ev["rl"]["metrics"]["synth_images"]["num_questions"]
+        verdict = "holds" if b - a > 2 * se else "does NOT hold"
+        lines.append(f"1. RL raises held-out image accuracy over the cold-start model: {a:.3f} -> {b:.3f} "
+                     f"({b - a:+.3f}, combined s.e. {se:.3f}, {q} questions): **{verdict}** in this run "
+                     "(criterion: gain > 2 s.e.).")
+    if "base" in ev and "sft" in ev and "synth_images" in ev["sft"]["metrics"]:
+        found = []
+        for b in BEHAVIORS:
+            before, after = _rate(summary, "base", "synth_images", b), _rate(summary, "sft", "synth_images", b)
+            if before is not None and after is not None and before == 0 and after > 0:
+                found.append(f"{b} {after:.3f}")
+        verdict = "holds" if found else "does NOT hold"
+        lines.append("2. Behaviours learned from text appear in image responses after the cold start where the base "
+                     f"had none: **{verdict}** ({', '.join(found) if found else 'no behaviour went from 0 to > 0'}).")
+    return lines
+
+
+def write_report(out_dir, summary: dict) -> Path:
+    """Write <out_dir>/report.md and <out_dir>/plots/*.png from `summary` (pipeline.run_all) and rl/metrics.jsonl."""
+    out = Path(out_dir)
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    records = read_metrics(out / "rl" / "metrics.jsonl")
+    plot_rl_curves(records, plots / "rl_curves.png")
+    plot_accuracy(summary, plots / "accuracy.png")
+    plot_behaviors(summary, plots / "behaviors.png")
+    plot_wall_time(summary, plots / "wall_time.png")
+
+    stages, times, ev = _stages(summary), summary["times"], summary["evals"]
+    es = summary["eval_settings"]
+    sets = list(ev[stages[0]]["metrics"]) if stages else []
+    md = ["# Miniature OVR: base -> text cold start -> multimodal RL", "",
+          "## Command", "", f"`{summary['command']}`", "",
+          (f"Seed {summary['seed']}, {summary['world_size']} rank(s); steps: base {summary['steps']['base']}, sft "
+          f"{summary['steps']['sft']}, rl {summary['steps']['rl']}. Eval: {es['num_samples']} sample(s) per "
+          f"question at temperature {es['temperature']}, at most {es['max_new_tokens']} new tokens, sampling seed "
+          f"{es['seed']}; held-out sets never trained on."), "",
+          "## Wall time per stage", "", "| stage | training (s) | eval (s) |", "|---|---|---|"]
+    for s in ("base", "sft", "rl"):
+        if f"{s}_train_s" in times:
+            md.append(f"| {s} | {times[f'{s}_train_s']:.0f} | {_fmt(times.get(f'{s}_eval_s'), '{:.0f}')} |")
+    md += ["", f"Total: {times.get('total_s', 0):.0f} s ({times.get('total_s', 0) / 60:.1f} min).", "",
+           "![wall time](plots/wall_time.png)", "",
+           "## Accuracy per stage", "", "pass@1 on held-out questions, +- 1 standard error over questions.", "",
+           "| stage | " + " | ".join(f"{SET_TITLES.get(n, n)} ({ev[stages[0]]['metrics'][n]['num_questions']} Q)"
+                                    for n in sets) + " | image mean length |",
+           "|---|" + "---|" * (len(sets) + 1)]
+    for s in stages:
+        cells = [f"{ev[s]['metrics'][n]['pass@1']:.3f} +- {ev[s]['stderr'][n]:.3f}" for n in sets]
+        img = ev[s]["metrics"].get("synth_images", {})
+        md.append(f"| {s} | " + " | ".join(cells) + f" | {_fmt(img.get('mean_length'), '{:.0f}')} |")
+    md += ["", "![accuracy](plots/accuracy.png)", "", "## Accuracy per task", ""]
+    for n in sets:
+        tasks = sorted({t for s in stages for t in ev[s]["by_task"].get(n, {})})
+        if tasks == ["all"]:
+            continue
+        md += [f"{SET_TITLES.get(n, n)}:", "", "| stage | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        md += [f"| {s} | " + " | ".join(_fmt(ev[s]["by_task"][n].get(t, {}).get("acc")) for t in tasks) + " |"
+               for s in stages]
+        md.append("")
+    md += ["## Behaviour rates per stage", "",
+           ("Fraction of held-out responses showing each behaviour (keyword proxy, ovr_train/behaviors.py), in "
+           "responses to text vs image questions; transfer = image rate / text rate."), "",
+           "| stage | behaviour | text | image | transfer |", "|---|---|---|---|---|"]
+    for s in stages:
+        for b in BEHAVIORS:
+            t, i = _rate(summary, s, "synth_text", b), _rate(summary, s, "synth_images", b)
+            tr = i / t if t and i is not None else None
+            md.append(f"| {s} | {b} | {_fmt(t)} | {_fmt(i)} | {_fmt(tr, '{:.2f}')} |")
+    md += ["", "![behaviours](plots/behaviors.png)", "", "## RL curves", ""]
+    if records:
+        first, last = records[: max(1, len(records) // 10)], records[-max(1, len(records) // 10):]
+        avg = lambda rows, k: sum(r.get(k, 0.0) for r in rows) / len(rows)
+        md.append(f"Sampled reward (mean of the first / last 10% of {len(records)} steps): "
+                  f"{avg(first, 'reward_mean'):.3f} -> {avg(last, 'reward_mean'):.3f}; image prompts "
+                  f"{avg(first, 'reward_image'):.3f} -> {avg(last, 'reward_image'):.3f}; mean response length "
+                  f"{avg(first, 'response_len'):.1f} -> {avg(last, 'response_len'):.1f} tokens.")
+    md += ["", "![rl curves](plots/rl_curves.png)", "", "## Claims", ""] + claims(summary) + [""]
+    path = out / "report.md"
+    path.write_text("\n".join(md))
+    return path
+
+
+def aggregate(run_dirs: list) -> str:
+    """Markdown table of per-stage held-out accuracy (mean and spread over runs, e.g. seeds) and behaviour rates,
+    from each run's summary.json: `python -m ovr_train.report RUN_DIR [RUN_DIR ...]`."""
+    import json
+    import statistics
+
+    sums = [json.loads((Path(d) / "summary.json").read_text()) for d in run_dirs]
+    stages = _stages(sums[0])
+    sets = list(sums[0]["evals"][stages[0]]["metrics"])
+    spread = "sample std" if len(sums) > 1 else "single run"
+
+    def ms(vals):
+        return f"{statistics.mean(vals):.3f} +- {statistics.stdev(vals) if len(vals) > 1 else 0.0:.3f}"
+
+    md = [(f"Runs: {', '.join(str(d) for d in run_dirs)} (seeds {[s['seed'] for s in sums]}); mean +- {spread} over "
+          "runs."), "", "| stage | " + " | ".join(SET_TITLES.get(n, n) for n in sets) + " |",
+          "|---|" + "---|" * len(sets)]
+    for s in stages:
+        md.append(f"| {s} | " + " | ".join(ms([x["evals"][s]["metrics"][n]["pass@1"] for x in sums]) for n in sets)
+                  + " |")
+    md += ["", "| stage | behaviour | text | image |", "|---|---|---|---|"]
+    for s in stages:
+        for b in BEHAVIORS:
+            t = [_rate(x, s, "synth_text", b) or 0.0 for x in sums]
+            i = [_rate(x, s, "synth_images", b) or 0.0 for x in sums]
+            md.append(f"| {s} | {b} | {ms(t)} | {ms(i)} |")
+    md += ["", "| run | " + " | ".join(f"{s} train / eval (s)" for s in stages) + " | total (min) |",
+           "|---|" + "---|" * (len(stages) + 1)]
+    for d, x in zip(run_dirs, sums):
+        t = x["times"]
+        md.append(f"| {Path(d).name} | " + " | ".join(f"{t[f'{s}_train_s']:.0f} / {t[f'{s}_eval_s']:.0f}"
+                                                      for s in stages) + f" | {t['total_s'] / 60:.1f} |")
+    return "\n".join(md)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(aggregate(sys.argv[1:]))

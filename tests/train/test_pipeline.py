@@ -1,0 +1,119 @@
+"""`--stage all` end to end (base -> eval -> sft -> eval -> rl -> eval -> report) on a shrunken model and step counts
+through the real launcher (torchrun, 2 ranks, gloo), run twice with the same seed: report sections, plots, per-stage
+evals and determinism. Plus the pieces: the base stage's perception corpus, its config, the SFT init resolution."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ovr_train.config import load_config
+from ovr_train.report import PLOTS, SECTIONS
+from ovr_train.rewards import extract_boxed
+from ovr_train.sft import base_stage_config, resolve_sft_init
+from ovr_train.synth_images import PERCEPTION_TASKS, ensure_perception_corpus
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["--model.hidden_size=64", "--model.intermediate_size=128", "--model.num_layers=2",
+        "--model.mrope_section=[2,3,3]", "--model.vision_depth=1", "--model.vision_hidden_size=32",
+        "--model.vision_intermediate_size=64", "--model.vision_num_heads=2", "--model.vision_fullatt_blocks=[0]"]
+SHORT = ["--base.steps=3", "--base.batch_size=8", "--base.num_train=64", "--sft.steps=3", "--sft.batch_size=8",
+         "--data.synth_num_train=64", "--data.synth_num_eval=8", "--data.token_budget=512", "--rl.steps=2",
+         "--rl.prompts_per_step=4", "--rl.samples_per_prompt=2", "--rl.num_prompts=16", "--rl.max_new_tokens=16",
+         "--rl.length_curriculum=[[0,16]]", "--rl.critic_updates_per_step=1", "--eval.num_text=4",
+         "--eval.num_images=6", "--eval.num_perception=4", "--eval.num_samples=2", "--eval.max_new_tokens=16",
+         "--checkpoint.every=0"]
+
+
+def _run_all(out: Path, cache: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(29600 + os.getpid() % 1000), "-m", "ovr_train.launch", "--stage", "all", f"--run.out_dir={out}",
+           f"--data.cache_dir={cache}", *TINY, *SHORT]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("RANK", None)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+@pytest.mark.dist
+def test_stage_all_end_to_end_and_deterministic(tmp_path):
+    cache = tmp_path / "cache"
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for out in runs:
+        _run_all(out, cache)
+    out = runs[0]
+    report = (out / "report.md").read_text()
+    positions = [report.find(s) for s in SECTIONS]
+    assert all(p >= 0 for p in positions) and positions == sorted(positions), positions
+    for name in PLOTS:
+        png = out / "plots" / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"plots/{name}" in report
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["evals"]) == ["base", "sft", "rl"]
+    for stage in ("base", "sft", "rl"):
+        assert (out / stage / "hf" / "config.json").is_file()
+        metrics = summary["evals"][stage]["metrics"]
+        assert {k: m["num_questions"] for k, m in metrics.items()} == {"synth_text": 4, "synth_images": 6,
+                                                                         "synth_perception": 4}
+        assert all(m["num_samples"] == 2 and 0 <= m["pass@1"] <= 1 for m in metrics.values())
+        assert summary["times"][f"{stage}_train_s"] > 0 and summary["times"][f"{stage}_eval_s"] > 0
+        per_q = json.loads((out / "eval" / f"{stage}.json").read_text())["questions"]
+        assert len(per_q["synth_images"]) == 6
+    assert set(summary["evals"]["rl"]["by_task"]["synth_images"]) == {"more_than", "total_two", "digit_sum",
+                                                                      "digit_diff"}
+    # the table shows what the summary holds (no recomputation in the report)
+    acc = summary["evals"]["rl"]["metrics"]["synth_images"]["pass@1"]
+    assert any(line.startswith("| rl |") and f"{acc:.3f}" in line for line in report.splitlines())
+    rl_metrics = [json.loads(line) for line in (out / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rl_metrics) == 2 and all("reward_image" in r and "reward_text" in r for r in rl_metrics)
+    # the SFT stage started from the base stage's export, with the ViT frozen
+    sft_cfg = load_config(str(out / "sft" / "config.yaml"))
+    assert sft_cfg.model.path == str(out / "base" / "hf") and sft_cfg.model.freeze_vision
+
+    # same seed -> same numbers: training losses, RL rewards, every held-out answer
+    for stage in ("base", "sft"):
+        losses = [[json.loads(line)["loss"] for line in (r / stage / "metrics.jsonl").read_text().splitlines()]
+                  for r in runs]
+        assert losses[0] == losses[1], stage
+    other = [json.loads(line) for line in (runs[1] / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["reward_mean"] for r in rl_metrics] == [r["reward_mean"] for r in other]
+    for stage in ("base", "sft", "rl"):
+        qa, qb = (json.loads((r / "eval" / f"{stage}.json").read_text())["questions"] for r in runs)
+        assert qa == qb, stage
+
+
+def test_perception_corpus_answers_in_boxed_form(tmp_path):
+    path = ensure_perception_corpus(str(tmp_path), 24, seed=1)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 24
+    assert {r["task"] for r in rows} == {"count_color", "count_all", "color_largest", "digit_read"}
+    for r in rows:
+        user, reply = r["messages"]
+        assert user["content"][0]["image"].startswith("data:image/png;base64,")
+        assert extract_boxed(reply["content"]) == r["answer"]
+        assert "<think>" not in reply["content"]  # no reasoning traces in the base stage
+    assert ensure_perception_corpus(str(tmp_path), 24, seed=1).read_text() == path.read_text()  # cached, stable
+
+
+def test_base_stage_config_and_sft_init(tmp_path):
+    cfg = load_config(None, ["--base.steps=7", "--base.lr=2e-3", "--run.seed=3", f"--run.out_dir={tmp_path}"])
+    base = base_stage_config(cfg)
+    assert (base.sft.steps, base.optim.lr, base.model.freeze_vision) == (7, 2e-3, False)
+    assert base.model.init_seed == cfg.model.init_seed + 3 and cfg.sft.steps != 7  # cfg itself is untouched
+    assert resolve_sft_init(cfg) == ""  # auto without a base export: random init
+    (tmp_path / "base" / "hf").mkdir(parents=True)
+    (tmp_path / "base" / "hf" / "config.json").write_text("{}")
+    assert resolve_sft_init(cfg) == str(tmp_path / "base" / "hf")
+    cfg.sft.init_from = "none"
+    assert resolve_sft_init(cfg) == ""
+    cfg.sft.init_from = str(tmp_path / "missing")
+    with pytest.raises(ValueError, match="sft.init_from=.*missing.*no config.json"):
+        resolve_sft_init(cfg)
+    with pytest.raises(ValueError, match=r"base.tasks=\['fly'\]: must be a non-empty subset of"):
+        load_config(None, ["--base.tasks=[fly]"])
+    assert set(cfg.base.tasks) <= set(PERCEPTION_TASKS)
