@@ -534,11 +534,40 @@ def _engine(ecfg, model_path: Path, tok, ids: dict, info):
                     max_batch_size=ecfg.batch_size * ecfg.num_samples)
 
 
+def resolve_sets(cfg) -> dict:
+    """{set name: [EvalItem]}: the files of eval.sets, or the embedded default's held-out sets (eval.limit applied).
+    Every rank reads them all: cheap, and every rank then knows every set's size."""
+    ecfg = cfg.eval
+    if not ecfg.sets:
+        sets = default_sets(ecfg.num_text, ecfg.num_images, cfg.data.synth_seed)
+        return {k: v[:ecfg.limit] for k, v in sets.items()} if ecfg.limit else sets
+    sets = {}
+    for f in (s.strip() for s in ecfg.sets.split(",") if s.strip()):
+        name = Path(f).stem
+        if name in sets:
+            raise ValueError(f"eval.sets: two files named {name!r}; rename one")
+        sets[name] = load_eval_set(f, ecfg.answer_instruction, ecfg.limit)
+    return sets
+
+
+def evaluate_with_config(cfg, engine, tok, ids: dict, sets: dict, image_proc, info) -> tuple:
+    """`evaluate_items` with cfg.eval's sampling settings and a verifier pool with the RL reward's timeout; returns
+    (metrics, per-question details). Collective: every rank calls it."""
+    from ovr_train.rewards import RewardPool
+
+    ecfg = cfg.eval
+    with RewardPool(num_workers=ecfg.reward_workers, timeout_s=cfg.rl.reward_timeout_s, score_fn=score_eval) as pool:
+        return evaluate_items(
+            engine, tok, ids, sets, num_samples=ecfg.num_samples, ks=ecfg.ks, max_new_tokens=ecfg.max_new_tokens,
+            temperature=ecfg.temperature, top_p=ecfg.top_p, seed=ecfg.seed, image_proc=image_proc, pool=pool,
+            batch_size=ecfg.batch_size, system_prompt=cfg.data.system_prompt, reward_timeout_s=cfg.rl.reward_timeout_s,
+            rank=info.rank, world=info.world_size, return_details=True)
+
+
 def evaluate(cfg, info=None) -> dict:
     """The eval stage: `cfg.model.path` (HF or DCP dir) on `cfg.eval.sets` (or the embedded default's held-out
     sets). Prints the per-set table, writes JSON and appends to the run report on rank 0; returns the metrics."""
     from ovr_train.data import ImageProcessor
-    from ovr_train.rewards import RewardPool
     from ovr_train.tokenizer import load_tokenizer, special_ids
 
     if info is None:
@@ -558,20 +587,7 @@ def evaluate(cfg, info=None) -> dict:
     label = ecfg.label or (model_path.name.removeprefix("hf_") if _is_dcp(Path(cfg.model.path))
                            else "-".join(Path(cfg.model.path).resolve().parts[-2:]))
 
-    # ---- sets (every rank reads them all: cheap, and every rank then knows every set's size) ----
-    if ecfg.sets:
-        files = [s.strip() for s in ecfg.sets.split(",") if s.strip()]
-        sets = {}
-        for f in files:
-            name = Path(f).stem
-            if name in sets:
-                raise ValueError(f"eval.sets: two files named {name!r}; rename one")
-            sets[name] = load_eval_set(f, ecfg.answer_instruction, ecfg.limit)
-    else:
-        sets = default_sets(ecfg.num_text, ecfg.num_images, cfg.data.synth_seed)
-        if ecfg.limit:
-            sets = {k: v[:ecfg.limit] for k, v in sets.items()}
-
+    sets = resolve_sets(cfg)
     tok = load_tokenizer(str(model_path))
     ids = special_ids(tok)
     from transformers import AutoConfig
@@ -584,12 +600,7 @@ def evaluate(cfg, info=None) -> dict:
               f"{ecfg.num_samples}, max_new_tokens={ecfg.max_new_tokens}, temperature={ecfg.temperature}, "
               f"{info.world_size} rank(s), engine {type(engine).__name__}")
     t0 = time.perf_counter()
-    with RewardPool(num_workers=ecfg.reward_workers, timeout_s=cfg.rl.reward_timeout_s, score_fn=score_eval) as pool:
-        metrics, details = evaluate_items(
-            engine, tok, ids, sets, num_samples=ecfg.num_samples, ks=ecfg.ks, max_new_tokens=ecfg.max_new_tokens,
-            temperature=ecfg.temperature, top_p=ecfg.top_p, seed=ecfg.seed, image_proc=image_proc, pool=pool,
-            batch_size=ecfg.batch_size, system_prompt=cfg.data.system_prompt, reward_timeout_s=cfg.rl.reward_timeout_s,
-            rank=info.rank, world=info.world_size, return_details=True)
+    metrics, details = evaluate_with_config(cfg, engine, tok, ids, sets, image_proc, info)
     seconds = time.perf_counter() - t0
     if info.is_main:
         print(format_table(metrics))

@@ -76,8 +76,7 @@ def evaluate_model(cfg, info, model_dir, label: str) -> dict:
     every rank); rank 0 writes <run.out_dir>/eval/<label>.json with the per-question results."""
     from ovr_train import synth_images
     from ovr_train.data import ImageProcessor
-    from ovr_train.evaluate import _engine, evaluate_items, score_eval
-    from ovr_train.rewards import RewardPool
+    from ovr_train.evaluate import _engine, evaluate_with_config
     from ovr_train.tokenizer import load_tokenizer, special_ids
 
     ecfg, t0 = cfg.eval, time.perf_counter()
@@ -87,12 +86,7 @@ def evaluate_model(cfg, info, model_dir, label: str) -> dict:
                                 cfg.model.spatial_merge_size)
     sets = eval_sets(cfg)
     engine = _engine(ecfg, Path(model_dir), tok, ids, info)
-    with RewardPool(num_workers=ecfg.reward_workers, timeout_s=cfg.rl.reward_timeout_s, score_fn=score_eval) as pool:
-        metrics, details = evaluate_items(
-            engine, tok, ids, sets, num_samples=ecfg.num_samples, ks=ecfg.ks, max_new_tokens=ecfg.max_new_tokens,
-            temperature=ecfg.temperature, top_p=ecfg.top_p, seed=ecfg.seed, image_proc=image_proc, pool=pool,
-            batch_size=ecfg.batch_size, system_prompt=cfg.data.system_prompt, reward_timeout_s=cfg.rl.reward_timeout_s,
-            rank=info.rank, world=info.world_size, return_details=True)
+    metrics, details = evaluate_with_config(cfg, engine, tok, ids, sets, image_proc, info)
     del engine
     tasks_of_set = {"synth_images": list(synth_images.REASONING_TASKS),
                     "synth_perception": [t for t in cfg.base.tasks if t != "describe"] or ["count_color"]}

@@ -131,7 +131,7 @@ def build_engine(cfg, info, init_from, tok, ids):
 
 def train_rl(cfg, info) -> Path:
     """Run (or resume) the RL stage; returns its directory (checkpoints/, metrics.jsonl, curves.png, ...)."""
-    from ovr_train.evaluate import build_prompt, gold_spec, score_eval
+    from ovr_train.evaluate import build_prompt, evaluate_with_config, gold_spec, resolve_sets, score_eval
     from ovr_train.rewards import RewardPool, score_response
     from ovr_train.sft import build_sharded_model
     from ovr_train.tokenizer import load_tokenizer, special_ids
@@ -199,6 +199,7 @@ def train_rl(cfg, info) -> Path:
                   f"({rcfg.prefilter_min_pass}, {rcfg.prefilter_max_pass}) over {rcfg.prefilter_samples} samples")
     if start >= rcfg.steps and info.is_main:
         print(f"[rl] nothing to do: checkpoint step {start} >= rl.steps {rcfg.steps} (raise rl.steps to train more)")
+    held_out = resolve_sets(cfg) if cfg.eval.every_n_steps else {}
     sampler = StepSampler(len(keep), rcfg.prompts_per_step, cfg.run.seed)
     logger = MetricsLogger(stage_dir, info.is_main, resume_step=start)
 
@@ -361,6 +362,13 @@ def train_rl(cfg, info) -> Path:
             image_rate = sums[15 + nb + i].item() / sums[14].item() if sums[14] else math.nan
             rec.update({f"behav/text/{b}": text_rate, f"behav/image/{b}": image_rate,
                         f"behav/transfer/{b}": image_rate / text_rate if text_rate > 0 else math.nan})
+        # ---- held-out evaluation of the just-pushed policy every eval.every_n_steps (and at the last step) ----
+        if cfg.eval.every_n_steps and ((step + 1) % cfg.eval.every_n_steps == 0 or step + 1 == rcfg.steps):
+            engine.wake_up()
+            evals, _ = evaluate_with_config(cfg, engine, tok, ids, held_out, image_proc, info)
+            engine.sleep()
+            rec.update({f"eval/{name}/{k}": v for name, m in evals.items() for k, v in m.items()
+                        if k.startswith("pass@") or k == "mean_length"})
         logger.log(step + 1, rec)
         if info.is_main:
             print(f"[rl] step {step + 1}/{rcfg.steps} reward {rec['reward_mean']:.3f} len {rec['response_len']:.1f} "

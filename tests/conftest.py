@@ -27,6 +27,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_nvcc)
 
 
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, monkeypatch):
+    """Runs a test twice: on the default backend (CPU tensors -> the torch path) and with OVR_BACKEND=triton (the
+    Triton kernels, under the interpreter without a GPU)."""
+    if request.param == "triton":
+        monkeypatch.setenv("OVR_BACKEND", "triton")
+    else:
+        monkeypatch.delenv("OVR_BACKEND", raising=False)
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -23,15 +23,6 @@ from ovr_kernels.reference import linear_logprob_entropy_ref
 ATOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-3, 2e-3), torch.float16: (1e-3, 1e-3)}
 
 
-@pytest.fixture(params=["torch", "triton"])
-def backend(request, monkeypatch):
-    if request.param == "triton":
-        monkeypatch.setenv("OVR_BACKEND", "triton")
-    else:
-        monkeypatch.delenv("OVR_BACKEND", raising=False)
-    return request.param
-
-
 @pytest.fixture
 def small_chunks(monkeypatch):
     """PyTorch path: 5-row token chunks. Triton backward: 64-token (one interpreter block) x 128-vocab dz chunks."""

@@ -16,15 +16,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 METRICS = ("pg_loss", "clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "ratio_max", "kl", "entropy")
 
 
-@pytest.fixture(params=["torch", "triton"])
-def backend(request, monkeypatch):
-    if request.param == "triton":
-        monkeypatch.setenv("OVR_BACKEND", "triton")
-    else:
-        monkeypatch.delenv("OVR_BACKEND", raising=False)
-    return request.param
-
-
 def make_inputs(T, H, V, dtype, temperature=1.0):
     """Hidden states, lm-head weight and targets (two ignored), plus rollout-time log-probs near the current ones."""
     hidden = (torch.randn(T, H) * 0.5).to(dtype).to(DEVICE)

@@ -64,9 +64,14 @@ def test_rl_steps_match_references_and_resume(init_dir):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     out = init_dir / "run"
-    launch(init_dir, out, 2)
+    # held-out eval of the pushed policy every 2 steps (eval.every_n_steps); it must not perturb training (the
+    # resumed run below is compared with a straight run that never evaluates)
+    launch(init_dir, out, 2, "--eval.every_n_steps=2", "--eval.num_text=2", "--eval.num_images=2",
+           "--eval.num_samples=1", "--eval.max_new_tokens=8", "--eval.ks=[1]")
     records = [json.loads(line) for line in (out / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
+    assert "eval/synth_images/pass@1" not in records[0]
+    assert 0.0 <= records[1]["eval/synth_images/pass@1"] <= 1.0 and 0.0 <= records[1]["eval/synth_text/pass@1"] <= 1.0
     for r in records:
         assert r["reward_timeouts"] == 0 and r["reward_errors"] == 0
         assert r["logprob_gap"] < 1e-3, r["logprob_gap"]  # trainer (packed varlen) vs rollout (HF generate)
