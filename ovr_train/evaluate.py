@@ -381,12 +381,12 @@ def append_report(path, title: str, metrics: dict, details: dict) -> None:
 
 
 def build_prompt(item: EvalItem, tok, ids: dict, image_proc, system_prompt: str = ""):
-    """EvalItem -> rollout.Prompt: chat-templated ids with expanded image pads + pixel values (HF engine), and the
-    text with one `<|image_pad|>` per image + PIL images (vLLM). Image errors name the item's file:line."""
+    """EvalItem -> rollout.Prompt: chat-templated ids with expanded image pads, pixel values (HF engine), PIL images
+    (vLLM) and the text with one `<|image_pad|>` per image. Image errors name the item's file:line."""
     import torch
 
     from ovr_train.data import encode_messages, load_image
-    from ovr_train.rollout import Prompt
+    from ovr_train.rollout import Prompt, collapse_image_pads
 
     try:
         enc = encode_messages(item.messages, tok, ids, image_proc, system_prompt=system_prompt,
@@ -395,10 +395,7 @@ def build_prompt(item: EvalItem, tok, ids: dict, image_proc, system_prompt: str 
     except ValueError as e:
         raise ValueError(f"{item.where}: {e}") from None
     token_ids = enc.input_ids.tolist()
-    # vLLM expands placeholders itself: collapse each image's pad run to a single pad
-    pad = ids["image_pad"]
-    collapsed = [t for i, t in enumerate(token_ids) if t != pad or i == 0 or token_ids[i - 1] != pad]
-    text = tok.decode(collapsed, skip_special_tokens=False)
+    text = tok.decode(collapse_image_pads(token_ids, ids["image_pad"]), skip_special_tokens=False)
     grid = enc.grid_thw.to(torch.long) if enc.grid_thw is not None else None
     image = None if not images else images[0] if len(images) == 1 else images
     return Prompt(token_ids, pixel_values=enc.pixel_values, image_grid_thw=grid, text=text, image=image)
@@ -494,6 +491,7 @@ def dcp_to_hf(path, out_dir, info) -> Path:
 
     from ovr_train.checkpoint import ModelState, export_hf, load_checkpoint
     from ovr_train.config import load_config
+    from ovr_train.dist import compute_dtype
     from ovr_train.sft import build_sharded_model
     from ovr_train.tokenizer import load_tokenizer, special_ids
 
@@ -510,28 +508,9 @@ def dcp_to_hf(path, out_dir, info) -> Path:
     model = build_sharded_model(ccfg, info, ids, len(tok))
     load_checkpoint(path, {entry: ModelState(model)}, info.rank)
     out = Path(out_dir) / f"hf_{path.parent.parent.name}_{path.name}"
-    export_hf(model, tok, out, info.rank)
+    export_hf(model, tok, out, info.rank, compute_dtype(ccfg.model, info.device),
+              (ccfg.data.min_pixels, ccfg.data.max_pixels))
     return out
-
-
-def _engine(ecfg, model_path: Path, tok, ids: dict, info):
-    """The rollout engine on this rank's device: vLLM (GPU, when installed) or HF generate on a full model copy."""
-    import torch
-
-    from ovr_train.rollout import HAS_VLLM, HFEngine, VLLMEngine
-
-    use_vllm = ecfg.engine == "vllm" or (ecfg.engine == "auto" and HAS_VLLM and info.device.type == "cuda")
-    if use_vllm:
-        return VLLMEngine(model_path, seed=ecfg.seed + info.rank)
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    dtype = torch.bfloat16 if info.device.type == "cuda" else torch.float32
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(model_path), dtype=dtype,
-                                                               attn_implementation="sdpa").to(info.device)
-    stop = [ids["im_end"], ids["endoftext"]]
-    blocked = [v for k, v in ids.items() if k not in ("im_end", "endoftext")]
-    return HFEngine(model, tok, stop_token_ids=stop, pad_token_id=ids["endoftext"], blocked_token_ids=blocked,
-                    max_batch_size=ecfg.batch_size * ecfg.num_samples)
 
 
 def resolve_sets(cfg) -> dict:
@@ -568,6 +547,7 @@ def evaluate(cfg, info=None) -> dict:
     """The eval stage: `cfg.model.path` (HF or DCP dir) on `cfg.eval.sets` (or the embedded default's held-out
     sets). Prints the per-set table, writes JSON and appends to the run report on rank 0; returns the metrics."""
     from ovr_train.data import ImageProcessor
+    from ovr_train.rollout import rollout
     from ovr_train.tokenizer import load_tokenizer, special_ids
 
     if info is None:
@@ -594,7 +574,8 @@ def evaluate(cfg, info=None) -> dict:
 
     vcfg = AutoConfig.from_pretrained(str(model_path)).vision_config
     image_proc = ImageProcessor(cfg.data.min_pixels, cfg.data.max_pixels, vcfg.patch_size, vcfg.spatial_merge_size)
-    engine = _engine(ecfg, model_path, tok, ids, info)
+    engine = rollout(ecfg.engine, model_path, tok, ids, info.device, cfg.rollout, (cfg.data.min_pixels,
+                     cfg.data.max_pixels), seed=ecfg.seed + info.rank, max_batch_size=ecfg.batch_size * ecfg.num_samples)
     if info.is_main:
         print(f"[eval] {label}: {', '.join(f'{k} ({len(v)} questions)' for k, v in sets.items())}; n="
               f"{ecfg.num_samples}, max_new_tokens={ecfg.max_new_tokens}, temperature={ecfg.temperature}, "

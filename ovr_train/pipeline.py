@@ -76,7 +76,8 @@ def evaluate_model(cfg, info, model_dir, label: str) -> dict:
     every rank); rank 0 writes <run.out_dir>/eval/<label>.json with the per-question results."""
     from ovr_train import synth_images
     from ovr_train.data import ImageProcessor
-    from ovr_train.evaluate import _engine, evaluate_with_config
+    from ovr_train.evaluate import evaluate_with_config
+    from ovr_train.rollout import rollout
     from ovr_train.tokenizer import load_tokenizer, special_ids
 
     ecfg, t0 = cfg.eval, time.perf_counter()
@@ -85,7 +86,9 @@ def evaluate_model(cfg, info, model_dir, label: str) -> dict:
     image_proc = ImageProcessor(cfg.data.min_pixels, cfg.data.max_pixels, cfg.model.patch_size,
                                 cfg.model.spatial_merge_size)
     sets = eval_sets(cfg)
-    engine = _engine(ecfg, Path(model_dir), tok, ids, info)
+    engine = rollout(ecfg.engine, Path(model_dir), tok, ids, info.device, cfg.rollout,
+                     (cfg.data.min_pixels, cfg.data.max_pixels), seed=ecfg.seed + info.rank,
+                     max_batch_size=ecfg.batch_size * ecfg.num_samples)
     metrics, details = evaluate_with_config(cfg, engine, tok, ids, sets, image_proc, info)
     del engine
     tasks_of_set = {"synth_images": list(synth_images.REASONING_TASKS),

@@ -31,8 +31,9 @@ from ovr_train import behaviors
 from ovr_train.checkpoint import ModelState, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from ovr_train.config import dump_config
 from ovr_train.data import IGNORE, Encoded, ImageProcessor, StepSampler, collate, filler, mrope_position_ids
-from ovr_train.dist import all_reduce, broadcast_object, clip_grad_norm, full_state_dict
+from ovr_train.dist import all_reduce, broadcast_object, clip_grad_norm, compute_dtype
 from ovr_train.metrics import MetricsLogger, plot_curves, read_metrics
+from ovr_train.rollout import rollout
 
 SFT_COMMAND = "torchrun --nproc_per_node 2 -m ovr_train.launch --stage sft"
 
@@ -87,12 +88,20 @@ def group_advantages(algo, scores_B, n):
     return drgrpo_advantages(scores_B, n)
 
 
+def stream_weights(policy, names, dtype):
+    """Yield (HF name, full tensor in `dtype`) for each policy parameter in `names`, one at a time, all-gathered
+    from the FSDP shards on the policy's device. Collective: every rank must consume it to the end (every rank's
+    engine needs the full weights). Peak extra memory: one full parameter plus what the engine holds while it
+    loads (vLLM: the current layer)."""
+    for key, param in policy.named_parameters():
+        if key.startswith("hf.") and key[3:] in names:
+            full = param.full_tensor() if hasattr(param, "full_tensor") else param
+            yield key[3:], full.detach().to(dtype)
+
+
 def push_weights(policy, engine, names):
-    """Collective: gather the full policy weights and load them into this rank's engine (HF parameter names).
-    Every rank needs the full weights: with cpu_offload torch gathers them on rank 0 only (the other ranks get an
-    empty dict), and those ranks' engines would silently keep sampling from the initial policy."""
-    full = full_state_dict(policy, cpu_offload=False)
-    count = engine.load_weights((k[3:], v) for k, v in full.items() if k.startswith("hf.") and k[3:] in names)
+    """Collective: stream the policy's weights into this rank's engine (HF parameter names, the engine's dtype)."""
+    count = engine.load_weights(stream_weights(policy, names, engine.dtype))
     if count != len(names):
         raise RuntimeError(f"push_weights: {count} of the engine's {len(names)} parameters received new weights")
 
@@ -109,24 +118,6 @@ def global_whiten(x_T, eps=1e-8):
 def _var(total, total_sq, count):
     """Unbiased variance from a sum and a sum of squares over `count` items."""
     return (total_sq - total * total / count) / max(count - 1, 1)
-
-
-def build_engine(cfg, info, init_from, tok, ids):
-    """This rank's rollout engine: HF generate on its own full copy of the policy, or vLLM."""
-    if cfg.rl.rollout_engine == "vllm":
-        from ovr_train.rollout import VLLMEngine
-
-        return VLLMEngine(init_from, seed=cfg.run.seed + info.rank, enable_sleep_mode=info.device.type == "cuda")
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    from ovr_train.rollout import HFEngine
-
-    dtype = torch.bfloat16 if info.device.type == "cuda" else torch.float32
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(init_from), dtype=dtype,
-                                                               attn_implementation="sdpa").to(info.device)
-    blocked = [v for k, v in ids.items() if k not in ("im_end", "endoftext")]
-    blocked += list(range(len(tok), model.get_output_embeddings().weight.shape[0]))  # padding rows
-    return HFEngine(model, tok, [ids["im_end"], ids["endoftext"]], ids["endoftext"], blocked)
 
 
 def train_rl(cfg, info) -> Path:
@@ -164,9 +155,9 @@ def train_rl(cfg, info) -> Path:
                                          betas=tuple(rcfg.betas), weight_decay=rcfg.weight_decay, foreach=True)
         scheds[name] = torch.optim.lr_scheduler.LambdaLR(  # linear warmup, then constant (RECIPE.md)
             optims[name], lambda s: min(1.0, (s + 1) / (rcfg.warmup_steps + 1)))
-    engine = build_engine(cfg, info, init_from, tok, ids)
-    names = {n for n, _ in engine.model.named_parameters()} if hasattr(engine, "model") else \
-        {k[3:] for k in policy.state_dict() if k.startswith("hf.")}
+    engine = rollout(rcfg.rollout_engine, init_from, tok, ids, device, cfg.rollout,
+                     (cfg.data.min_pixels, cfg.data.max_pixels), seed=cfg.run.seed + rank, sleep_mode=True)
+    names = {n for n, _ in (engine.model if hasattr(engine, "model") else policy.hf).named_parameters()}
     use_eval_scoring = any(it.choices for it in items) or not rcfg.format_reward
     pool = RewardPool(rcfg.reward_workers, rcfg.reward_timeout_s, score_eval if use_eval_scoring else score_response,
                       rcfg.format_reward)
@@ -385,7 +376,8 @@ def train_rl(cfg, info) -> Path:
     pool.close()
     logger.close()
     if cfg.checkpoint.export_hf:  # collective: the final policy as an HF dir (what --stage all evaluates)
-        export_hf(policy, tok, stage_dir / "hf", rank)
+        export_hf(policy, tok, stage_dir / "hf", rank, compute_dtype(cfg.model, device),
+                  (cfg.data.min_pixels, cfg.data.max_pixels))
     if info.is_main:
         records = read_metrics(stage_dir / "metrics.jsonl")
         plot_curves(stage_dir / "metrics.jsonl", stage_dir / "curves.png", ["reward_mean", "reward_image", "reward_text", "response_len",

