@@ -120,7 +120,10 @@ def test_streamed_push_vs_replaced(cpu_bench, setup):
     cpu_bench.ratio_vs("replaced_push", base_s)
     streamed = peak_extra_rss_mib(lambda: push_weights(policy, engine, names))
     replaced = peak_extra_rss_mib(lambda: replaced_push(policy, engine, names))
-    cpu_bench.extra_info.update(params=num_bytes // 2, bf16_mib=round(num_bytes / 2**20, 1),
+    import vllm
+
+    cpu_bench.extra_info.update(shape="Qwen2 155M params, 8 layers, bf16 push", mode=f"vllm {vllm.__version__}",
+                                params=num_bytes // 2, bf16_mib=round(num_bytes / 2**20, 1),
                                 streamed_peak_extra_rss_mib=streamed, replaced_peak_extra_rss_mib=replaced,
                                 peak_ratio_replaced_over_streamed=round(replaced / max(streamed, 1.0), 2))
     probe = engine.generate([Prompt([1, 2, 3])], max_new_tokens=4, temperature=1e-5)[0].token_ids

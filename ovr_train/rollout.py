@@ -266,7 +266,7 @@ def _reload_weights_on_worker(worker, named_tensors):
     """Runs on the in-process vLLM worker (collective_rpc): vLLM's in-place reload maps HF names, fuses qkv /
     gate-up and re-runs the backend's weight post-processing (the CPU backend repacks linear weights, so a plain
     `model.load_weights` after start-up fails). It consumes the iterator one tensor at a time and keeps only the
-    current layer's tensors until that layer is complete (vllm/model_executor/model_loader/reload/inplace.py:91-94,
+    current layer's tensors until that layer is complete (vllm/model_executor/model_loader/reload/inplace.py:92-95,
     layerwise.py:344-365 in 0.32.0)."""
     worker.reload_weights(weights_iterator=named_tensors, is_checkpoint_format=True)
 
@@ -285,7 +285,7 @@ class VLLMEngine:
     worker with no copy through another process. Under torchrun on GPUs it uses vLLM's external_launcher
     executor, which places the engine on cuda:LOCAL_RANK (vllm/v1/executor/uniproc_executor.py:186-197; the default
     uniprocess executor takes the device index from the device config, cuda:0 on every rank: lines 77-88) and runs
-    one independent engine per rank ("ExternalDP", vllm/distributed/parallel_state.py:2126-2131).
+    one independent engine per rank ("ExternalDP", vllm/distributed/parallel_state.py:2126-2128).
     """
 
     def __init__(self, model_path, seed=0, image_pixels=None, **llm_kwargs):
