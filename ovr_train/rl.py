@@ -308,7 +308,8 @@ def train_rl(cfg, info) -> Path:
             scheds["critic"].step()
         t4 = time.perf_counter()
 
-        # ---- push the new weights to the rollout engine ----
+        # ---- push the new weights to the rollout engine (a sleeping vLLM engine wakes its weights for it; the
+        # KV cache wakes in the next rollout's wake_up) ----
         push_weights(policy, engine, names)
         t5 = time.perf_counter()
 

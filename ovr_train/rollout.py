@@ -414,6 +414,8 @@ def rollout(kind, model_path, tok, ids, device, rollout_cfg, image_pixels, *, se
     embedding's padding rows, max_batch_size sequences per generate call. `seed`: the engine's sampling seed.
     """
     if kind == "vllm" or (kind == "auto" and HAS_VLLM and device.type == "cuda"):
+        # vLLM refuses to start unless share x total memory is free (vllm/v1/worker/utils.py:761-768): its 0.92
+        # default cannot be met beside the trainer's shards
         llm_kwargs = {"gpu_memory_utilization": rollout_cfg.gpu_memory_utilization}
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(rollout_cfg, name):  # 0: vLLM's default
