@@ -90,7 +90,7 @@ def evaluate_model(cfg, info, model_dir, label: str) -> dict:
                      (cfg.data.min_pixels, cfg.data.max_pixels), seed=ecfg.seed + info.rank,
                      max_batch_size=ecfg.batch_size * ecfg.num_samples)
     metrics, details = evaluate_with_config(cfg, engine, tok, ids, sets, image_proc, info)
-    del engine
+    engine.close()  # free its memory before the next stage trains
     tasks_of_set = {"synth_images": list(synth_images.REASONING_TASKS),
                     "synth_perception": [t for t in cfg.base.tasks if t != "describe"] or ["count_color"]}
     result = {"label": label, "model": str(model_dir), "metrics": metrics,

@@ -156,7 +156,7 @@ def train_rl(cfg, info) -> Path:
         scheds[name] = torch.optim.lr_scheduler.LambdaLR(  # linear warmup, then constant (RECIPE.md)
             optims[name], lambda s: min(1.0, (s + 1) / (rcfg.warmup_steps + 1)))
     engine = rollout(rcfg.rollout_engine, init_from, tok, ids, device, cfg.rollout,
-                     (cfg.data.min_pixels, cfg.data.max_pixels), seed=cfg.run.seed + rank, sleep_mode=True)
+                     (cfg.data.min_pixels, cfg.data.max_pixels), seed=cfg.run.seed + rank)
     names = {n for n, _ in (engine.model if hasattr(engine, "model") else policy.hf).named_parameters()}
     use_eval_scoring = any(it.choices for it in items) or not rcfg.format_reward
     pool = RewardPool(rcfg.reward_workers, rcfg.reward_timeout_s, score_eval if use_eval_scoring else score_response,

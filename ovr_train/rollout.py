@@ -229,6 +229,12 @@ class HFEngine:
         if self.device.type != "cpu":
             self.model.to(self.device)
 
+    def close(self):
+        """Drop the engine's model copy now (the engine is unusable afterwards)."""
+        self.model, self._params = None, {}
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # vLLM engine
@@ -312,6 +318,8 @@ class VLLMEngine:
             llm_kwargs.setdefault("mm_processor_kwargs", {"min_pixels": int(image_pixels[0]),
                                                           "max_pixels": int(image_pixels[1])})
         llm_kwargs.setdefault("logprobs_mode", "processed_logprobs")
+        self.sleep_mode = bool(llm_kwargs.get("enable_sleep_mode"))
+        self.owns_process_group = not torch.distributed.is_initialized()  # else it is the trainer's, vLLM joins it
         self.llm = vllm.LLM(model=str(model_path), seed=seed, **llm_kwargs)
         self.dtype = self.llm.llm_engine.model_config.dtype  # weights are pushed in this dtype
         self.asleep = set()  # memory tags now released: "weights", "kv_cache"
@@ -393,9 +401,15 @@ class VLLMEngine:
                 self.asleep.discard(tag)
 
     def close(self):
-        """Shut vLLM's engine down now. In this process that also destroys torch.distributed's default process
-        group (vllm/v1/engine/core.py:837-839 -> parallel_state.py:2512-2513): call it after the last collective."""
-        self.llm.llm_engine.engine_core.shutdown()
+        """Free the engine's memory now; the engine is unusable afterwards. vLLM's shutdown also destroys
+        torch.distributed's default process group (vllm/v1/engine/core.py:837-839 -> parallel_state.py:2512-2513),
+        so when that group is the trainer's the engine only discards its GPU memory (level-2 sleep: weights and KV
+        cache, no CPU copy) and leaves the rest to the garbage collector."""
+        if self.owns_process_group:
+            self.llm.llm_engine.engine_core.shutdown()
+        elif self.sleep_mode and "weights" not in self.asleep:
+            self.llm.sleep(level=2)
+        self.asleep = {"weights", "kv_cache"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -403,13 +417,12 @@ class VLLMEngine:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def rollout(kind, model_path, tok, ids, device, rollout_cfg, image_pixels, *, seed, max_batch_size=256,
-            sleep_mode=False):
+def rollout(kind, model_path, tok, ids, device, rollout_cfg, image_pixels, *, seed, max_batch_size=256):
     """This rank's rollout engine for the HF checkpoint in `model_path`.
 
     kind: "vllm", "hf" or "auto" (vLLM on a GPU when it is installed, else HF). vLLM gets rollout_cfg's memory share
-    and limits (config.RolloutCfg), the trainer's (min_pixels, max_pixels) and, on a GPU with `sleep_mode`, sleep
-    mode (RL frees the GPU for training between rollouts). HF: generate on this rank's own full copy of the model
+    and limits (config.RolloutCfg), the trainer's (min_pixels, max_pixels) and, on a GPU, sleep mode (RL frees the
+    GPU for training between rollouts; `close` discards the engine's memory). HF: generate on this rank's own full copy of the model
     (bf16 on a GPU, fp32 on CPU), never sampling the special tokens other than the two end tokens nor the
     embedding's padding rows, max_batch_size sequences per generate call. `seed`: the engine's sampling seed.
     """
@@ -420,7 +433,7 @@ def rollout(kind, model_path, tok, ids, device, rollout_cfg, image_pixels, *, se
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(rollout_cfg, name):  # 0: vLLM's default
                 llm_kwargs[name] = getattr(rollout_cfg, name)
-        if sleep_mode and device.type == "cuda":
+        if device.type == "cuda":
             llm_kwargs["enable_sleep_mode"] = True
         return VLLMEngine(model_path, seed=seed, image_pixels=image_pixels, **llm_kwargs)
     from transformers import Qwen2_5_VLForConditionalGeneration

@@ -56,9 +56,13 @@ class FakeLLM:
         self.asleep = set()
         self.calls = []
         self.worker = FakeWorker(self)
+        self.shut_down = False
         self.llm_engine = types.SimpleNamespace(model_config=types.SimpleNamespace(dtype=torch.bfloat16),
-                                                engine_core=types.SimpleNamespace(shutdown=lambda: None))
+                                                engine_core=types.SimpleNamespace(shutdown=self._shutdown))
         FakeLLM.instances.append(self)
+
+    def _shutdown(self):
+        self.shut_down = True
 
     def sleep(self, level=1):
         self.calls.append(("sleep", level))
@@ -208,6 +212,21 @@ def test_image_prompts_keep_the_trainers_token_ids(fake_vllm):
         engine_defaults.generate([Prompt(ids, image=image)], max_new_tokens=2)
 
 
+def test_close_keeps_the_trainers_process_group(fake_vllm, monkeypatch):
+    """In-process, vLLM's shutdown destroys the default process group: with the trainer's group the engine only
+    discards its GPU memory (level-2 sleep); with a group of vLLM's own it shuts down."""
+    _, path = fake_vllm
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    engine = VLLMEngine(path, enable_sleep_mode=True)
+    engine.close()
+    assert FakeLLM.instances[-1].calls == [("sleep", 2)] and not FakeLLM.instances[-1].shut_down
+    with pytest.raises(RuntimeError, match="asleep"):
+        engine.generate([Prompt([1])])
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    VLLMEngine(path, enable_sleep_mode=True).close()
+    assert FakeLLM.instances[-1].calls == [] and FakeLLM.instances[-1].shut_down
+
+
 def test_collapse_image_pads():
     assert collapse_image_pads([1, 9, 9, 9, 2, 9, 9, 3], 9) == [1, 9, 2, 9, 3]
     assert collapse_image_pads([9, 9], 9) == [9]
@@ -239,7 +258,7 @@ def test_factory_passes_memory_share_limits_and_pixels(fake_vllm, monkeypatch):
     _, path = fake_vllm
     cfg = RolloutCfg(gpu_memory_utilization=0.3, max_model_len=4096, max_num_seqs=64)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    engine = rollout("vllm", path, None, {}, torch.device("cpu"), cfg, (12544, 50176), seed=3, sleep_mode=True)
+    engine = rollout("vllm", path, None, {}, torch.device("cpu"), cfg, (12544, 50176), seed=3)
     kwargs = FakeLLM.instances[-1].kwargs
     assert kwargs == {"gpu_memory_utilization": 0.3, "max_model_len": 4096, "max_num_seqs": 64,
                       "mm_processor_kwargs": {"min_pixels": 12544, "max_pixels": 50176},
@@ -259,7 +278,7 @@ def test_external_launcher_under_torchrun_on_gpu(fake_vllm, monkeypatch):
     _, path = fake_vllm
     monkeypatch.setenv("LOCAL_RANK", "3")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    rollout("vllm", path, None, {}, torch.device("cuda", 3), RolloutCfg(), None, seed=0, sleep_mode=True)
+    rollout("vllm", path, None, {}, torch.device("cuda", 3), RolloutCfg(), None, seed=0)
     kwargs = FakeLLM.instances[-1].kwargs
     assert kwargs["distributed_executor_backend"] == "external_launcher"
     assert kwargs["enable_sleep_mode"] is True and kwargs["gpu_memory_utilization"] == 0.5
