@@ -321,6 +321,11 @@ class VLLMEngine:
         self.sleep_mode = bool(llm_kwargs.get("enable_sleep_mode"))
         self.owns_process_group = not torch.distributed.is_initialized()  # else it is the trainer's, vLLM joins it
         self.llm = vllm.LLM(model=str(model_path), seed=seed, **llm_kwargs)
+        if not self.owns_process_group:
+            # the in-process client shuts the engine core down when it is garbage-collected or at exit
+            # (vllm/v1/engine/core_client.py:383), and that shutdown destroys the default process group
+            # (vllm/v1/engine/core.py:837-839 -> parallel_state.py:2512-2513): the trainer's, still in use
+            self.llm.llm_engine.engine_core._finalizer.detach()
         self.dtype = self.llm.llm_engine.model_config.dtype  # weights are pushed in this dtype
         self.asleep = set()  # memory tags now released: "weights", "kv_cache"
 
@@ -401,10 +406,9 @@ class VLLMEngine:
                 self.asleep.discard(tag)
 
     def close(self):
-        """Free the engine's memory now; the engine is unusable afterwards. vLLM's shutdown also destroys
-        torch.distributed's default process group (vllm/v1/engine/core.py:837-839 -> parallel_state.py:2512-2513),
-        so when that group is the trainer's the engine only discards its GPU memory (level-2 sleep: weights and KV
-        cache, no CPU copy) and leaves the rest to the garbage collector."""
+        """Free the engine's memory now; the engine is unusable afterwards. vLLM's shutdown also destroys the
+        default process group, so when that group is the trainer's the engine only discards its GPU memory
+        (level-2 sleep: weights and KV cache, no CPU copy) and leaves the rest to the garbage collector."""
         if self.owns_process_group:
             self.llm.llm_engine.engine_core.shutdown()
         elif self.sleep_mode and "weights" not in self.asleep:

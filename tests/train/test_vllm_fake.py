@@ -8,6 +8,7 @@ import json
 import sys
 import types
 import typing
+import weakref
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,7 @@ class FakeLLM:
         self.shut_down = False
         self.llm_engine = types.SimpleNamespace(model_config=types.SimpleNamespace(dtype=torch.bfloat16),
                                                 engine_core=types.SimpleNamespace(shutdown=self._shutdown))
+        self.llm_engine.engine_core._finalizer = weakref.finalize(self, lambda: None)
         FakeLLM.instances.append(self)
 
     def _shutdown(self):
@@ -218,12 +220,15 @@ def test_close_keeps_the_trainers_process_group(fake_vllm, monkeypatch):
     _, path = fake_vllm
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     engine = VLLMEngine(path, enable_sleep_mode=True)
+    assert not FakeLLM.instances[-1].llm_engine.engine_core._finalizer.alive  # GC / exit never shut it down
     engine.close()
     assert FakeLLM.instances[-1].calls == [("sleep", 2)] and not FakeLLM.instances[-1].shut_down
     with pytest.raises(RuntimeError, match="asleep"):
         engine.generate([Prompt([1])])
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
-    VLLMEngine(path, enable_sleep_mode=True).close()
+    engine = VLLMEngine(path, enable_sleep_mode=True)
+    assert FakeLLM.instances[-1].llm_engine.engine_core._finalizer.alive
+    engine.close()
     assert FakeLLM.instances[-1].calls == [] and FakeLLM.instances[-1].shut_down
 
 
