@@ -327,7 +327,9 @@ class VLLMEngine:
             # the in-process client shuts the engine core down when it is garbage-collected or at exit
             # (vllm/v1/engine/core_client.py:383), and that shutdown destroys the default process group
             # (vllm/v1/engine/core.py:837-839 -> parallel_state.py:2512-2513): the trainer's, still in use
-            self.llm.llm_engine.engine_core._finalizer.detach()
+            finalizer = getattr(self.llm.llm_engine.engine_core, "_finalizer", None)
+            if finalizer is not None:
+                finalizer.detach()
         self.dtype = self.llm.llm_engine.model_config.dtype  # weights are pushed in this dtype
         self.asleep = set()  # memory tags now released: "weights", "kv_cache"
 
