@@ -17,6 +17,7 @@ import sys
 import torch
 
 from ovr_train.config import Config, dump_config, load_config
+from ovr_train.runlock import RunDirBusy, die_with_launcher
 
 
 def parse_args(argv=None):
@@ -136,6 +137,7 @@ def dry_run(cfg: Config):
 
 
 def main(argv=None):
+    die_with_launcher()  # first: the earlier, the shorter the window in which the launcher can die unseen
     args, overrides = parse_args(argv)
     try:
         cfg = load_config(args.config, overrides)
@@ -169,6 +171,10 @@ def main(argv=None):
             from ovr_train.evaluate import evaluate
 
             evaluate(cfg, info)
+    except RunDirBusy as e:  # every rank raised it before touching a file: one plain message, no tracebacks
+        if info.is_main:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
     finally:
         if torch.distributed.is_initialized():
             shutdown()

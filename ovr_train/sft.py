@@ -25,6 +25,7 @@ from ovr_train.data import ImageProcessor, StepSampler, collate, filler, load_sf
 from ovr_train.dist import DistInfo, all_reduce, barrier, clip_grad_norm, compute_dtype
 from ovr_train.metrics import MetricsLogger, Throughput, peak_memory_gib, plot_curves
 from ovr_train.model import build_sharded_model, flops_per_token, param_counts
+from ovr_train.runlock import lock_run_dir
 from ovr_train.synth_images import ensure_perception_corpus
 from ovr_train.synth_text import ensure_corpus
 from ovr_train.tokenizer import load_tokenizer, special_ids
@@ -105,6 +106,7 @@ def train_sft(cfg: Config, info: DistInfo, stage: str = "sft") -> Path:
     if stage == "sft":
         cfg.model.path = resolve_sft_init(cfg)
     stage_dir = Path(cfg.run.out_dir) / stage
+    lock_run_dir(info, stage_dir)  # before any file is touched: one live run per directory
     tag = f"[{stage}]"
     ckpt_root = stage_dir / "checkpoints"
     if info.is_main:
