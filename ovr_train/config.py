@@ -203,8 +203,8 @@ class SFTCfg:
     log_every: int = 1
     """Log metrics every N steps (JSONL / TensorBoard / progress bar)."""
     init_from: str = "auto"
-    """HF dir the SFT stage starts from: "auto" (<run.out_dir>/base/hf if the base stage wrote it, else model.path
-    or a random init), "none" (model.path or a random init) or a path."""
+    """HF dir the SFT stage starts from: "auto" (model.path if given, else <run.out_dir>/base/hf if the base stage
+    wrote it, else a random init), "none" (model.path or a random init) or a path."""
 
     def __post_init__(self):
         _check(self.steps >= 0, "sft.steps", self.steps, "must be >= 0")
