@@ -42,9 +42,9 @@ def die_with_launcher() -> None:
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
-    # The launcher may have died before the call: the signal then never comes, and we were already re-parented
-    # (to init, pid 1, unless a subreaper adopts orphans; such an orphan cannot rendezvous either, the store it
-    # needs lived in the agent). Checked after the call, so no death slips between check and prctl.
+    # The launcher may have died before the call: the signal then never comes, and we were already re-parented,
+    # to init (pid 1) unless a subreaper adopts orphans (undetectable here; on one node such an orphan cannot
+    # rendezvous either: torchrun's agent hosted the store). Checked after the call, so no death slips between.
     if os.getppid() != parent or parent == 1:
         sys.exit(f"rank {os.environ.get('RANK', '?')}: the torchrun launcher is gone; exiting")
 
