@@ -143,9 +143,9 @@ def test_a_real_checkpoint_without_config_is_refused(tmp_path):
 def test_rl_length_has_one_source_of_truth():
     from ovr_train.rl import max_new_tokens_at
 
-    with pytest.raises(ValueError, match=r"rl.max_new_tokens=64: disagrees with rl.length_curriculum=\[\[0, 96\]\]"):
-        load_config(None, ["--rl.max_new_tokens=64"])  # alone it would have done nothing
-    rl = load_config(None, ["--rl.max_new_tokens=64", "--rl.length_curriculum=[]"]).rl
+    with pytest.raises(ValueError, match=r"rl.max_new_tokens=1000: disagrees with rl.length_curriculum=\[\[0, 24576\]"):
+        load_config(str(CONFIG_DIR / "ovr_7b_rl.yaml"), ["--rl.max_new_tokens=1000"])  # alone it did nothing
+    rl = load_config(None, ["--rl.max_new_tokens=64"]).rl  # the embedded default has no curriculum
     assert [max_new_tokens_at(rl, s) for s in (0, 500)] == [64, 64]
     rl = load_config(None, ["--rl.max_new_tokens=64", "--rl.length_curriculum=[[10, 128]]"]).rl
     assert [max_new_tokens_at(rl, s) for s in (0, 9, 10)] == [64, 64, 128]
