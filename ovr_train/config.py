@@ -116,8 +116,6 @@ class DataCfg:
 
     train_files: list = field(default_factory=list)
     """JSONL files (OpenAI `messages` or ShareGPT/ORZ `conversations` style); empty: the generated text corpus."""
-    eval_files: list = field(default_factory=list)
-    """Held-out JSONL files (same format); empty: the generated corpus's held-out split."""
     synth_num_train: int = 20000
     """Problems in the generated training corpus."""
     synth_num_eval: int = 1000
@@ -203,8 +201,8 @@ class SFTCfg:
     log_every: int = 1
     """Log metrics every N steps (JSONL / TensorBoard / progress bar)."""
     init_from: str = "auto"
-    """HF dir the SFT stage starts from: "auto" (<run.out_dir>/base/hf if the base stage wrote it, else model.path
-    or a random init), "none" (model.path or a random init) or a path."""
+    """HF dir the SFT stage starts from: "auto" (model.path if given, else <run.out_dir>/base/hf if the base stage
+    wrote it, else a random init), "none" (model.path or a random init) or a path."""
 
     def __post_init__(self):
         _check(self.steps >= 0, "sft.steps", self.steps, "must be >= 0")
@@ -262,9 +260,9 @@ class RLCfg:
     top_p: float = 1.0
     """Nucleus sampling."""
     max_new_tokens: int = 24576
-    """Response length cap; the curriculum below overrides it by step."""
+    """Response length cap until the curriculum's first step; a curriculum entry at step 0 must equal it."""
     length_curriculum: list = field(default_factory=lambda: [[0, 24576], [300, 32768], [700, 49152]])
-    """(from_step, max_new_tokens) pairs, sorted by step."""
+    """(from_step, max_new_tokens) pairs, sorted by step: the cap from that step on ([]: max_new_tokens always)."""
     algo: str = "ppo"
     """"ppo" (critic + GAE), "grpo", "rloo" or "drgrpo" (no critic)."""
     gamma: float = 1.0
@@ -339,6 +337,10 @@ class RLCfg:
         steps = [int(s) for s, _ in self.length_curriculum]
         _check(steps == sorted(steps) and all(int(n) > 0 for _, n in self.length_curriculum), "rl.length_curriculum",
                self.length_curriculum, "must be (step, max_len) pairs sorted by step with max_len > 0")
+        if steps and steps[0] == 0:  # one source of truth for the length at step 0
+            _check(int(self.length_curriculum[0][1]) == self.max_new_tokens, "rl.max_new_tokens", self.max_new_tokens,
+                   f"disagrees with rl.length_curriculum={self.length_curriculum}, which sets the length from step 0;"
+                   " set both, or --rl.length_curriculum=[] to use rl.max_new_tokens at every step")
         _check(self.reward_timeout_s > 0, "rl.reward_timeout_s", self.reward_timeout_s, "must be > 0")
         _check(0 <= self.text_fraction <= 1, "rl.text_fraction", self.text_fraction, "must be in [0, 1]")
         _check(self.num_prompts > 0 and self.reward_workers > 0 and self.prefilter_samples >= 0,

@@ -285,13 +285,27 @@ def encode_messages(messages: list, tok, ids: dict, image_proc: ImageProcessor |
 
     Loss targets cover assistant content and its `<|im_end|>`. With add_generation_prompt the sequence ends with
     `<|im_start|>assistant\\n` (a rollout prompt). Image errors raise ValueError naming the image.
+
+    Token ids equal the checkpoint's chat template's (rendered, then tokenised; each image's one `<|image_pad|>`
+    expanded to its tokens) with two deliberate differences: without `system_prompt` a conversation that has no
+    system turn gets none (the template adds "You are a helpful assistant."; the recipe configs set that prompt);
+    and assistant content is tokenised apart from its `assistant\\n` header, exactly as the model produces it after
+    a generation prompt, so content starting with whitespace ("\\n\\n...") does not merge into the header's newline.
     """
     # Segments first (token ids, or text to encode), then one batched tokenizer call for all text of the sample.
     segments, pixels, grids = [], [], []  # (ids | str, is_loss)
+
+    def add(seg, is_loss):  # adjacent text on the same side of the loss mask is one string, as the template renders it
+        if isinstance(seg, str) and segments and isinstance(segments[-1][0], str) and segments[-1][1] == is_loss:
+            segments[-1] = (segments[-1][0] + seg, is_loss)
+        else:
+            segments.append((seg, is_loss))
+
     if system_prompt and messages and messages[0][0] != "system":
         messages = [("system", [system_prompt])] + list(messages)
     for role, parts in messages:
-        segments += [([ids["im_start"]], False), (f"{role}\n", False)]
+        add([ids["im_start"]], False)
+        add(f"{role}\n", False)
         train = role == "assistant"
         for part in parts:
             if isinstance(part, ImageRef):
@@ -300,13 +314,15 @@ def encode_messages(messages: list, tok, ids: dict, image_proc: ImageProcessor |
                 pv, grid = image_proc(load_image(part, image_root))
                 pixels.append(pv)
                 grids.append(grid)
-                block = [ids["vision_start"]] + [ids["image_pad"]] * image_proc.num_tokens(grid) + [ids["vision_end"]]
-                segments.append((block, False))
+                add([ids["vision_start"]] + [ids["image_pad"]] * image_proc.num_tokens(grid) + [ids["vision_end"]],
+                    False)
             elif part:
-                segments.append((part, train))
-        segments += [([ids["im_end"]], train), ("\n", False)]
+                add(part, train)
+        add([ids["im_end"]], train)
+        add("\n", False)
     if add_generation_prompt:
-        segments += [([ids["im_start"]], False), ("assistant\n", False)]
+        add([ids["im_start"]], False)
+        add("assistant\n", False)
     texts = [seg for seg, _ in segments if isinstance(seg, str)]
     encoded = iter(e.ids for e in tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False))
     tokens, loss = [], []

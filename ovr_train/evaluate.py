@@ -548,6 +548,7 @@ def evaluate(cfg, info=None) -> dict:
     sets). Prints the per-set table, writes JSON and appends to the run report on rank 0; returns the metrics."""
     from ovr_train.data import ImageProcessor
     from ovr_train.rollout import rollout
+    from ovr_train.runlock import lock_run_dir
     from ovr_train.tokenizer import load_tokenizer, special_ids
 
     if info is None:
@@ -562,6 +563,7 @@ def evaluate(cfg, info=None) -> dict:
     if not model_path.is_dir():
         raise ValueError(f"model.path={cfg.model.path!r} is not a directory")
     out_dir = Path(cfg.run.out_dir) / "eval"
+    lock_run_dir(info, out_dir)  # before any file is touched: one live run per directory
     if _is_dcp(model_path):
         model_path = dcp_to_hf(model_path, out_dir, info)
     label = ecfg.label or (model_path.name.removeprefix("hf_") if _is_dcp(Path(cfg.model.path))

@@ -13,10 +13,12 @@ per-GPU memory estimate for the world size, and exits.
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import torch
 
 from ovr_train.config import Config, dump_config, load_config
+from ovr_train.runlock import RunDirBusy, die_with_launcher
 
 
 def parse_args(argv=None):
@@ -49,6 +51,40 @@ def parse_args(argv=None):
     if bad:
         p.error(f"unrecognised arguments {bad}: overrides are --section.field=value or --section.field value")
     return args, overrides
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a stage reads: an input it would ignore, or toy numbers about to meet a real model, is an error
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def check_inputs(stage: str, cfg: Config, config_file) -> None:
+    """ValueError when `stage` would silently ignore a data file or model given to it, or when --model.path names a
+    checkpoint other than the embedded tiny architecture while no --config was given (the embedded default's toy
+    numbers, e.g. optim.lr=3e-3 and data.max_pixels=12544, would then train or evaluate a real model)."""
+    reads = {"data.train_files": stage in ("sft", "all"), "rl.prompt_files": stage in ("rl", "all"),
+             "eval.sets": stage == "eval" or (stage in ("rl", "all") and cfg.eval.every_n_steps > 0),
+             "model.path": stage != "rl"}
+    given = {"data.train_files": cfg.data.train_files, "rl.prompt_files": cfg.rl.prompt_files,
+             "eval.sets": cfg.eval.sets, "model.path": cfg.model.path}
+    unread = [k for k, v in given.items() if v and not reads[k]]
+    if unread:
+        raise ValueError(f"--stage {stage} does not read {', '.join(unread)}: data.train_files is read by sft and all, "
+                         "rl.prompt_files by rl and all, eval.sets by eval (and by rl and all with "
+                         "eval.every_n_steps > 0), model.path by every stage but rl (which starts from rl.init_from)")
+    hf_config = Path(cfg.model.path or ".") / "config.json"
+    if config_file is None and cfg.model.path and hf_config.is_file():
+        from transformers import AutoConfig
+
+        tc = AutoConfig.from_pretrained(cfg.model.path).get_text_config()
+        if (tc.hidden_size, tc.num_hidden_layers) != (cfg.model.hidden_size, cfg.model.num_layers):
+            raise ValueError(
+                f"--model.path={cfg.model.path} is a {tc.num_hidden_layers}-layer model of width {tc.hidden_size}, not "
+                f"the embedded tiny model, and no --config was given: the embedded default's toy numbers (optim.lr="
+                f"{cfg.optim.lr}, data.max_seq_len={cfg.data.max_seq_len}, data.max_pixels={cfg.data.max_pixels}, "
+                f"rl.policy_lr={cfg.rl.policy_lr}, ...) would apply to it. Pass the recipe's config "
+                "(--config configs/ovr_7b_coldstart.yaml for sft, configs/ovr_7b_rl.yaml for rl and eval) or your own;"
+                " --config configs/tiny.yaml uses the toy numbers on purpose")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -105,6 +141,8 @@ def dry_run(cfg: Config):
     units = [(name, sum(p.numel() for p in mod.parameters())) for name, mod in fsdp_units(model)]
     root = counts["total"] - sum(n for _, n in units)
     tc = model.hf.config.text_config
+    if cfg.model.path:  # the checkpoint's architecture sizes the activations, not the --model.* numbers
+        mcfg.hidden_size, mcfg.num_layers = tc.hidden_size, tc.num_hidden_layers
     h, inter = tc.hidden_size, tc.intermediate_size
     kv = tc.num_key_value_heads * (h // tc.num_attention_heads)
     # Saved activations of one decoder layer per token in bf16 (norm inputs, q/k/v, attention out, MLP
@@ -136,9 +174,11 @@ def dry_run(cfg: Config):
 
 
 def main(argv=None):
+    die_with_launcher()  # first: the earlier, the shorter the window in which the launcher can die unseen
     args, overrides = parse_args(argv)
     try:
         cfg = load_config(args.config, overrides)
+        check_inputs(args.stage, cfg, args.config)
     except ValueError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -169,6 +209,10 @@ def main(argv=None):
             from ovr_train.evaluate import evaluate
 
             evaluate(cfg, info)
+    except RunDirBusy as e:  # every rank raised it before touching a file: one plain message, no tracebacks
+        if info.is_main:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
     finally:
         if torch.distributed.is_initialized():
             shutdown()

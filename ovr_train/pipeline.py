@@ -119,9 +119,11 @@ def run_all(cfg, info) -> dict:
     """Collective: base -> eval -> sft -> eval -> rl -> eval -> report. Returns the summary (also summary.json)."""
     from ovr_train.report import write_report
     from ovr_train.rl import train_rl
+    from ovr_train.runlock import lock_run_dir
     from ovr_train.sft import train_sft
 
     out = Path(cfg.run.out_dir)
+    lock_run_dir(info, out, out / "eval")  # the report and the evals; each stage locks its own directory
     times, evals = {}, {}
     t_all = time.perf_counter()
     for stage in STAGES:

@@ -34,6 +34,7 @@ from ovr_train.data import IGNORE, Encoded, ImageProcessor, StepSampler, collate
 from ovr_train.dist import all_reduce, broadcast_object, clip_grad_norm, compute_dtype
 from ovr_train.metrics import MetricsLogger, plot_curves, read_metrics
 from ovr_train.rollout import rollout
+from ovr_train.runlock import lock_run_dir
 
 SFT_COMMAND = "torchrun --nproc_per_node 2 -m ovr_train.launch --stage sft"
 
@@ -129,6 +130,7 @@ def train_rl(cfg, info) -> Path:
 
     rcfg, rank, world, device = cfg.rl, info.rank, info.world_size, info.device
     stage_dir, use_critic = Path(cfg.run.out_dir) / "rl", rcfg.algo == "ppo"
+    lock_run_dir(info, stage_dir)  # before any file is touched: one live run per directory
     init_from = Path(rcfg.init_from or Path(cfg.run.out_dir) / "sft" / "hf")
     if not (init_from / "config.json").is_file():
         raise FileNotFoundError(f"RL starts from the SFT model at {init_from}, which does not exist: run `{SFT_COMMAND}`"

@@ -134,7 +134,14 @@ class HFEngine:
     def __init__(self, model, tokenizer, stop_token_ids, pad_token_id, blocked_token_ids=(), max_batch_size=256):
         if not stop_token_ids:
             raise ValueError("stop_token_ids must name at least one end token")
+        from transformers import GenerationConfig
+
         self.model = model.eval()
+        # generate() fills every field of the config we pass that is unset from model.generation_config, i.e. the
+        # checkpoint's generation_config.json (transformers/generation/utils.py:2086, 5.19): its repetition_penalty
+        # or no_repeat_ngram_size would then reshape the logits before our sampler, and rollouts would come from a
+        # distribution the trainer never scores. The library defaults add no processor.
+        model.generation_config = GenerationConfig()
         self.tokenizer = tokenizer
         self.stop_token_ids = [int(t) for t in stop_token_ids]
         self.pad_token_id = int(pad_token_id)
@@ -320,6 +327,10 @@ class VLLMEngine:
             llm_kwargs.setdefault("mm_processor_kwargs", {"min_pixels": int(image_pixels[0]),
                                                           "max_pixels": int(image_pixels[1])})
         llm_kwargs.setdefault("logprobs_mode", "processed_logprobs")
+        # Sample only with what SamplingParams says: "vllm" loads no sampling defaults (repetition_penalty, top_k,
+        # a max_new_tokens cap) from the checkpoint's generation_config.json (vllm 0.32.0 vllm/config/model.py:354
+        # and :1864; "auto" would merge them into every request that relies on the defaults, entrypoints/llm.py:411).
+        llm_kwargs.setdefault("generation_config", "vllm")
         self.sleep_mode = bool(llm_kwargs.get("enable_sleep_mode"))
         self.owns_process_group = not torch.distributed.is_initialized()  # else it is the trainer's, vLLM joins it
         self.llm = vllm.LLM(model=str(model_path), seed=seed, **llm_kwargs)

@@ -25,6 +25,7 @@ from ovr_train.data import ImageProcessor, StepSampler, collate, filler, load_sf
 from ovr_train.dist import DistInfo, all_reduce, barrier, clip_grad_norm, compute_dtype
 from ovr_train.metrics import MetricsLogger, Throughput, peak_memory_gib, plot_curves
 from ovr_train.model import build_sharded_model, flops_per_token, param_counts
+from ovr_train.runlock import lock_run_dir
 from ovr_train.synth_images import ensure_perception_corpus
 from ovr_train.synth_text import ensure_corpus
 from ovr_train.tokenizer import load_tokenizer, special_ids
@@ -59,17 +60,21 @@ def perception_files(cfg: Config) -> list:
                                      tuple(cfg.base.tasks))]
 
 
-def resolve_sft_init(cfg: Config) -> str:
-    """The HF dir the SFT stage starts from per sft.init_from ("" = random init)."""
+def resolve_sft_init(cfg: Config, say: bool = False) -> str:
+    """The HF dir the SFT stage starts from ("" = random init): a path in sft.init_from, else an explicit
+    model.path (it always wins over a base model some earlier run left in the run directory), else with "auto" the
+    pipeline's own base model <run.out_dir>/base/hf if the base stage wrote it. `say`: print what "auto" picked."""
     init = cfg.sft.init_from
-    if init == "auto":
-        base = Path(cfg.run.out_dir) / "base" / "hf"
-        return str(base) if (base / "config.json").is_file() else cfg.model.path
-    if init == "none":
+    if init not in ("auto", "none"):
+        if not (Path(init) / "config.json").is_file():
+            raise ValueError(f"sft.init_from={init!r} is not an HF model directory (no config.json)")
+        return init
+    base = Path(cfg.run.out_dir) / "base" / "hf"
+    if init == "none" or cfg.model.path or not (base / "config.json").is_file():
         return cfg.model.path
-    if not (Path(init) / "config.json").is_file():
-        raise ValueError(f"sft.init_from={init!r} is not an HF model directory (no config.json)")
-    return init
+    if say:
+        print(f"[sft] sft.init_from=auto: starting from this run's base model {base} (no --model.path given)")
+    return str(base)
 
 
 def setup_tokenizer_and_data(cfg: Config, info: DistInfo, stage: str = "sft"):
@@ -103,8 +108,9 @@ def train_sft(cfg: Config, info: DistInfo, stage: str = "sft") -> Path:
         raise ValueError(f"stage={stage!r}: must be 'sft' or 'base'")
     cfg = base_stage_config(cfg) if stage == "base" else copy.deepcopy(cfg)
     if stage == "sft":
-        cfg.model.path = resolve_sft_init(cfg)
+        cfg.model.path = resolve_sft_init(cfg, say=info.is_main)
     stage_dir = Path(cfg.run.out_dir) / stage
+    lock_run_dir(info, stage_dir)  # before any file is touched: one live run per directory
     tag = f"[{stage}]"
     ckpt_root = stage_dir / "checkpoints"
     if info.is_main:

@@ -92,3 +92,73 @@ def test_launch_rejects_stray_arguments():
         parse_args(["--stage", "sft", "stray"])
     with pytest.raises(SystemExit):
         parse_args(["--stage", "sft", "--sft.steps"])  # a key without a value
+
+
+def test_a_stage_refuses_inputs_it_would_ignore(capsys):
+    from ovr_train.launch import check_inputs, main
+
+    for stage, flag in [("rl", "--data.train_files=[p.jsonl]"), ("eval", "--rl.prompt_files=[p.jsonl]"),
+                        ("sft", "--eval.sets=a.jsonl"), ("base", "--data.train_files=[t.jsonl]"),
+                        ("all", "--eval.sets=a.jsonl"), ("rl", "--model.path=/ckpt")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--stage", stage, flag])
+        assert exit_info.value.code == 2
+        name = flag[2:].split("=")[0]
+        assert f"config error: --stage {stage} does not read {name}" in capsys.readouterr().err
+    # what each stage does read passes
+    check_inputs("rl", load_config(None, ["--rl.prompt_files=[p.jsonl]", "--eval.sets=a.jsonl",
+                                          "--eval.every_n_steps=2"]), None)
+    check_inputs("sft", load_config(None, ["--data.train_files=[t.jsonl]"]), None)
+    check_inputs("eval", load_config(None, ["--eval.sets=a.jsonl"]), None)
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \[.data.eval_files.\]"):  # read by nothing
+        load_config(None, ["--data.eval_files=[e.jsonl]"])
+
+
+def _checkpoint_config(path, **model):
+    """config.json of a Qwen2.5-VL of the embedded default's shape but `model` overrides (no weights needed)."""
+    from ovr_train.config import ModelCfg
+    from ovr_train.model import hf_config
+    from ovr_train.tokenizer import load_tokenizer, special_ids
+
+    tok = load_tokenizer("", "bpe", 2048, str(path.parent / "cache"), 0)
+    mcfg = ModelCfg(**model)
+    hf_config(mcfg, 2048, special_ids(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_a_real_checkpoint_without_config_is_refused(tmp_path):
+    from ovr_train.launch import check_inputs
+
+    real = _checkpoint_config(tmp_path / "real", hidden_size=256, intermediate_size=512, num_layers=6, num_heads=4,
+                              num_kv_heads=2, mrope_section=[8, 12, 12])
+    with pytest.raises(ValueError, match=r"model.path=.*real is a 6-layer model of width 256, not the embedded tiny "
+                                         r"model, and no --config was given: .*optim.lr=0.003.*ovr_7b_coldstart"):
+        check_inputs("sft", load_config(None, [f"--model.path={real}"]), None)
+    check_inputs("sft", load_config(str(CONFIG_DIR / "tiny.yaml"), [f"--model.path={real}"]), "configs/tiny.yaml")
+    toy = _checkpoint_config(tmp_path / "toy")  # e.g. the pipeline's own <out_dir>/sft/hf
+    check_inputs("eval", load_config(None, [f"--model.path={toy}"]), None)
+
+
+def test_rl_length_has_one_source_of_truth():
+    from ovr_train.rl import max_new_tokens_at
+
+    with pytest.raises(ValueError, match=r"rl.max_new_tokens=1000: disagrees with rl.length_curriculum=\[\[0, 24576\]"):
+        load_config(str(CONFIG_DIR / "ovr_7b_rl.yaml"), ["--rl.max_new_tokens=1000"])  # alone it did nothing
+    rl = load_config(None, ["--rl.max_new_tokens=64"]).rl  # the embedded default has no curriculum
+    assert [max_new_tokens_at(rl, s) for s in (0, 500)] == [64, 64]
+    rl = load_config(None, ["--rl.max_new_tokens=64", "--rl.length_curriculum=[[10, 128]]"]).rl
+    assert [max_new_tokens_at(rl, s) for s in (0, 9, 10)] == [64, 64, 128]
+
+
+def test_dry_run_sizes_from_the_checkpoint_config(tmp_path, capsys):
+    from ovr_train.launch import dry_run
+
+    shape = {"hidden_size": 256, "intermediate_size": 768, "num_layers": 6, "num_heads": 4, "num_kv_heads": 2,
+             "mrope_section": [8, 12, 12]}
+    ckpt = _checkpoint_config(tmp_path / "ckpt", **shape)
+    from_ckpt = dry_run(load_config(None, [f"--model.path={ckpt}"]))
+    overrides = [f"--model.{k}={v}".replace(" ", "") for k, v in shape.items()]
+    from_numbers = dry_run(load_config(None, overrides))
+    assert from_ckpt == pytest.approx(from_numbers)
+    assert from_ckpt["activations"] > dry_run(load_config(None, []))["activations"]

@@ -109,6 +109,9 @@ def test_base_stage_config_and_sft_init(tmp_path):
     (tmp_path / "base" / "hf").mkdir(parents=True)
     (tmp_path / "base" / "hf" / "config.json").write_text("{}")
     assert resolve_sft_init(cfg) == str(tmp_path / "base" / "hf")
+    cfg.model.path = str(tmp_path / "user_model")  # an explicit model always wins over a stale base export
+    assert resolve_sft_init(cfg) == str(tmp_path / "user_model")
+    cfg.model.path = ""
     cfg.sft.init_from = "none"
     assert resolve_sft_init(cfg) == ""
     cfg.sft.init_from = str(tmp_path / "missing")

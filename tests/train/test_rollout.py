@@ -211,3 +211,20 @@ def test_bad_sampling_arguments(model, tok):
         engine.generate([text_prompt(tok, "a")], n=0)
     with pytest.raises(ValueError, match="stop_token_ids"):
         HFEngine(model, tok, stop_token_ids=[], pad_token_id=PAD)
+
+
+def test_checkpoint_generation_config_adds_no_logits_processor(tmp_path, tok):
+    """A checkpoint's generation_config.json (repetition_penalty, as Qwen2.5-VL-Instruct ships) must not reach
+    generate(): the engine samples from exactly the distribution the trainer scores."""
+    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+
+    src = tiny_vl(3)
+    src.generation_config = GenerationConfig(repetition_penalty=1.5, no_repeat_ngram_size=2, bos_token_id=None)
+    src.save_pretrained(tmp_path)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert model.generation_config.repetition_penalty == 1.5  # the file was read: the test has teeth
+    prompts = [text_prompt(tok, "aaaa abab"), image_prompt(tok, (255, 0, 0), "aa")]
+    samples = engine_for(model, tok).generate(prompts, n=2, max_new_tokens=12, seed=2)
+    for s in samples:
+        want = teacher_forced_logprobs(model, prompts[s.prompt_index], s.token_ids, 1.0)
+        torch.testing.assert_close(torch.tensor(s.logprobs), want, atol=2e-5, rtol=1e-5)

@@ -1,9 +1,11 @@
 """End-to-end SFT through the real launcher (torchrun + gloo + FSDP2 + DCP on CPU, S7): 2 ranks == 1 rank at
-step 1, kill -9 mid-run then rerun == an uninterrupted run, NaN steps skipped then abort, the HF export loads."""
+step 1, a second run on a live run's directory is refused, the ranks die with a SIGKILLed launcher and the rerun ==
+an uninterrupted run, NaN steps skipped then abort, the HF export loads."""
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,14 +30,14 @@ def env(tmp_path_factory):
     return e
 
 
-def _cmd(nproc: int, out_dir, extra: list) -> list:
+def _cmd(nproc: int, out_dir, extra: list, port_offset: int = 0) -> list:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                "--master_port", str(29500 + os.getpid() % 1000)] if nproc > 1 else [sys.executable]
+                "--master_port", str(29500 + os.getpid() % 1000 + port_offset)] if nproc > 1 else [sys.executable]
     return launcher + ["-m", "ovr_train.launch", "--stage", "sft", f"--run.out_dir={out_dir}", *SMALL, *extra]
 
 
-def _run(nproc, out_dir, extra, env, check=True):
-    proc = subprocess.run(_cmd(nproc, out_dir, extra), env=env, cwd=ROOT, capture_output=True, text=True,
+def _run(nproc, out_dir, extra, env, check=True, port_offset=0):
+    proc = subprocess.run(_cmd(nproc, out_dir, extra, port_offset), env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=240, check=False)
     if check and proc.returncode != 0:
         raise AssertionError(f"launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -61,9 +63,41 @@ def test_two_ranks_match_one_rank_and_hsdp(tmp_path, env):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4) == pytest.approx(c["grad_norm"], rel=1e-4)
 
 
+def _descendants(pid: int) -> list:
+    """Live (non-zombie) descendants of `pid`, from /proc."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):  # exited while we looked
+            continue
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out, todo = out + kids, todo + kids
+    return sorted(out)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _snapshot(root: Path) -> dict:
+    """Every file under `root` -> (size, mtime_ns)."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")
+            if p.is_file()}
+
+
 @pytest.fixture(scope="module")
 def resumed_run(tmp_path_factory, env):
-    """An uninterrupted 2-rank run and one killed with SIGKILL after its step-4 checkpoint, then rerun."""
+    """An uninterrupted 2-rank run, and one paused after its step-4 checkpoint while a second run on the same
+    directory is started (it must be refused), then its launcher alone killed with SIGKILL (the ranks must follow)
+    and the same command rerun."""
     tmp = tmp_path_factory.mktemp("resume")
     extra = ["--sft.steps=14", "--checkpoint.every=2", "--checkpoint.keep=2"]
     _run(2, tmp / "full", extra + ["--checkpoint.export_hf=false"], env)
@@ -74,17 +108,53 @@ def resumed_run(tmp_path_factory, env):
     while time.time() < deadline and victim.poll() is None and not (ckpts / "step_00000004").is_dir():
         time.sleep(0.1)
     assert victim.poll() is None, "the run finished before it could be killed"
-    os.killpg(victim.pid, signal.SIGKILL)  # the launcher and both ranks, at once, mid-run
-    victim.wait()
+    ranks = _descendants(victim.pid)
+    facts = {"ranks": ranks}
+    lock = tmp / "killed" / "sft" / ".ovr.lock"
+    try:
+        for pid in [victim.pid, *ranks]:  # paused: the directory must stay as it is while the second run tries
+            os.kill(pid, signal.SIGSTOP)
+        facts["holder"] = lock.read_text().split() if lock.is_file() else []
+        before, t0 = _snapshot(tmp / "killed"), time.time()
+        facts["second"] = _run(2, tmp / "killed", extra, env, check=False, port_offset=1)
+        facts["second_s"], facts["changed"] = time.time() - t0, before != _snapshot(tmp / "killed")
+    finally:
+        for pid in [victim.pid, *ranks]:
+            os.kill(pid, signal.SIGCONT)
+        # The launcher's process group is the launcher alone: torchrun starts each rank in a session of its own.
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_alive(p) for p in ranks):
+        time.sleep(0.05)
+    facts["survivors"], facts["gone_s"] = [p for p in ranks if _alive(p)], time.time() - deadline + 10
+    for pid in facts["survivors"]:  # never leave orphans behind, even when the test fails
+        os.kill(pid, signal.SIGKILL)
     killed_at = max(r["step"] for r in _metrics(tmp / "killed"))
     assert killed_at < 14
     log = _run(2, tmp / "killed", extra, env)
-    return tmp, killed_at, log.stdout
+    return tmp, killed_at, log.stdout, facts
+
+
+@pytest.mark.dist
+def test_second_run_is_refused_and_ranks_die_with_their_launcher(resumed_run):
+    tmp, _, _, facts = resumed_run
+    second = facts["second"]
+    assert second.returncode != 0
+    holder = facts["holder"]
+    assert holder and holder[0] == "pid" and int(holder[1]) in facts["ranks"] and holder[4] == socket.gethostname()
+    assert (f"run directory {tmp / 'killed' / 'sft'} is in use by another live run "
+            f"(pid {holder[1]} on host {socket.gethostname()}") in second.stderr, second.stderr[-3000:]
+    assert second.stderr.count("is in use by another live run") == 1  # said once, by rank 0
+    assert not facts["changed"], "the refused run touched the live run's directory"
+    assert facts["second_s"] < 90, f"refused only after {facts['second_s']:.0f}s"
+    assert len(facts["ranks"]) >= 2 and facts["survivors"] == [], f"ranks outlived their launcher: {facts}"
+    print(f"refused in {facts['second_s']:.1f}s; ranks gone {facts['gone_s']:.2f}s after the launcher's SIGKILL")
 
 
 @pytest.mark.dist
 def test_kill9_then_rerun_continues_exactly(resumed_run):
-    tmp, _, stdout = resumed_run
+    tmp, _, stdout, _ = resumed_run
     assert "resumed from" in stdout and "at step" in stdout
     full, resumed = _metrics(tmp / "full"), _metrics(tmp / "killed")
     assert [r["step"] for r in resumed] == list(range(1, 15))  # the curve has every step exactly once

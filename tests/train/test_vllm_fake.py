@@ -267,7 +267,8 @@ def test_factory_passes_memory_share_limits_and_pixels(fake_vllm, monkeypatch):
     kwargs = FakeLLM.instances[-1].kwargs
     assert kwargs == {"gpu_memory_utilization": 0.3, "max_model_len": 4096, "max_num_seqs": 64,
                       "mm_processor_kwargs": {"min_pixels": 12544, "max_pixels": 50176},
-                      "logprobs_mode": "processed_logprobs"}  # no sleep mode on CPU; vLLM's other defaults
+                      "logprobs_mode": "processed_logprobs", "generation_config": "vllm"}
+    # no sleep mode on CPU; vLLM's other defaults; no sampling defaults from the checkpoint's generation_config
     assert FakeLLM.instances[-1].seed == 3 and isinstance(engine, VLLMEngine)
     import os
 
