@@ -61,6 +61,7 @@ def environment_info(device: str) -> dict:
     except ImportError:
         triton_version = None
     info = {
+        "backend": device,  # "cuda" | "cpu": what the report labels the row with
         "device": torch.cuda.get_device_name() if device == "cuda" else _cpu_name(),
         "torch": torch.__version__,
         "triton": triton_version,
@@ -195,7 +196,7 @@ def pytest_collection_modifyitems(config, items):
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "gpu" in item.keywords or "gpu_bench" in getattr(item, "fixturenames", ()):
+        if item.get_closest_marker("gpu") or "gpu_bench" in getattr(item, "fixturenames", ()):
             item.add_marker(skip_gpu)
 
 

@@ -91,10 +91,22 @@ def test_atomic_dkdv_path_matches_deterministic():
     total = sum(lengths)
     q = torch.randn(total, 28, 80, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(total, 4, 80, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    block_n = va._launch_params("dkdv", 80, max(lengths), q.device)[1]
+    block_n = va._launch_params("dkdv", 80, max(lengths), q.device, q.dtype, True)[1]
     assert va.use_atomic_dkdv(False, 28, 4, 80, total, block_n, q.device)
     do = torch.randn_like(q)
     atomic = _check((lengths, cu, max(lengths), q, k, v, True), do=do)
     ordered = _check((lengths, cu, max(lengths), q, k, v, True), deterministic=True, do=do)
     for a, o in zip(atomic[3:], ordered[3:]):
         assert float((a.float() - o.float()).abs().max()) <= 2e-2 * float(o.float().abs().max())
+
+
+def test_fp32_routes_to_its_own_tiles_or_is_rejected():
+    """fp32 on CUDA: D <= FP32_MAX_HEAD_DIM runs the table's fp32 tiles (ieee dots) and matches the truth like the
+    fp32 reference does; a larger D is refused with a clear error instead of launching a spilling kernel."""
+    torch.manual_seed(0)
+    lengths, cu, max_len, q, k, v, causal = bva._inputs("vit_full")
+    _check((lengths, cu, max_len, q.float(), k.float(), v.float(), causal), atol_scale=1e-5)
+    q = torch.randn(64, 4, 128, device="cuda")
+    cu = torch.tensor([0, 64], dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match="fp32 q/k/v with head_dim=128 on CUDA"):
+        varlen_attention(q, q[:, :2], q[:, :2], cu, cu, 64, 64, causal=True)
