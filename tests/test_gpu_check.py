@@ -63,3 +63,27 @@ def test_rehearsal_writes_results_table_and_copies_them_out(tmp_path):
     run_dir = next(p for p in results.iterdir() if p.is_dir())
     assert "| test_gae_cpu | CPU |" in (run_dir / "README.rehearsal.md").read_text()
     assert (ROOT / "README.md").read_text() == readme_before
+
+
+def test_install_wheels_installs_only_what_is_missing_or_too_old(tmp_path, monkeypatch):
+    """A carried wheel of a package the image already has at a recent enough version is left out (it would shadow
+    the image's copy); a missing package, or pytest below 8.1, is installed."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("install_wheels", ROOT / "benchmarks" / "install_wheels.py")
+    iw = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(iw)
+    wheels = [tmp_path / n for n in ("pytest-9.2.0-py3-none-any.whl", "not_a_real_pkg_ovr-1.0-py3-none-any.whl",
+                                     "py_cpuinfo-9.0.0-py3-none-any.whl")]
+    versions = {"pytest": "9.0.1", "py-cpuinfo": "9.0.0"}
+
+    def version(name):
+        if name not in versions:
+            raise iw.metadata.PackageNotFoundError(name)
+        return versions[name]
+
+    monkeypatch.setattr(iw.metadata, "version", version)
+    assert [w.name for w in iw.needed(wheels)] == ["not_a_real_pkg_ovr-1.0-py3-none-any.whl"]
+    versions["pytest"] = "7.4.0"
+    assert [w.name for w in iw.needed(wheels)] == ["pytest-9.2.0-py3-none-any.whl",
+                                                   "not_a_real_pkg_ovr-1.0-py3-none-any.whl"]
