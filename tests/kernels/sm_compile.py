@@ -87,11 +87,57 @@ class SMInfo:
 def launch_divisible(signature: dict, values: dict) -> list[str]:
     """The arguments a launch marks divisible by 16: every pointer (torch allocations are 16-byte aligned) and every
     int argument whose value in `values` is a multiple of 16. Every int argument must have a value."""
-    ints = [k for k, t in signature.items() if t[0] in "iu" and not t.startswith("*")]
+    ints = [k for k, t in signature.items() if t[0] in "iu"]
     missing = [k for k in ints if k not in values]
     if missing:
         raise ValueError(f"no launch value for int arguments {missing}")
     return [k for k, t in signature.items() if t.startswith("*")] + [k for k in ints if values[k] % 16 == 0]
+
+
+class _Recorder:
+    """Stands in for a @triton.jit kernel: `kernel[grid](*args, **kwargs)` records the call instead of launching."""
+
+    def __init__(self, kernel):
+        self.arg_names = list(kernel.arg_names)
+        self.calls = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            named = dict(zip(self.arg_names, args))
+            named.update(kwargs)
+            self.calls.append(named)
+        return launch
+
+
+def capture_launches(module, kernel_names: list[str], run) -> dict[str, list[dict]]:
+    """Run `run()` with `module`'s kernels `kernel_names` replaced by recorders; returns {name: [launch kwargs]}
+    (every argument by name, plus num_warps / num_stages). Call it with meta tensors and the module's GPU settings
+    patched in (INTERPRET off, device properties) to see exactly what a GPU launch at those shapes passes."""
+    recorders = {name: _Recorder(getattr(module, name)) for name in kernel_names}
+    saved = {name: getattr(module, name) for name in kernel_names}
+    try:
+        for name, rec in recorders.items():
+            setattr(module, name, rec)
+        run()
+    finally:
+        for name, kernel in saved.items():
+            setattr(module, name, kernel)
+    return {name: rec.calls for name, rec in recorders.items()}
+
+
+def job_from_launch(kernel, signature: dict, launch: dict, arch: int) -> dict:
+    """The compile job of one captured launch: its constexprs and launch options, and the ints it passed marked as
+    triton's launcher marks them (an int equal to 1 is specialised to the constant 1, as triton does)."""
+    sig = dict(signature)
+    constexprs = {k: launch[k] for k, t in signature.items() if t == "constexpr"}
+    values = {k: int(launch[k]) for k, t in signature.items() if t[0] in "iu" and not t.startswith("*")}
+    for k, v in list(values.items()):
+        if v == 1:
+            sig[k] = "constexpr"
+            constexprs[k] = 1
+            del values[k]
+    return job(kernel, sig, constexprs, arch, launch.get("num_warps", 4), launch.get("num_stages", 3),
+               values=values)
 
 
 def _job(kernel, signature, constexprs, arch, num_warps, num_stages, divisible=None, values=None):
