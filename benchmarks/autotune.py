@@ -16,6 +16,7 @@ kernel at tiny shapes through the interpreter: it exercises this control flow, i
 
 import argparse
 import datetime
+import functools
 import importlib
 import json
 import os
@@ -27,7 +28,7 @@ from unittest import mock
 # this checkout's ovr_kernels (not an installed copy) and the benchmark modules
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
-import torch  # noqa: E402
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE = ROOT / "ovr_kernels" / "attention_configs.json"
@@ -81,12 +82,25 @@ def _timer(tiny):
     return lambda fn: triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
 
 
+def _forward(q, k, v, cu, max_len, causal):
+    from ovr_kernels import varlen_attention
+
+    with torch.no_grad():
+        varlen_attention(q, k, v, cu, cu, max_len, max_len, causal=causal, check_cu_seqlens_values=False)
+
+
+def _forward_backward(q, k, v, do, cu, max_len, causal):
+    from ovr_kernels import varlen_attention
+
+    out = varlen_attention(q, k, v, cu, cu, max_len, max_len, causal=causal, check_cu_seqlens_values=False)
+    torch.autograd.grad(out, (q, k, v), do)
+
+
 def sweep(budget_s: float, tiny: bool, deadline: float):
     """Time candidates; returns (records, winners {key: {kernel: cfg}} for kernels fully swept)."""
     va = importlib.import_module("ovr_kernels.varlen_attention")
-    from ovr_kernels import varlen_attention
-
-    arch = 90 if tiny else (lambda m: 10 * m[0] + m[1])(torch.cuda.get_device_capability())
+    major, minor = (9, 0) if tiny else torch.cuda.get_device_capability()
+    arch = 10 * major + minor
     timer = _timer(tiny)
     candidates = TINY_CANDIDATES if tiny else CANDIDATES
     inputs = [(dtype, _inputs(shape, tiny)) for shape, dtype in KEYS]
@@ -99,6 +113,9 @@ def sweep(budget_s: float, tiny: bool, deadline: float):
         key = table_key(arch, dtype, q.shape[2], causal, max_len <= 64)
         qg, kg, vg = (x.detach().clone().requires_grad_() for x in (q, k, v))
         do = torch.randn_like(q)
+        args = (cu, max_len, causal)
+        runs = {"fwd": functools.partial(_forward, q, k, v, *args),
+                "bwd": functools.partial(_forward_backward, qg, kg, vg, do, *args)}
         for kernel, cands in candidates.items():
             if kernel != "fwd" and max_len <= 64:
                 continue  # short segments tune the forward only (the backward tiles do not depend on length)
@@ -112,22 +129,12 @@ def sweep(budget_s: float, tiny: bool, deadline: float):
                 def chosen(name, *args, cfg=cfg, kernel=kernel, **kwargs):
                     return cfg if name == kernel else real_block_config(name, *args, **kwargs)
 
-                def fwd():
-                    with torch.no_grad():
-                        varlen_attention(q, k, v, cu, cu, max_len, max_len, causal=causal,
-                                         check_cu_seqlens_values=False)
-
-                def fwd_bwd():
-                    out = varlen_attention(qg, kg, vg, cu, cu, max_len, max_len, causal=causal,
-                                           check_cu_seqlens_values=False)
-                    torch.autograd.grad(out, (qg, kg, vg), do)
-
                 # the interpreter launches every kernel with _INTERPRET_CONFIG: patch that in a rehearsal
                 patch = mock.patch.object(va, "_INTERPRET_CONFIG", cfg) if tiny else \
                     mock.patch.object(va, "block_config", chosen)
                 try:
                     with patch:
-                        ms = timer(fwd if kernel == "fwd" else fwd_bwd)
+                        ms = timer(runs["fwd" if kernel == "fwd" else "bwd"])
                 except Exception as e:  # noqa: BLE001 - out of resources etc.: record, try the next one
                     ms = None
                     print(f"[{done}/{total}] {key} {kernel} {cfg}: failed ({type(e).__name__}: {str(e)[:120]})",

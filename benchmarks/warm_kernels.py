@@ -16,7 +16,7 @@ from pathlib import Path
 # this checkout's ovr_kernels (not an installed copy) and the benchmark modules
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
-import torch  # noqa: E402
+import torch
 
 
 def _timed(label, fn):
@@ -41,8 +41,14 @@ def main(argv=None):
     import bench_ppo_loss as bppo
     import bench_varlen_attention as bva
 
-    from ovr_kernels import grpo_advantages, linear_logprob_entropy, masked_whiten, ppo_loss, value_loss
-    from ovr_kernels import varlen_attention
+    from ovr_kernels import (
+        grpo_advantages,
+        linear_logprob_entropy,
+        masked_whiten,
+        ppo_loss,
+        value_loss,
+        varlen_attention,
+    )
 
     def attention():
         for shape in bva.SHAPES:

@@ -10,8 +10,16 @@ import pytest
 import torch
 from conftest import assert_close_3way
 
-from ovr_kernels import _ext, drgrpo_advantages, gae, grpo_advantages, masked_whiten, ppo_loss, rloo_advantages
-from ovr_kernels import value_loss
+from ovr_kernels import (
+    _ext,
+    drgrpo_advantages,
+    gae,
+    grpo_advantages,
+    masked_whiten,
+    ppo_loss,
+    rloo_advantages,
+    value_loss,
+)
 from ovr_kernels.reference import (
     drgrpo_advantages_ref,
     grpo_advantages_ref,

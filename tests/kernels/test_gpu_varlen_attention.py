@@ -7,6 +7,7 @@ a few heads) at a time so that the float64 score matrices of an 8k-token segment
 """
 
 import importlib
+import itertools
 import sys
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def _reference(q, k, v, cu, causal, do, dtype):
     dk, dv = torch.zeros(k.shape, dtype=acc, device=k.device), torch.zeros(v.shape, dtype=acc, device=v.device)
     lse = torch.full((hq, q.shape[0]), float("-inf"), dtype=torch.float64, device=q.device)
     bounds = cu.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in itertools.pairwise(bounds):
         n = end - start
         if n == 0:
             continue
@@ -56,7 +57,7 @@ def _reference(q, k, v, cu, causal, do, dtype):
 
 
 def _check(shape_inputs, atol_scale=1e-3, deterministic=False, do=None):
-    lengths, cu, max_len, q, k, v, causal = shape_inputs
+    _, cu, max_len, q, k, v, causal = shape_inputs
     do = torch.randn_like(q) if do is None else do
     qg, kg, vg = (x.detach().clone().requires_grad_() for x in (q, k, v))
     out, lse = varlen_attention(qg, kg, vg, cu, cu, max_len, max_len, causal=causal, return_lse=True,

@@ -48,7 +48,7 @@ def launched_jobs(arch):
                                    torch.empty(num_tokens, dtype=torch.int64, device="meta"))
         stats = [torch.empty(num_tokens, device="meta") for _ in range(5)]
 
-        def run():
+        def run(hidden=hidden, weight=weight, targets=targets, stats=stats):
             for with_entropy in (True, False):
                 ll._triton_fwd(hidden, weight, targets, 1.0, -100, with_entropy)
             for grad_entropy in (stats[4], None):
