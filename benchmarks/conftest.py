@@ -21,6 +21,7 @@ Run: `pytest benchmarks/ --benchmark-only` (CPU benchmarks run, GPU ones skip), 
 """
 
 import datetime
+import os
 import platform
 import resource
 import statistics
@@ -35,6 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _git_sha() -> str:
+    if os.environ.get("OVR_GIT_SHA"):  # gpu_check.sh: the device machine's copy of the tree may have no .git
+        return os.environ["OVR_GIT_SHA"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=ROOT, capture_output=True, text=True, timeout=10)
         return out.stdout.strip() if out.returncode == 0 else "unknown"

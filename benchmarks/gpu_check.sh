@@ -12,12 +12,16 @@
 # trap rebuilds the table from whatever exists and copies it to $OUT. $OUT takes few files, so it gets summary.md,
 # results.tar.gz (every JSON, log and junit file) and the combined results JSON.
 # Results: benchmarks/results/<device>-<date>-<sha>/ (plus <device>-<date>-<sha>.md, the table, naming device,
-# torch / triton versions, date and git sha); the README's results section is refreshed on a GPU run.
+# torch / triton versions, date and git sha) and a copy of the README with its results section refreshed. Back on the
+# development machine: tar -xzf results.tar.gz -C benchmarks/results, then commit that directory and
+# `python benchmarks/report.py --dir benchmarks/results/<name> --md benchmarks/results/<name>.md --readme README.md`.
+# Device tool: carry [".whl"], timeout_s >= GPU_CHECK_TOTAL + 60 (the trap's report and copy run after the last cut).
 #
-# Environment: GPU_CHECK_TOTAL (s, default 480: the whole run's budget), GPU_CHECK_BUDGET_<section> (s, one
-# section's cap), GPU_CHECK_AUTOTUNE=1 (the block-config sweep, opt-in), GPU_CHECK_TRAIN_STEP=0 (skip the whole-step
-# benchmarks, which otherwise run last if time is left), GPU_CHECK_HEAVY=1 (the compiled baselines of the
-# linear log-prob benchmark), GPU_CHECK_K="expr" (pytest -k for every benchmark file).
+# Environment: GPU_CHECK_SHA (the commit, where the tree has no .git), GPU_CHECK_TOTAL (s, default 480: the whole
+# run's budget), GPU_CHECK_BUDGET_<section> (s, one section's cap), GPU_CHECK_AUTOTUNE=1 (the block-config sweep,
+# opt-in), GPU_CHECK_TRAIN_STEP=0 (skip the whole-step benchmarks, which otherwise run last if time is left),
+# GPU_CHECK_HEAVY=1 (the compiled baseline of the linear log-prob benchmark), GPU_CHECK_K="expr" (pytest -k for
+# every benchmark file), PYTHON (the interpreter).
 #
 # Section estimates on an H100/H200 with cold caches (ESTIMATES, never measured yet): wheels 5 s, build 40 s,
 # warm 45 s, GPU tests 90 s, attention 75 s, linear log-prob 50 s, PPO 30 s, GAE 10 s, packing 10 s: ~6 min;
@@ -29,8 +33,11 @@ REHEARSE=0
 T0=$(date +%s)
 TOTAL=${GPU_CHECK_TOTAL:-480}
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-PY=${PYTHON:-python}
-command -v "$PY" >/dev/null 2>&1 || PY=python3
+PY=
+for candidate in ${PYTHON:-} python3 python; do  # the interpreter that has torch (plain python3 on the GPU image)
+  if "$candidate" -c "import torch" >/dev/null 2>&1; then PY=$candidate; break; fi
+done
+[ -n "$PY" ] || { echo "gpu_check: no python with torch found (set PYTHON=...)" >&2; exit 2; }
 
 if [ "$REHEARSE" = 0 ]; then
   if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
@@ -50,8 +57,12 @@ fi
 export TRITON_CACHE_DIR="$PWD/.cache/triton"  # one cache for every process of the run: warmed once
 mkdir -p "$TRITON_CACHE_DIR"
 
-SHA=$(git rev-parse --short HEAD 2>/dev/null || echo nogit)
-DEVICE=$("$PY" -c "import re, torch; n = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu-rehearsal'; print(re.sub(r'[^A-Za-z0-9]+', '-', n).strip('-'))")
+# the device machine's copy of the tree may have no .git: GPU_CHECK_SHA names the commit then
+export OVR_GIT_SHA=${GPU_CHECK_SHA:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+SHA=${OVR_GIT_SHA:0:7}
+DEVICE=$("$PY" -c "import re, torch
+n = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu-rehearsal'
+print(re.sub(r'[^A-Za-z0-9]+', '-', n).strip('-'))")
 NAME="${DEVICE}-$(date -u +%Y-%m-%d)-${SHA}"
 RES=${GPU_CHECK_RESULTS:-benchmarks/results}/$NAME
 rm -rf "$RES" && mkdir -p "$RES"
@@ -62,12 +73,8 @@ printf 'section\tstatus\tseconds\tbudget\n' > "$SECTIONS"
 finish() {  # every exit: rebuild the table from what exists, copy it out
   local rc=$?
   trap - EXIT INT TERM
-  local readme=()
-  if [ "$REHEARSE" = 1 ]; then
-    cp README.md "$RES/README.rehearsal.md" 2>/dev/null && readme=(--readme "$RES/README.rehearsal.md")
-  elif [ "${GPU_CHECK_README:-1}" = 1 ]; then
-    readme=(--readme README.md)
-  fi
+  local readme=()  # a refreshed copy of the README travels back; the checkout's own is never rewritten here
+  cp README.md "$RES/README.md" 2>/dev/null && readme=(--readme "$RES/README.md")
   "$PY" benchmarks/report.py --dir "$RES" --md "$RES.md" --combined "$RES/combined.json" "${readme[@]}" \
     > "$RES/summary.md" 2> "$RES/report.err" || echo "gpu_check: report.py failed (see $RES/report.err)" >&2
   cp "$RES.md" "$RES/summary.md" 2>/dev/null
@@ -122,7 +129,8 @@ if [ "$REHEARSE" = 0 ]; then
   run_section build 150 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . \
     || echo "   (build failed: the tests and benchmarks run without the compiled extension)"
 fi
-"$PY" -c "import ovr_kernels as o, torch; print('torch', torch.__version__, 'HAS_EXT', o.HAS_EXT, 'HAS_CUDA_EXT', o.HAS_CUDA_EXT)" \
+"$PY" -c "import ovr_kernels as o, torch, triton
+print('torch', torch.__version__, 'triton', triton.__version__, 'HAS_EXT', o.HAS_EXT, 'HAS_CUDA_EXT', o.HAS_CUDA_EXT)" \
   | tee "$RES/env.txt"
 
 # -------- warm the Triton cache: every kernel once at its benchmark specialisation
@@ -134,7 +142,7 @@ if [ "$REHEARSE" = 1 ]; then  # the gpu tests skip here; one quick interpreter t
          tests/kernels/test_gpu_losses.py tests/kernels/test_advantages.py::test_grpo_eps
          tests/kernels/test_advantages.py::test_broadcast_to_tokens)
 else
-  TESTS=(tests -m gpu)
+  TESTS=(tests/kernels -m gpu)  # every CUDA-using test lives there; collecting tests/train costs time
 fi
 run_section tests 180 "$PY" -m pytest -q -p no:cacheprovider -rfEs --junitxml="$RES/tests.xml" "${TESTS[@]}"
 

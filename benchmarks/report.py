@@ -139,7 +139,7 @@ def run_dir_report(run: Path) -> tuple[str, list]:
     logs = [p for p in sorted(run.glob("*.log")) if p.stem.startswith("bench_")]
     names = sorted({p.stem for p in run.glob("bench_*.json")} | {p.stem for p in logs})
     runs = [(str(run / f"{n}.json"), _read(run / f"{n}.json")) for n in names]
-    parts = [f"## Results: `{run.name}`\n"]
+    parts = [f"**Results: `{run.name}`** (sections, GPU test verdicts, benchmarks)\n"]
     if (run / "sections.tsv").exists():
         parts.append(sections_table(run / "sections.tsv"))
     parts.append(tests_table(run / "tests.xml"))

@@ -61,7 +61,7 @@ def test_rehearsal_writes_results_table_and_copies_them_out(tmp_path):
     assert {"bench_gae.json", "bench_gae.log", "tests.xml", "sections.tsv", "autotune.json"} <= names
     # the README refresh ran on a copy; the real README is untouched by a rehearsal
     run_dir = next(p for p in results.iterdir() if p.is_dir())
-    assert "| test_gae_cpu | CPU |" in (run_dir / "README.rehearsal.md").read_text()
+    assert "| test_gae_cpu | CPU |" in (run_dir / "README.md").read_text()
     assert (ROOT / "README.md").read_text() == readme_before
 
 
