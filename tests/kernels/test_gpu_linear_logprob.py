@@ -90,7 +90,8 @@ def test_fused_policy_loss_qwen_head(all_options):
     if all_options:
         g = torch.Generator(device="cpu").manual_seed(2)
         ref_logprobs = x["old_logprobs"] + 0.1 * torch.randn(T, generator=g).cuda()
-        cu = torch.tensor([0, 5, 1000, 1001, 3000, T], dtype=torch.int32, device="cuda")
+        # sequence mean over five sequences, one of them a single token
+        cu = torch.tensor([0, 5, T // 4, T // 4 + 1, 3 * T // 4, T], dtype=torch.int32, device="cuda")
         common = {"dual_clip": 3.0, "kl_coef": 0.05, "entropy_coef": 0.01, "cu_seqlens": cu}
         opts = dict(common, ref_logprobs=ref_logprobs)
         ref_opts = dict(common, ref_logprobs_T=ref_logprobs.double())
