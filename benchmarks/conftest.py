@@ -21,6 +21,7 @@ Run: `pytest benchmarks/ --benchmark-only` (CPU benchmarks run, GPU ones skip), 
 """
 
 import datetime
+import os
 import platform
 import resource
 import statistics
@@ -35,6 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _git_sha() -> str:
+    if os.environ.get("OVR_GIT_SHA"):  # gpu_check.sh: the device machine's copy of the tree may have no .git
+        return os.environ["OVR_GIT_SHA"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=ROOT, capture_output=True, text=True, timeout=10)
         return out.stdout.strip() if out.returncode == 0 else "unknown"
@@ -61,6 +64,7 @@ def environment_info(device: str) -> dict:
     except ImportError:
         triton_version = None
     info = {
+        "backend": device,  # "cuda" | "cpu": what the report labels the row with
         "device": torch.cuda.get_device_name() if device == "cuda" else _cpu_name(),
         "torch": torch.__version__,
         "triton": triton_version,
@@ -195,7 +199,7 @@ def pytest_collection_modifyitems(config, items):
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "gpu" in item.keywords or "gpu_bench" in getattr(item, "fixturenames", ()):
+        if item.get_closest_marker("gpu") or "gpu_bench" in getattr(item, "fixturenames", ()):
             item.add_marker(skip_gpu)
 
 

@@ -1,23 +1,30 @@
-"""Turn a pytest-benchmark JSON file into a markdown table; optionally refresh the README's results section.
+"""Turn benchmark results into a markdown table; optionally refresh the README's results section.
 
-    python benchmarks/report.py RESULTS.json [--md OUT.md] [--readme README.md]
+    python benchmarks/report.py RESULTS.json [MORE.json ...] [--md OUT.md] [--readme README.md]
+    python benchmarks/report.py --dir benchmarks/results/RUN/ [--md OUT.md] [--combined ALL.json] [--readme README.md]
     python benchmarks/report.py --latest [--readme README.md]   # newest benchmarks/results/*.json
 
-Each row: benchmark, median ms, and the derived units the benchmark put in extra_info (TFLOP/s, GB/s, peak MiB,
-ratios to baselines measured in the same run). The header names the device, torch/triton/CUDA versions, date and
-git sha recorded by benchmarks/conftest.py; CPU-only runs are labelled as such.
+A run directory (benchmarks/gpu_check.sh) holds one pytest-benchmark JSON per benchmark file, tests.xml (junit of the
+GPU tests) and sections.tsv (each section's status and seconds). Each JSON file is one pytest run with its own
+environment (device, torch / triton / CUDA versions, git sha, date recorded by benchmarks/conftest.py), named in the
+header; each row says whether the benchmark ran on the GPU or the CPU, so a GPU run's CPU benchmarks are labelled as
+such and a CPU-only run says so. Rows: benchmark, shape, ovr's median ms, each baseline timed in the same run
+(its ms and ovr's speedup over it), and the other derived units (TFLOP/s, GB/s, peak MiB...). A file that is missing
+or unreadable (a section cut before pytest wrote it) is listed, not fatal.
 """
 
 import argparse
 import json
 import re
 import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-RESULT_WORDS = ("tflops", "gbps", "tokens_per_s", "mfu", "peak", "speedup", "ratio", "fraction", "_vs_", "error")
-ENV_KEYS = {"median_ms", "cpu_threads", "has_ext", "has_cuda_ext", "device", "gpu_name", "torch", "triton", "cuda", "git_sha", "date", "timestamp", "python", "host"}
+RESULT_WORDS = ("tflops", "gbps", "tokens_per_s", "mfu", "peak", "ratio", "fraction", "error", "oom", "launches")
+ENV_KEYS = ("device", "backend", "gpu_name", "torch", "triton", "cuda", "python", "git_sha", "date")
+NOT_RESULTS = {"median_ms", "cpu_threads", "has_ext", "has_cuda_ext", "timestamp", "host", *ENV_KEYS}
 
 
 def _fmt(v):
@@ -28,26 +35,116 @@ def _fmt(v):
     return f"{v:.3e}"
 
 
-def to_markdown(data: dict, source: str) -> str:
-    """Markdown for one pytest-benchmark JSON document."""
+def on_gpu(info: dict) -> bool:
+    """Whether a benchmark ran on CUDA: the `backend` its fixture recorded; older files: CUDA peak-memory keys."""
+    if "backend" in info:
+        return info["backend"] == "cuda"
+    return bool(info.get("gpu_name")) or "peak_mib" in info or "cuda" in str(info.get("device", "")).lower()
+
+
+def run_environment(data: dict) -> dict:
+    """The environment of one pytest run: the GPU benchmarks' device when there are any, else the CPU's."""
     benches = data.get("benchmarks", [])
-    if not benches:
-        raise ValueError(f"{source}: no benchmarks in this file")
-    env = {k: v for k, v in benches[0].get("extra_info", {}).items() if k in ENV_KEYS}
-    device = env.get("device") or env.get("gpu_name") or data.get("machine_info", {}).get("cpu", {}).get("brand_raw")
-    is_cpu = "cuda" not in str(env.get("device", "")).lower() and not env.get("gpu_name")
-    head = [f"Device: {device}{' (CPU-only run)' if is_cpu else ''}; "
-            + ", ".join(f"{k} {env[k]}" for k in ("torch", "triton", "cuda", "git_sha") if env.get(k))
-            + f"; date {env.get('date') or data.get('datetime', '?')}; source `{source}`", ""]
-    head.append("| benchmark | median ms | shape / mode | results (derived units, ratios to baselines in the same run) |")
-    head.append("|---|---:|---|---|")
-    for b in sorted(benches, key=lambda b: b.get("fullname", b["name"])):
-        info = b.get("extra_info", {})
-        shape = " ".join(str(info[k]) for k in ("shape", "mode") if k in info)
-        results = ", ".join(f"{k} {_fmt(v)}" for k, v in info.items()
-                            if any(w in k for w in RESULT_WORDS) and k not in ENV_KEYS)
-        head.append(f"| {b['name']} | {_fmt(b['stats']['median'] * 1e3)} | {shape} | {results} |")
-    return "\n".join(head) + "\n"
+    infos = [b.get("extra_info", {}) for b in benches]
+    gpu = [i for i in infos if on_gpu(i)]
+    first = (gpu or infos or [{}])[0]
+    env = {k: first[k] for k in ENV_KEYS if first.get(k) not in (None, "")}
+    env.setdefault("device", data.get("machine_info", {}).get("cpu", {}).get("brand_raw", "?"))
+    env.setdefault("date", data.get("datetime", "?"))
+    env["kind"] = "GPU" if gpu else "CPU-only"
+    return env
+
+
+def _env_line(env: dict, source: str) -> str:
+    versions = ", ".join(f"{k} {env[k]}" for k in ("torch", "triton", "cuda", "git_sha") if env.get(k))
+    return f"{env['kind']} run on {env['device']}: {versions}; date {env['date']}; source `{source}`"
+
+
+def _row(b: dict) -> str:
+    info = b.get("extra_info", {})
+    shape = " ".join(str(info[k]) for k in ("shape", "mode", "pass_") if k in info)
+    baselines = []
+    for key, value in info.items():
+        m = re.fullmatch(r"(.+)_median_ms", key)
+        if m and key != "median_ms":
+            speedup = info.get(f"speedup_vs_{m.group(1)}")
+            baselines.append(f"{m.group(1)} {_fmt(value)} ms" + (f" ({_fmt(speedup)}x)" if speedup is not None else ""))
+    errors = [f"{k[:-6]}: n/a" for k in info if k.endswith("_error")]
+    results = [f"{k} {_fmt(v)}" for k, v in info.items() if k not in NOT_RESULTS and not k.endswith("_median_ms")
+               and not k.startswith("speedup_vs_") and not k.endswith("_error") and any(w in k for w in RESULT_WORDS)]
+    return (f"| {b['name']} | {'GPU' if on_gpu(info) else 'CPU'} | {shape} | {_fmt(b['stats']['median'] * 1e3)} | "
+            f"{'; '.join(baselines + errors) or '-'} | {', '.join(results) or '-'} |")
+
+
+def benchmarks_table(runs: list[tuple[str, dict | None]]) -> str:
+    """Markdown for pytest-benchmark runs [(source, data or None when unreadable)]."""
+    lines, rows = [], []
+    for source, data in runs:
+        if data is None:
+            lines.append(f"- `{source}`: no results (missing or unreadable: the section was cut before it was written)")
+            continue
+        if not data.get("benchmarks"):
+            lines.append(f"- `{source}`: no benchmark ran (all skipped or deselected)")
+            continue
+        lines.append("- " + _env_line(run_environment(data), source))
+        rows += [_row(b) for b in sorted(data["benchmarks"], key=lambda b: b.get("fullname", b["name"]))]
+    out = "\n".join(lines) + "\n"
+    if rows:
+        out += ("\n| benchmark | on | shape / mode | ovr median ms | baselines, same run (ms, ovr speedup) | "
+                "derived units |\n|---|---|---|---:|---|---|\n" + "\n".join(rows) + "\n")
+    return out
+
+
+def tests_table(junit: Path) -> str:
+    """One row per test of a junit file: outcome, seconds, first line of the failure."""
+    try:
+        root = ET.parse(junit).getroot()
+    except (OSError, ET.ParseError) as e:
+        return f"GPU tests: no verdicts (`{junit}`: {type(e).__name__})\n"
+    rows, counts = [], {}
+    for case in root.iter("testcase"):
+        outcome, message = "passed", ""
+        for tag in ("failure", "error", "skipped"):
+            node = case.find(tag)
+            if node is not None:
+                outcome = {"failure": "FAILED", "error": "ERROR", "skipped": "skipped"}[tag]
+                message = (node.get("message") or node.text or "").strip().splitlines()[0][:160] if (
+                    node.get("message") or node.text) else ""
+                break
+        counts[outcome] = counts.get(outcome, 0) + 1
+        name = f"{case.get('classname', '').split('.')[-1]}::{case.get('name')}"
+        rows.append(f"| {name} | {outcome} | {float(case.get('time', 0)):.1f} | {message.replace('|', '/')} |")
+    head = "GPU tests: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + "\n\n"
+    return head + "| test | verdict | s | message |\n|---|---|---:|---|\n" + "\n".join(rows) + "\n"
+
+
+def sections_table(tsv: Path) -> str:
+    lines = [line.split("\t") for line in tsv.read_text().splitlines()[1:] if line.strip()]
+    return ("| section | status | s | budget s |\n|---|---|---:|---:|\n"
+            + "\n".join(f"| {' | '.join(cols)} |" for cols in lines) + "\n")
+
+
+def _read(path: Path):
+    """A results file's JSON; {} for an empty one (pytest-benchmark writes nothing when every benchmark skipped);
+    None when missing or cut mid-write."""
+    try:
+        text = path.read_text()
+        return json.loads(text) if text.strip() else {}
+    except (OSError, ValueError):
+        return None
+
+
+def run_dir_report(run: Path) -> tuple[str, list]:
+    """(markdown, runs) for a gpu_check.sh results directory."""
+    logs = [p for p in sorted(run.glob("*.log")) if p.stem.startswith("bench_")]
+    names = sorted({p.stem for p in run.glob("bench_*.json")} | {p.stem for p in logs})
+    runs = [(str(run / f"{n}.json"), _read(run / f"{n}.json")) for n in names]
+    parts = [f"**Results: `{run.name}`** (sections, GPU test verdicts, benchmarks)\n"]
+    if (run / "sections.tsv").exists():
+        parts.append(sections_table(run / "sections.tsv"))
+    parts.append(tests_table(run / "tests.xml"))
+    parts.append(benchmarks_table(runs))
+    return "\n".join(parts), runs
 
 
 def latest() -> Path:
@@ -67,15 +164,27 @@ def update_readme(readme: Path, table: str) -> None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("json", nargs="?", help="pytest-benchmark JSON file")
+    p.add_argument("json", nargs="*", help="pytest-benchmark JSON files")
+    p.add_argument("--dir", help="a gpu_check.sh results directory")
     p.add_argument("--latest", action="store_true", help="use the newest benchmarks/results/*.json")
-    p.add_argument("--md", help="write the markdown table to this file")
+    p.add_argument("--md", help="write the markdown to this file")
+    p.add_argument("--combined", help="write every run's benchmarks (and its environment) to one JSON file")
     p.add_argument("--readme", help="replace the README's results section with the table")
     a = p.parse_args(argv)
-    path = latest() if a.latest or not a.json else Path(a.json)
-    table = to_markdown(json.loads(path.read_text()), str(path))
+    if a.dir:
+        table, runs = run_dir_report(Path(a.dir))
+    else:
+        paths = [latest()] if a.latest or not a.json else [Path(x) for x in a.json]
+        runs = [(str(x), _read(x)) for x in paths]
+        if all(d is None for _, d in runs):
+            raise SystemExit(f"no readable results in {[str(x) for x in paths]}")
+        table = benchmarks_table(runs)
     if a.md:
         Path(a.md).write_text(table)
+    if a.combined:
+        Path(a.combined).write_text(json.dumps(
+            [{"source": s, "environment": run_environment(d), "benchmarks": d["benchmarks"]}
+             for s, d in runs if d and d.get("benchmarks")], indent=1))
     if a.readme:
         update_readme(Path(a.readme), table)
     sys.stdout.write(table)

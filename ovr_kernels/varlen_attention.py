@@ -21,7 +21,10 @@ Causal masks are aligned bottom-right (query i of a segment with sq queries and 
 as flash-attn >= 2.1 does; a query row that sees no key gets output 0 and LSE -inf.
 """
 
+import functools
+import json
 import math
+from pathlib import Path
 
 import torch
 
@@ -390,27 +393,19 @@ if HAS_TRITON:
 # launchers
 # ----------------------------------------------------------------------------------------------------------------
 
-# Block configs (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, architecture (90: H100, 80: A100) and padded
-# head dim D0 + D1. Starting points from triton's tutorial 06 (fwd 128x64, 8 warps; bwd 64-row tiles), then the
-# largest tiles that compile without register spills (tests/kernels/test_varlen_attention_compile.py; no GPU here to
-# autotune on). dK/dV keeps k, v, dk, dv of BLOCK_N kv rows resident while BLOCK_M q rows stream: at D = 128 with 4
-# warps that spills (tutorial 06's 32x128 / 4 warps too), hence 8 warps. sm_80 (mma.sync, no wgmma) needs smaller
-# tiles / fewer stages than sm_90 at the same D. Segments of <= 64 tokens (ViT windows) take 64-row tiles: a 128-row
-# tile would be mostly padding.
-_CONFIGS = {
-    90: {
-        "fwd": {64: (128, 64, 4, 3), 80: (128, 64, 8, 3), 96: (128, 64, 8, 3), 128: (128, 64, 8, 3)},
-        "fwd_short": {64: (64, 64, 4, 2), 80: (64, 64, 4, 2), 96: (64, 64, 4, 2), 128: (64, 64, 4, 2)},
-        "dkdv": {64: (64, 128, 8, 2), 80: (64, 64, 8, 2), 96: (64, 64, 8, 2), 128: (64, 64, 8, 2)},
-        "dq": {64: (128, 64, 8, 2), 80: (128, 64, 8, 2), 96: (64, 64, 8, 2), 128: (64, 64, 4, 2)},
-    },
-    80: {  # d96 on sm_80 still spills a little (<= 52 B) in every config tried; not a benchmark shape
-        "fwd": {64: (128, 64, 8, 2), 80: (128, 64, 8, 2), 96: (64, 64, 8, 2), 128: (64, 64, 8, 2)},
-        "fwd_short": {64: (64, 64, 4, 2), 80: (64, 64, 8, 2), 96: (64, 64, 8, 2), 128: (64, 64, 8, 2)},
-        "dkdv": {64: (32, 64, 8, 2), 80: (32, 64, 8, 2), 96: (32, 64, 8, 2), 128: (64, 64, 8, 1)},
-        "dq": {64: (128, 64, 8, 2), 80: (64, 64, 8, 2), 96: (64, 64, 8, 1), 128: (64, 64, 8, 2)},
-    },
-}
+# Block configs (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel come from a committed table,
+# attention_configs.json, keyed by architecture family (90: H100/H200, 80: A100), dtype, head dim, causal and short
+# segments (max_seqlen <= 64: ViT windows, where a 128-row tile would be mostly padding). The table names where its
+# entries came from: benchmarks/autotune.py writes measured winners on a GPU; until then it holds hand-chosen
+# defaults (triton tutorial 06's starting points, then the largest tiles that compile without register spills at
+# the launched specialisation, tests/kernels/test_varlen_attention_compile.py). dK/dV keeps k, v, dk, dv of BLOCK_N kv
+# rows resident while BLOCK_M q rows stream, hence 8 warps at D = 128. fp32 inputs (ieee dots, no tensor cores) have
+# their own small-tile entries: the bf16 tiles spill tens of KB with fp32 operands.
+_TABLE_PATH = Path(__file__).with_name("attention_configs.json")
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+# fp32 at D = 128 spills on sm_80 and sm_90 even with 32 x 32 tiles (2 KB on sm_90): such calls are rejected
+FP32_MAX_HEAD_DIM = 80
+_FALLBACK_CONFIG = (32, 32, 4, 1)  # a key the table lacks, no relative either: small tiles, nothing resident
 _INTERPRET_CONFIG = (64, 64, 4, 1)  # interpreter: few, big programs (~10 ms per inner-loop iteration)
 _PREPROCESS_BLOCK_T, _PREPROCESS_WARPS = 64, 8  # o and do tiles (64 x 128 fp32) in registers without spills
 # With fewer deterministic dK/dV programs than this many per SM, the non-deterministic mode spreads the query heads
@@ -432,21 +427,45 @@ def supported_head_dim(head_dim: int) -> bool:
     return d0 >= 16 and (d1 == 0 or (d1 >= 16 and d1 & (d1 - 1) == 0))
 
 
-def block_config(kernel: str, head_dim: int, max_seqlen: int, arch: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for kernel "fwd" | "dkdv" | "dq" on sm_`arch` (>= 90 -> the H100
-    table, else the A100 one). max_seqlen <= 64 picks the forward's short-segment tiles."""
-    table = _CONFIGS[90 if arch >= 90 else 80]
-    if kernel == "fwd" and max_seqlen <= 64:
-        kernel = "fwd_short"
-    by_dim = table[kernel]
-    return by_dim[min((d for d in by_dim if d >= head_dim), default=128)]
+@functools.lru_cache(maxsize=1)
+def tuning_table() -> dict:
+    """{(arch family, dtype name, head_dim, causal, short): {kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages)}}
+    parsed from attention_configs.json."""
+    doc = json.loads(_TABLE_PATH.read_text())
+    table = {}
+    for key, kernels in doc["configs"].items():
+        arch, dtype, dim, causal, short = key.split("/")
+        table[(int(arch[2:]), dtype, int(dim[1:]), causal == "causal", short == "short")] = {
+            name: tuple(int(x) for x in cfg) for name, cfg in kernels.items() if name != "source"}
+    return table
 
 
-def _launch_params(kernel: str, head_dim: int, max_seqlen: int, device: torch.device):
+def block_config(kernel: str, head_dim: int, max_seqlen: int, arch: int, dtype: torch.dtype = torch.bfloat16,
+                 causal: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for kernel "fwd" | "dkdv" | "dq" on sm_`arch` from the tuning table.
+
+    A key the table lacks falls back, in order: the smallest tabled head dim >= head_dim, the other causal flag,
+    long segments for short ones, bf16 for fp16 (same element size); never to another element size (fp32 operands
+    in bf16 tiles spill), and finally to a small safe config."""
+    table = tuning_table()
+    family = 90 if arch >= 90 else 80
+    short = max_seqlen <= 64
+    names = [_DTYPE_NAMES[dtype]] + (["bf16"] if dtype == torch.float16 else [])
+    for name in names:
+        for sh in ((True, False) if short else (False,)):
+            for c in (causal, not causal):
+                dims = sorted(k[2] for k in table if k[:2] == (family, name) and k[3:] == (c, sh) and k[2] >= head_dim)
+                if dims and kernel in table[(family, name, dims[0], c, sh)]:
+                    return table[(family, name, dims[0], c, sh)][kernel]
+    return _FALLBACK_CONFIG
+
+
+def _launch_params(kernel: str, head_dim: int, max_seqlen: int, device: torch.device, dtype: torch.dtype,
+                   causal: bool):
     if INTERPRET:
         return _INTERPRET_CONFIG
     major, minor = torch.cuda.get_device_capability(device)
-    return block_config(kernel, head_dim, max_seqlen, 10 * major + minor)
+    return block_config(kernel, head_dim, max_seqlen, 10 * major + minor, dtype, causal)
 
 
 def _segment_order(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> torch.Tensor:
@@ -473,7 +492,8 @@ def varlen_attention_fwd(q_THD, k_THD, v_THD, cu_seqlens_q, cu_seqlens_k, max_se
     if seg_order is None:
         seg_order = _segment_order(cu_seqlens_q, cu_seqlens_k)
     d0, d1 = split_head_dim(head_dim)
-    block_m, block_n, num_warps, num_stages = _launch_params("fwd", head_dim, max_seqlen_q, q_THD.device)
+    block_m, block_n, num_warps, num_stages = _launch_params("fwd", head_dim, max_seqlen_q, q_THD.device,
+                                                             q_THD.dtype, causal)
     grid = (triton.cdiv(max_seqlen_q, block_m), num_q_heads, num_segments)
     _varlen_attn_fwd_kernel[grid](
         q_THD, k_THD, v_THD, out, lse, cu_seqlens_q, cu_seqlens_k, seg_order,
@@ -532,7 +552,8 @@ def varlen_attention_bwd(do_THD, q_THD, k_THD, v_THD, out_THD, lse_HT, cu_seqlen
         do_THD.stride(1), delta.stride(0), HEAD_DIM=head_dim, BLOCK_T=_PREPROCESS_BLOCK_T,
         BLOCK_D=triton.next_power_of_2(head_dim), num_warps=_PREPROCESS_WARPS)
 
-    block_m, block_n, num_warps, num_stages = _launch_params("dkdv", head_dim, max_seqlen_k, q_THD.device)
+    block_m, block_n, num_warps, num_stages = _launch_params("dkdv", head_dim, max_seqlen_k, q_THD.device,
+                                                             q_THD.dtype, causal)
     atomic = use_atomic_dkdv(deterministic, num_q_heads, num_kv_heads, head_dim, num_tokens_k, block_n,
                              q_THD.device)
     if atomic:
@@ -551,7 +572,8 @@ def varlen_attention_bwd(do_THD, q_THD, k_THD, v_THD, out_THD, lse_HT, cu_seqlen
         dk.copy_(dk_acc)
         dv.copy_(dv_acc)
 
-    block_m, block_n, num_warps, num_stages = _launch_params("dq", head_dim, max_seqlen_q, q_THD.device)
+    block_m, block_n, num_warps, num_stages = _launch_params("dq", head_dim, max_seqlen_q, q_THD.device,
+                                                             q_THD.dtype, causal)
     grid = (triton.cdiv(max_seqlen_q, block_m), num_q_heads, num_segments)
     _varlen_attn_bwd_dq_kernel[grid](
         q_THD, k_THD, v_THD, do_THD, lse_HT, delta, dq, cu_seqlens_q, cu_seqlens_k, seg_order,
@@ -661,6 +683,10 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
                          f"({k.shape[1]})")
     if for_kernel and not supported_head_dim(head_dim):
         raise ValueError(f"head_dim={head_dim} is not supported by the Triton kernel (16, 32, 48, 64, 80, 96, 128)")
+    if for_kernel and q.is_cuda and q.dtype == torch.float32 and head_dim > FP32_MAX_HEAD_DIM:
+        raise ValueError(f"fp32 q/k/v with head_dim={head_dim} on CUDA: the fp32 (full-precision, no tensor core) "
+                         f"kernels spill registers above head_dim {FP32_MAX_HEAD_DIM} in every tile tried; cast q, k, "
+                         "v to bf16 or fp16 (softmax and accumulation stay fp32)")
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.shape[0] > 0 and x.stride(2) != 1:
             raise ValueError(f"{name} must have a contiguous last dim (strides {tuple(x.stride())}); "

@@ -17,13 +17,22 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 
 
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: the added markers must count for `-m gpu`
 def pytest_collection_modifyitems(config, items):
+    """`gpu` also marks every test of a module that runs on CUDA when it can (module-level DEVICE == "cuda"), so
+    `-m gpu` selects every test that touches the GPU; without CUDA `gpu` tests skip."""
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     skip_nvcc = pytest.mark.skip(reason="needs nvcc")
     for item in items:
-        if "gpu" in item.keywords and not HAS_CUDA:
+        if getattr(getattr(item, "module", None), "DEVICE", None) == "cuda":
+            item.add_marker(pytest.mark.gpu)
+        # markers, not keywords: a keyword also matches a folder of that name
+        if item.get_closest_marker("gpu") and not HAS_CUDA:
             item.add_marker(skip_gpu)
-        if "nvcc" in item.keywords and shutil.which("nvcc") is None:
+        if item.get_closest_marker("nvcc") and shutil.which("nvcc") is None:
             item.add_marker(skip_nvcc)
 
 
@@ -32,10 +41,18 @@ def backend(request, monkeypatch):
     """Runs a test twice: on the default backend (CPU tensors -> the torch path) and with OVR_BACKEND=triton (the
     Triton kernels, under the interpreter without a GPU)."""
     if request.param == "triton":
+        skip_if_no_interpreter(request)
         monkeypatch.setenv("OVR_BACKEND", "triton")
     else:
         monkeypatch.delenv("OVR_BACKEND", raising=False)
     return request.param
+
+
+def skip_if_no_interpreter(request):
+    """Tests that force Triton on CPU tensors need the interpreter, which is off on a machine with a GPU (the
+    compiled kernels run there instead, and the `gpu` tests check them): skip rather than raise."""
+    if not INTERPRETER and getattr(request.module, "DEVICE", "cpu") != "cuda":
+        pytest.skip("forces Triton on CPU tensors: needs TRITON_INTERPRET=1, which is off on a GPU machine")
 
 
 @pytest.fixture(autouse=True)

@@ -7,6 +7,7 @@ cu_seqlens; the text layers run causal GQA over the packed samples.
 
 import pytest
 import torch
+from conftest import skip_if_no_interpreter
 
 from ovr_kernels.hf import (
     ATTN_NAME,
@@ -132,7 +133,8 @@ def test_packed_ovr_matches_padded_sdpa_reference_path(pass_cu_seqlens):
     _compare(_samples(GRIDS), pass_cu_seqlens, atol=2e-5)
 
 
-def test_packed_ovr_matches_padded_sdpa_triton_interpreter(monkeypatch):
+def test_packed_ovr_matches_padded_sdpa_triton_interpreter(request, monkeypatch):
+    skip_if_no_interpreter(request)
     monkeypatch.setenv("OVR_BACKEND", "triton")
     torch.manual_seed(2)
     _compare(_samples([(1, 6, 10), None]), True, atol=5e-5)

@@ -1,13 +1,19 @@
-"""Compile the linear_logprob kernels for sm_80 and sm_90 at the benchmark configs (bf16, H = 3584, V = 152,064) with
-the GPU launch options the launchers use: no register spills, matrix products on tensor cores (wgmma on sm_90,
-mma.sync on sm_80). Prints registers and shared memory per config. No GPU needed (sm_compile.py)."""
+"""Compile the linear_logprob kernels for sm_80 and sm_90 as they launch at the benchmark shapes (bf16, H = 3584,
+V = 152,064, T = 4096 and 16384 on an H100's 132 SMs): each launch is captured from the real launchers on meta tensors
+(block configs, launch options, and every int argument, marked divisible by 16 where its value is, as triton's
+launcher marks it), then compiled on this environment's triton and on the GPU image's 3.6.0. No register spills,
+matrix products on tensor cores (wgmma on sm_90, mma.sync on sm_80). No GPU needed (sm_compile.py)."""
+
+import json
+from unittest import mock
 
 import pytest
-from sm_compile import compile_many, job, uses_tensor_cores
+import torch
+from sm_compile import capture_launches, compile_many, job_from_launch, triton_versions, uses_tensor_cores
 
 import ovr_kernels.linear_logprob as ll
 
-HIDDEN = 3584
+HIDDEN, VOCAB = 3584, 152_064
 
 FWD_SIGNATURE = {
     "hidden_ptr": "*bf16", "weight_ptr": "*bf16", "targets_ptr": "*i64", "part_ptr": "*fp32",
@@ -27,41 +33,55 @@ BWD_SIGNATURE = {
 }
 
 
-def _gpu_configs():
-    """The launchers' bf16 GPU configs, read from the module (INTERPRET is on in tests, so ask as on a GPU)."""
-    interpret, ll.INTERPRET = ll.INTERPRET, False
-    try:
-        import torch
-
-        probe = torch.empty(0, dtype=torch.bfloat16)
-        return ll._fwd_config(probe), ll._bwd_config(probe)
-    finally:
-        ll.INTERPRET = interpret
+class _Props:
+    multi_processor_count = 132  # H100 SXM / H200
 
 
-def _jobs(arch):
-    (fbt, fbv, fbk, fwarps, fstages), (bbt, bbv, bbk, group, bwarps, bstages) = _gpu_configs()
-    # ALIGNED: bf16 rows of 3584 elements from fresh allocations start on 16-byte boundaries.
-    common = {"EVEN_K": HIDDEN % fbk == 0, "UPCAST": False, "INPUT_PRECISION": "tf32", "ALIGNED": True}
-    jobs = []
-    for with_entropy in (True, False):
-        jobs.append((f"fwd entropy={with_entropy}", job(
-            ll._linear_logprob_fwd_kernel, FWD_SIGNATURE,
-            {"BLOCK_T": fbt, "BLOCK_V": fbv, "BLOCK_K": fbk, "WITH_ENTROPY": with_entropy, **common},
-            arch=arch, num_warps=fwarps, num_stages=fstages)))
-    for has_grad_entropy in (True, False):
-        jobs.append((f"bwd grad_entropy={has_grad_entropy}", job(
-            ll._linear_logprob_bwd_kernel, BWD_SIGNATURE,
-            {"BLOCK_T": bbt, "BLOCK_V": bbv, "BLOCK_K": bbk, "GROUP_T": group, "HAS_GRAD_ENTROPY": has_grad_entropy,
-             **common},
-            arch=arch, num_warps=bwarps, num_stages=bstages)))
-    return jobs
+def launched_jobs(arch):
+    """(name, job) per distinct launch of the forward and backward kernels at the benchmark shapes."""
+    import ovr_kernels._triton as tr
+
+    names, jobs, seen = [], [], set()
+    for num_tokens in (4096, 16384):
+        hidden, weight, targets = (torch.empty(num_tokens, HIDDEN, dtype=torch.bfloat16, device="meta"),
+                                   torch.empty(VOCAB, HIDDEN, dtype=torch.bfloat16, device="meta"),
+                                   torch.empty(num_tokens, dtype=torch.int64, device="meta"))
+        stats = [torch.empty(num_tokens, device="meta") for _ in range(5)]
+
+        def run(hidden=hidden, weight=weight, targets=targets, stats=stats):
+            for with_entropy in (True, False):
+                ll._triton_fwd(hidden, weight, targets, 1.0, -100, with_entropy)
+            for grad_entropy in (stats[4], None):
+                ll._triton_bwd(hidden, weight, targets, 1.0, -100, *stats[:3], stats[3], grad_entropy)
+
+        with mock.patch.object(ll, "INTERPRET", False), mock.patch.object(tr, "INTERPRET", False), \
+                mock.patch.object(torch.cuda, "get_device_properties", lambda device=None: _Props()):
+            calls = capture_launches(ll, ["_linear_logprob_fwd_kernel", "_linear_logprob_bwd_kernel"], run)
+        for kernel_name, sig in (("_linear_logprob_fwd_kernel", FWD_SIGNATURE),
+                                 ("_linear_logprob_bwd_kernel", BWD_SIGNATURE)):
+            for launch in calls[kernel_name]:
+                j = job_from_launch(getattr(ll, kernel_name), sig, launch, arch)
+                key = json.dumps([j["constexprs"], sorted(j["divisible"]), j["signature"]], sort_keys=True)
+                if key in seen:
+                    continue
+                seen.add(key)
+                flags = {k: v for k, v in j["constexprs"].items() if k in ("WITH_ENTROPY", "HAS_GRAD_ENTROPY")}
+                ints = [k for k, t in sig.items() if t == "i32"]
+                names.append(f"{kernel_name[len('_linear_logprob_'):]} T={num_tokens} {flags} ints not /16: "
+                             f"{[k for k in ints if k not in j['divisible']]}")
+                jobs.append(j)
+    return names, jobs
 
 
+@pytest.mark.parametrize("triton_dir", triton_versions())
 @pytest.mark.parametrize("arch", [80, 90])
-def test_kernels_compile_without_spills_on_tensor_cores(arch):
-    names, jobs = zip(*_jobs(arch))
-    infos = compile_many(list(jobs))
+def test_launched_kernels_compile_without_spills_on_tensor_cores(arch, triton_dir):
+    names, jobs = launched_jobs(arch)
+    assert len(jobs) >= 4  # fwd with/without entropy, bwd with/without the entropy gradient
+    # the launch marks what is a multiple of 16 (T, V, H, strides), not the rest (e.g. ignore_index = -100)
+    assert all({"T", "V", "H", "stride_h_t", "stride_w_v"} <= set(j["divisible"]) for j in jobs)
+    assert all("ignore_index" not in j["divisible"] for j in jobs if "ignore_index" in j["signature"])
+    infos = compile_many(jobs, triton_dir)
     for name, info in zip(names, infos):
         print(f"linear_logprob {name}: {info.summary()}")
     for name, info in zip(names, infos):

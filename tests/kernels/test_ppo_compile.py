@@ -1,5 +1,7 @@
 """Compile check (DESIGN.md): every Triton kernel of the PPO / value / advantage ops compiles for sm_80 and sm_90 at
-the configurations the benchmarks launch, with no register spills. These are elementwise / reduction kernels: no
+the configurations the benchmarks launch (1M tokens, 512 groups of 16; int arguments marked divisible by 16 where
+their benchmark values are, as triton's launcher marks them), on this environment's triton and the GPU image's
+3.6.0, with no register spills. These are elementwise / reduction kernels: no
 matrix products, so no tensor-core instruction is expected (the fused policy loss's matrix kernels belong to
 linear_logprob and are checked by its own compile test). Registers and shared memory are printed per config.
 """
@@ -7,7 +9,7 @@ linear_logprob and are checked by its own compile test). Registers and shared me
 import importlib
 
 import pytest
-from sm_compile import compile_many, job
+from sm_compile import compile_many, job, triton_versions
 
 # import_module, not `from ovr_kernels import ppo_loss`: the package exports the function of that name
 ppo_loss = importlib.import_module("ovr_kernels.ppo_loss")
@@ -16,6 +18,8 @@ advantages = importlib.import_module("ovr_kernels.advantages")
 
 F32, U8, I32 = "*fp32", "*u8", "*i32"
 BLOCK_T = ppo_loss.MAX_BLOCK_T  # the GPU tile of the loss kernels (the 1M-token benchmark config)
+NUM_TOKENS, NUM_GROUPS, GROUP_SIZE = 1 << 20, 512, 16  # the benchmarks' sizes
+TOKENS = {"T": NUM_TOKENS}
 
 
 def _ppo_fwd_sig():
@@ -40,48 +44,51 @@ def _ppo_flags(all_on, entropy_key):
 
 
 def _configs():
-    """(label, kernel, signature, constexprs, num_warps): the launches of the benchmarks (ORZ PPO: no option on;
+    """(label, kernel, signature, constexprs, num_warps, int values): the launches of the benchmarks (ORZ PPO: no option on;
     every option on: KL k3, entropy, dual clip, sequence mean)."""
     out = []
     for all_on in (False, True):
         tag = "all-options" if all_on else "default"
         out.append((f"ppo_fwd[{tag}]", ppo_loss._ppo_loss_fwd_kernel, _ppo_fwd_sig(),
-                    _ppo_flags(all_on, "HAS_ENTROPY"), ppo_loss.LOSS_NUM_WARPS))
+                    _ppo_flags(all_on, "HAS_ENTROPY"), ppo_loss.LOSS_NUM_WARPS, TOKENS))
         out.append((f"ppo_bwd[{tag}]", ppo_loss._ppo_loss_bwd_kernel, _ppo_bwd_sig(),
-                    _ppo_flags(all_on, "HAS_ENTROPY_GRAD"), ppo_loss.LOSS_NUM_WARPS))
+                    _ppo_flags(all_on, "HAS_ENTROPY_GRAD"), ppo_loss.LOSS_NUM_WARPS, TOKENS))
     out.append(("finalize[ppo]", ppo_loss._masked_mean_finalize_kernel,
                 {"part_ptr": F32, "norm_ptr": F32, "loss_ptr": F32, "out_ptr": F32, "P": "i32", "norm_value": "fp32",
                  "NUM_COLS": "constexpr", "MAX_COL": "constexpr", "NORM_MODE": "constexpr", "SEQ_MEAN": "constexpr",
                  "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"},
                 {"NUM_COLS": ppo_loss.NUM_COLS, "MAX_COL": ppo_loss.COL_RATIO_MAX, "NORM_MODE": 2, "SEQ_MEAN": False,
-                 "BLOCK_P": 256, "BLOCK_C": 16}, 4))
+                 "BLOCK_P": 256, "BLOCK_C": 16}, 4, {"P": -(-NUM_TOKENS // BLOCK_T)}))
     vsig = {"v_ptr": F32, "vold_ptr": F32, "ret_ptr": F32, "mask_ptr": U8, "cu_ptr": I32, "part_ptr": F32, "T": "i32",
             "clip": "fp32", "HAS_CLIP": "constexpr", "SEQ_MEAN": "constexpr", "BLOCK_T": "constexpr",
             "NUM_COLS": "constexpr"}
     vflags = {"HAS_CLIP": True, "SEQ_MEAN": False, "BLOCK_T": BLOCK_T, "NUM_COLS": value_loss.NUM_COLS}
-    out.append(("value_fwd", value_loss._value_loss_fwd_kernel, vsig, vflags, ppo_loss.LOSS_NUM_WARPS))
+    out.append(("value_fwd", value_loss._value_loss_fwd_kernel, vsig, vflags, ppo_loss.LOSS_NUM_WARPS, TOKENS))
     vbsig = dict(vsig)
     del vbsig["T"], vbsig["clip"]
     vbsig = {**{k: v for k, v in vbsig.items() if not k.isupper()}, "out_ptr": F32, "gout_ptr": F32, "gv_ptr": F32,
              "T": "i32", "clip": "fp32", **{k: v for k, v in vbsig.items() if k.isupper()}}
-    out.append(("value_bwd", value_loss._value_loss_bwd_kernel, vbsig, vflags, ppo_loss.LOSS_NUM_WARPS))
+    out.append(("value_bwd", value_loss._value_loss_bwd_kernel, vbsig, vflags, ppo_loss.LOSS_NUM_WARPS, TOKENS))
     for name, est in (("grpo", advantages.GRPO), ("rloo", advantages.RLOO), ("drgrpo", advantages.DRGRPO)):
-        out.append((f"group_adv[{name}, n=8]", advantages._group_advantages_kernel,
+        out.append((f"group_adv[{name}, n={GROUP_SIZE}]", advantages._group_advantages_kernel,
                     {"scores_ptr": F32, "out_ptr": F32, "num_groups": "i32", "group_size": "i32", "eps": "fp32",
                      "ESTIMATOR": "constexpr", "BLOCK_G": "constexpr", "BLOCK_N": "constexpr"},
-                    {"ESTIMATOR": est, "BLOCK_G": advantages.GROUP_TILE // 8, "BLOCK_N": 8}, 4))
+                    {"ESTIMATOR": est, "BLOCK_G": min(advantages.GROUP_TILE // GROUP_SIZE, NUM_GROUPS),
+                     "BLOCK_N": GROUP_SIZE}, 4, {"num_groups": NUM_GROUPS, "group_size": GROUP_SIZE}))
     out.append(("masked_whiten", advantages._masked_whiten_kernel,
                 {"x_ptr": F32, "mask_ptr": U8, "out_ptr": F32, "T": "i32", "eps": "fp32", "SHIFT_MEAN": "constexpr",
-                 "BLOCK": "constexpr"}, {"SHIFT_MEAN": True, "BLOCK": advantages.WHITEN_BLOCK}, 8))
+                 "BLOCK": "constexpr"}, {"SHIFT_MEAN": True, "BLOCK": advantages.WHITEN_BLOCK}, 8, TOKENS))
     return out
 
 
+@pytest.mark.parametrize("triton_dir", triton_versions())
 @pytest.mark.parametrize("arch", [80, 90])
-def test_kernels_compile_without_spills(arch):
+def test_kernels_compile_without_spills(arch, triton_dir):
     configs = _configs()
-    infos = compile_many([job(k, sig, cx, arch=arch, num_warps=w, num_stages=1) for _, k, sig, cx, w in configs])
+    infos = compile_many([job(k, sig, cx, arch=arch, num_warps=w, num_stages=1, values=vals)
+                          for _, k, sig, cx, w, vals in configs], triton_dir)
     for (label, *_), info in zip(configs, infos):
-        print(f"{label:28s} sm_{arch}: {info.n_regs:3d} regs, {info.shared:6d} B shared, {info.n_spills} B spills")
+        print(f"{label:28s} {info.summary()}")
     for (label, *_), info in zip(configs, infos):
         assert info.n_regs > 0, f"{label}: ptxas reported no register count\n{info.ptxas_log}"
         assert info.n_spills == 0, f"{label} sm_{arch} spills {info.n_spills} B\n{info.ptxas_log}"

@@ -9,7 +9,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close_3way, max_err
+from conftest import assert_close_3way, max_err, skip_if_no_interpreter
 
 from ovr_kernels import varlen_attention
 from ovr_kernels.reference import varlen_attention_ref
@@ -18,7 +18,8 @@ va = importlib.import_module("ovr_kernels.varlen_attention")  # the module (the 
 
 
 @pytest.fixture
-def triton_backend(monkeypatch):
+def triton_backend(request, monkeypatch):
+    skip_if_no_interpreter(request)
     monkeypatch.setenv("OVR_BACKEND", "triton")
 
 
