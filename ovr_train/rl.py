@@ -29,10 +29,11 @@ from ovr_kernels import (
 )
 from ovr_train import behaviors
 from ovr_train.checkpoint import ModelState, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
-from ovr_train.config import dump_config
+from ovr_train.config import dump_config, longest_response
 from ovr_train.data import IGNORE, Encoded, ImageProcessor, StepSampler, collate, filler, mrope_position_ids
 from ovr_train.dist import all_reduce, broadcast_object, clip_grad_norm, full_state_dict
 from ovr_train.metrics import MetricsLogger, plot_curves, read_metrics
+from ovr_train.prompts import PromptFormat, build_prompt, prompt_length
 
 SFT_COMMAND = "torchrun --nproc_per_node 2 -m ovr_train.launch --stage sft"
 
@@ -45,7 +46,7 @@ def prompt_pool(rcfg, seed):
     from ovr_train.evaluate import EvalItem, _png_data_url, load_eval_set
 
     if rcfg.prompt_files:
-        return [it for f in rcfg.prompt_files for it in load_eval_set(f, instruction="")]
+        return [it for f in rcfg.prompt_files for it in load_eval_set(f)]
     num_text = round(rcfg.num_prompts * rcfg.text_fraction)
     texts = synth_text.generate_items(num_text, seed, "train") if num_text else []
     items = [EvalItem(f"text-{i}", [("user", [r["messages"][0]["content"]])], r["answer"]) for i, r in
@@ -55,6 +56,16 @@ def prompt_pool(rcfg, seed):
         items.append(EvalItem(f"image-{i}", [("user", [ImageRef(_png_data_url(r["image"])), r["question"]])],
                               r["answer"]))
     return items
+
+
+def fitting_prompts(items, lengths, limit):
+    """The prompts of at most `limit` tokens (so prompt + the longest response fits a micro-batch) and how many
+    were dropped; ValueError when none is left."""
+    kept = [it for it, n in zip(items, lengths) if n <= limit]
+    if not kept:
+        raise ValueError(f"every one of the {len(items)} RL prompts is longer than {limit} tokens (data.token_budget "
+                         f"minus the longest rl.length_curriculum entry; shortest prompt: {min(lengths)} tokens)")
+    return kept, len(items) - len(kept)
 
 
 def max_new_tokens_at(rcfg, step):
@@ -131,8 +142,8 @@ def build_engine(cfg, info, init_from, tok, ids):
 
 def train_rl(cfg, info) -> Path:
     """Run (or resume) the RL stage; returns its directory (checkpoints/, metrics.jsonl, curves.png, ...)."""
-    from ovr_train.evaluate import build_prompt, evaluate_with_config, gold_spec, resolve_sets, score_eval
-    from ovr_train.rewards import RewardPool, score_response
+    from ovr_train.evaluate import evaluate_with_config, gold_spec, resolve_sets, score_eval
+    from ovr_train.rewards import RewardPool, default_num_workers, score_response
     from ovr_train.sft import build_sharded_model
     from ovr_train.tokenizer import load_tokenizer, special_ids
 
@@ -150,8 +161,14 @@ def train_rl(cfg, info) -> Path:
     tok = load_tokenizer(str(init_from))
     ids, merge, pad_id = special_ids(tok), cfg.model.spatial_merge_size, special_ids(tok)["endoftext"]
     image_proc = ImageProcessor(cfg.data.min_pixels, cfg.data.max_pixels, cfg.model.patch_size, merge)
-    items = prompt_pool(rcfg, cfg.data.synth_seed)
-    cfg.model.path, cfg.model.freeze_vision = str(init_from), not rcfg.train_vision
+    fmt, limit = PromptFormat.of(cfg.data), cfg.data.token_budget - longest_response(rcfg)
+    pool_items = prompt_pool(rcfg, cfg.data.synth_seed)
+    items, too_long = fitting_prompts(pool_items, [prompt_length(it, tok, ids, image_proc, fmt) for it in pool_items],
+                                      limit)
+    if info.is_main:
+        print(f"[rl] prompt pool: {len(items)} prompts; dropped {too_long} longer than {limit} tokens (data.token_budget"
+              f" {cfg.data.token_budget} - the longest max_new_tokens {longest_response(rcfg)})")
+    cfg.model.path = str(init_from)
     torch.manual_seed(cfg.run.seed)
     policy = build_sharded_model(cfg, info, ids, len(tok))
     critic = build_sharded_model(cfg, info, ids, len(tok), value_head=True) if use_critic else None
@@ -168,7 +185,7 @@ def train_rl(cfg, info) -> Path:
     names = {n for n, _ in engine.model.named_parameters()} if hasattr(engine, "model") else \
         {k[3:] for k in policy.state_dict() if k.startswith("hf.")}
     use_eval_scoring = any(it.choices for it in items) or not rcfg.format_reward
-    pool = RewardPool(rcfg.reward_workers, rcfg.reward_timeout_s, score_eval if use_eval_scoring else score_response,
+    pool = RewardPool(default_num_workers(rcfg.reward_workers), rcfg.reward_timeout_s, score_eval if use_eval_scoring else score_response,
                       rcfg.format_reward)
     keep = list(range(len(items)))
 
@@ -185,7 +202,7 @@ def train_rl(cfg, info) -> Path:
             print(f"[rl] resumed from {latest} at step {start}")
     elif rcfg.prefilter_samples:
         mine = keep[rank::world]
-        samples = engine.generate([build_prompt(items[i], tok, ids, image_proc) for i in mine],
+        samples = engine.generate([build_prompt(items[i], tok, ids, image_proc, fmt) for i in mine],
                                   n=rcfg.prefilter_samples, max_new_tokens=max_new_tokens_at(rcfg, 0),
                                   temperature=rcfg.temperature, top_p=rcfg.top_p, seed=cfg.run.seed + rank)
         scored = pool.score([s.text for s in samples], [gold_spec(items[mine[s.prompt_index]]) for s in samples],
@@ -207,7 +224,7 @@ def train_rl(cfg, info) -> Path:
         t0 = time.perf_counter()
         # ---- rollout: this rank's share of the step's prompts, n samples each ----
         batch_items = [items[keep[i]] for i in sampler.batch_indices(step)][rank::world]
-        prompts = [build_prompt(it, tok, ids, image_proc) for it in batch_items]
+        prompts = [build_prompt(it, tok, ids, image_proc, fmt) for it in batch_items]
         n, max_len = rcfg.samples_per_prompt, max_new_tokens_at(rcfg, step)
         seed = zlib.crc32(f"{cfg.run.seed}:{step}:{rank}".encode())  # reproducible on resume
         engine.wake_up()
@@ -239,7 +256,7 @@ def train_rl(cfg, info) -> Path:
         num_tokens = counts[1].clamp_min(1).float()
         norm = num_tokens / world  # FSDP averages gradients over ranks: x world makes it sum / global tokens
         seq_of = dict(zip(kept, seqs))
-        dummy = rollout_sequence(prompts[0] if prompts else build_prompt(items[keep[0]], tok, ids, image_proc), [],
+        dummy = rollout_sequence(prompts[0] if prompts else build_prompt(items[keep[0]], tok, ids, image_proc, fmt), [],
                                  ids, merge)
         micro = [collate([seq_of[b] for b in mb], cfg.data.packing, pad_id, merge).to(device) for mb in plan]
         micro += [filler([dummy], cfg.data.packing, pad_id, merge).to(device)] * (num_micro - len(plan))
