@@ -212,7 +212,8 @@ class ImageProcessor:
     def __init__(self, min_pixels: int, max_pixels: int, patch_size: int = 14, merge_size: int = 2):
         from transformers import Qwen2VLImageProcessorPil
 
-        self.merge_size, self.patch_size, self.min_pixels, self.max_pixels = merge_size, patch_size, min_pixels, max_pixels
+        self.merge_size, self.patch_size = merge_size, patch_size
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self._proc = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=patch_size,
                                               merge_size=merge_size)
 

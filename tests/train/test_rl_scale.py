@@ -30,7 +30,7 @@ def _png(path, size, seed=0):
     return str(path)
 
 
-# ---- one prompt format ----------------------------------------------------------------------------------------------
+# ---- one prompt format -----------------------------------------------------------------------------------------------
 
 
 def test_one_prompt_format_for_sft_rl_and_eval(tok, tmp_path):
@@ -74,7 +74,7 @@ def test_prompt_length_counts_resized_images(tok, tmp_path):
         assert prompt_length(item, tok, ids, proc, fmt) == len(build_prompt(item, tok, ids, proc, fmt).token_ids)
 
 
-# ---- length: the pool filter and the config check -------------------------------------------------------------------
+# ---- length: the pool filter and the config check --------------------------------------------------------------------
 
 
 def test_curriculum_must_leave_room_for_a_prompt():
@@ -110,7 +110,8 @@ def _rollout_like(tok, tmp_path, n):
              EvalItem("c", [("user", ["Which colour?", ImageRef(_png(tmp_path / "c.png", (112, 112), 3))])], "2")]
     prompts = [build_prompt(it, tok, ids, proc, PromptFormat()) for it in items]
     g = torch.Generator().manual_seed(0)
-    seqs = [rollout_sequence(p, torch.randint(10, 200, (3 + j,), generator=g).tolist(), ids, 2)
+    first = max(ids.values()) + 1  # ordinary tokens: a sampled image pad would need an image
+    seqs = [rollout_sequence(p, torch.randint(first, first + 200, (3 + j,), generator=g).tolist(), ids, 2)
             for p in prompts for j in range(n)]
     return ids, prompts, seqs
 
@@ -159,7 +160,7 @@ def test_vit_once_per_distinct_image_equals_once_per_sample(tok, tmp_path, packi
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
-# ---- the process group timeout and the reward workers ---------------------------------------------------------------
+# ---- the process group timeout and the reward workers ----------------------------------------------------------------
 
 
 def test_process_group_timeout_is_passed(monkeypatch):
@@ -198,7 +199,7 @@ def test_reward_workers_default_to_cores_per_rank(monkeypatch):
         load_config(None, ["--rl.reward_workers=-1"])
 
 
-# ---- one vision switch ------------------------------------------------------------------------------------------------
+# ---- one vision switch -----------------------------------------------------------------------------------------------
 
 
 def test_one_vision_switch():
@@ -206,3 +207,33 @@ def test_one_vision_switch():
         load_config(None, ["--rl.train_vision=false"])
     assert not load_config(None).model.freeze_vision  # the tiny default trains the ViT in RL, as before
     assert DataCfg().answer_instruction == INSTRUCTION
+
+
+# ---- the RL memory plan of --dry-run ----------------------------------------------------------------------------------
+
+
+def test_dry_run_prints_the_rl_memory_plan_at_7b(capsys):
+    from ovr_train import launch
+    from ovr_train.config import CONFIG_DIR
+
+    seven_b = str(CONFIG_DIR / "ovr_7b_rl.yaml")
+    launch.main(["--stage", "rl", "--config", seven_b, "--dry-run"])
+    out = capsys.readouterr().out
+    assert "RL step memory plan per GPU (FORMULA, an estimate from parameter counts, not measured; 8 GPUs" in out
+    for what in ("policy fp32 shard + AdamW", "critic fp32 shard + AdamW", "vLLM weights (bf16, full copy)",
+                 "vLLM KV cache", "gradients (fp32 shard)", "LLM activations", "ViT activations",
+                 "full fp32 state dict (push_weights)"):
+        assert what in out, what
+    assert "-> the RL step fits in 80 GiB (formula" in out
+    cfg = load_config(seven_b)
+    est = launch.dry_run(cfg, "rl")
+    plan, p = est["rl"], 8.292e9  # Qwen2.5-VL-7B: 8.29B parameters, all trained in RL
+    assert plan["policy_shard_adamw"] == pytest.approx(12 * p / 8 / 2**30, rel=1e-3)
+    assert plan["rollout_vllm_weights"] == pytest.approx(2 * p / 2**30, rel=1e-3)
+    assert plan["kv_bytes_per_token"] == 2 * 28 * 4 * 128 * 2
+    assert plan["vit_patches"] == (65536 - 49152) * 4
+    capsys.readouterr()
+    launch.main(["--stage", "rl", "--config", seven_b, "--dry-run", "--run.gpu_memory_gib=60"])
+    assert "-> the RL step does NOT fit (train, push) in 60 GiB" in capsys.readouterr().out
+    launch.main(["--stage", "sft", "--config", seven_b, "--dry-run"])
+    assert "RL step memory plan" not in capsys.readouterr().out
