@@ -175,7 +175,8 @@ def test_process_group_timeout_is_passed(monkeypatch):
     monkeypatch.setattr(dist.dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist.dist, "init_process_group", fake_init)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "")  # recorded, so what init_distributed sets is undone after the test
+        monkeypatch.delenv(key)
     cfg = load_config(None, ["--dist.timeout_s=1234"])
     with pytest.raises(RuntimeError, match="stop here"):
         dist.init_distributed(cfg.dist)
