@@ -64,6 +64,13 @@ def test_one_prompt_format_for_sft_rl_and_eval(tok, tmp_path):
     assert tiny.apply([("user", ["Compute 2 + 3."])]) == [("user", ["Compute 2 + 3."])]
 
 
+def test_7b_cold_start_and_rl_configs_share_the_prompt_format():
+    from ovr_train.config import CONFIG_DIR
+
+    sft, rl = (PromptFormat.of(load_config(str(CONFIG_DIR / f"ovr_7b_{n}.yaml")).data) for n in ("coldstart", "rl"))
+    assert sft == rl == PromptFormat("You are a helpful assistant.", INSTRUCTION)
+
+
 def test_prompt_length_counts_resized_images(tok, tmp_path):
     ids = special_ids(tok)
     proc = ImageProcessor(28 * 28 * 4, 28 * 28 * 40)
