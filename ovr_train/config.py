@@ -86,7 +86,8 @@ class ModelCfg:
     liger: bool = True
     """Use liger-kernel's RMSNorm / SwiGLU / RoPE on GPU when it is installed (never on CPU)."""
     freeze_vision: bool = True
-    """Freeze the ViT and merger (stage 1 cold start: the ViT sees no images)."""
+    """Freeze the ViT and merger in the SFT and RL stages (the one switch; the base stage always trains it). A
+    text-only cold start gives the ViT zero gradients either way; RL on images trains it unless frozen here."""
 
     def __post_init__(self):
         _one_of("model.tokenizer", self.tokenizer, ("bpe", "qwen"))
@@ -127,7 +128,10 @@ class DataCfg:
     image_root: str = ""
     """Directory relative image paths resolve against; empty: the JSONL file's directory."""
     system_prompt: str = ""
-    """System message added to samples without one; empty: none (Qwen's template default is a helpful assistant)."""
+    """System message added to samples without one, in SFT, RL and eval alike; empty: none (Qwen's template default
+    is a helpful assistant)."""
+    answer_instruction: str = "Put the final answer in \\boxed{}."
+    """Appended to the last user turn unless it mentions \\boxed, in SFT, RL and eval alike; empty: none."""
     max_seq_len: int = 1024
     """Longest sample in tokens (also the micro-batch token budget floor)."""
     overlong: str = "error"
@@ -313,10 +317,12 @@ class RLCfg:
     """Keep prompts whose pass rate is > this (ORZ: drop never-solved prompts)."""
     prefilter_max_pass: float = 1.0
     """Keep prompts whose pass rate is < this (ORZ: drop trivially easy prompts)."""
-    reward_workers: int = 1
-    """Verifier processes per rank."""
-    train_vision: bool = True
-    """Train the ViT in RL (the ViT then runs on every rank every step, a dummy image on text-only ranks)."""
+    reward_workers: int = 0
+    """Verifier processes per rank; 0: the CPU cores this process may use divided by the ranks on its node (at least
+    1), so ~1,024 long responses per rank are scored in parallel rather than serially on the step's critical path."""
+    max_bad_steps: int = 3
+    """Abort after this many consecutive steps with a NaN/inf policy or critic loss or gradient (each such update
+    is skipped, counted and reported)."""
     dump_rollouts: bool = False
     """Save each step's rollouts and advantages per rank to <out_dir>/rl/rollouts/ (debugging, tests)."""
 
@@ -343,9 +349,10 @@ class RLCfg:
                    " set both, or --rl.length_curriculum=[] to use rl.max_new_tokens at every step")
         _check(self.reward_timeout_s > 0, "rl.reward_timeout_s", self.reward_timeout_s, "must be > 0")
         _check(0 <= self.text_fraction <= 1, "rl.text_fraction", self.text_fraction, "must be in [0, 1]")
-        _check(self.num_prompts > 0 and self.reward_workers > 0 and self.prefilter_samples >= 0,
+        _check(self.num_prompts > 0 and self.reward_workers >= 0 and self.prefilter_samples >= 0,
                "rl.num_prompts/reward_workers/prefilter_samples",
-               (self.num_prompts, self.reward_workers, self.prefilter_samples), "must be > 0, > 0, >= 0")
+               (self.num_prompts, self.reward_workers, self.prefilter_samples), "must be > 0, >= 0, >= 0")
+        _check(self.max_bad_steps > 0, "rl.max_bad_steps", self.max_bad_steps, "must be > 0")
         _check(self.prefilter_min_pass < self.prefilter_max_pass, "rl.prefilter_min_pass", self.prefilter_min_pass,
                f"must be < rl.prefilter_max_pass={self.prefilter_max_pass}")
 
@@ -380,11 +387,15 @@ class DistCfg:
     """Free gathered parameters after each unit's forward (ZeRO-3); False keeps them until backward (ZeRO-2)."""
     cpu_threads: int = 0
     """torch threads per process on CPU; 0: cores / local ranks."""
+    timeout_s: float = 7200.0
+    """Process-group timeout: how long a collective waits for the slowest rank. At 48k new tokens a rank's rollout
+    can run tens of minutes longer than another's (estimate), far past NCCL's 10-minute default."""
 
     def __post_init__(self):
         _one_of("dist.backend", self.backend, ("auto", "nccl", "gloo"))
         _check(self.hsdp_replicas > 0, "dist.hsdp_replicas", self.hsdp_replicas, "must be > 0")
         _check(self.cpu_threads >= 0, "dist.cpu_threads", self.cpu_threads, "must be >= 0")
+        _check(self.timeout_s > 0, "dist.timeout_s", self.timeout_s, "must be > 0")
 
 
 @dataclass
@@ -431,8 +442,6 @@ class EvalCfg:
     """"auto" (vLLM on GPU when installed, else HF generate), "hf" or "vllm"."""
     batch_size: int = 32
     """Prompts per generate call (x num_samples sequences)."""
-    answer_instruction: str = "Put the final answer in \\boxed{}."
-    """Appended to benchmark questions that do not mention \\boxed; empty: none."""
     reward_workers: int = 2
     """Verifier processes (math-verify with rl.reward_timeout_s per answer)."""
     every_n_steps: int = 0
@@ -506,6 +515,19 @@ class Config:
                              f"{'ovr_flash_varlen' if self.data.packing else 'sdpa'} (got "
                              f"{self.model.attn_implementation!r}): packed batches use the varlen kernel, padded ones "
                              "a masked attention")
+        longest = longest_response(self.rl)
+        _check(longest < self.data.token_budget, "rl.length_curriculum", self.rl.length_curriculum,
+               f"its longest response ({longest} tokens) leaves no room for a prompt in data.token_budget="
+               f"{self.data.token_budget} (a sequence is prompt + response and must fit one micro-batch)")
+
+
+def longest_response(rcfg: RLCfg) -> int:
+    """The largest max_new_tokens the run reaches: rl.max_new_tokens until the curriculum's first entry, then the
+    curriculum's values."""
+    caps = [int(n) for _, n in rcfg.length_curriculum]
+    if not rcfg.length_curriculum or int(rcfg.length_curriculum[0][0]) > 0:
+        caps.append(rcfg.max_new_tokens)
+    return max(caps)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ Pipeline (every rank runs it identically, so every rank knows every sample's len
 import base64
 import binascii
 import io
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ovr_kernels.packing import balanced_partition, token_budget_microbatches
+from ovr_train.prompts import PromptFormat
 
 IGNORE = -100
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
@@ -210,7 +212,8 @@ class ImageProcessor:
     def __init__(self, min_pixels: int, max_pixels: int, patch_size: int = 14, merge_size: int = 2):
         from transformers import Qwen2VLImageProcessorPil
 
-        self.merge_size = merge_size
+        self.merge_size, self.patch_size = merge_size, patch_size
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self._proc = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=patch_size,
                                               merge_size=merge_size)
 
@@ -222,6 +225,13 @@ class ImageProcessor:
     def num_tokens(self, grid_thw) -> int:
         """LLM tokens of one image: grid_thw.prod() // merge**2."""
         return int(torch.as_tensor(grid_thw).prod()) // self.merge_size ** 2
+
+    def num_tokens_of_size(self, width: int, height: int) -> int:
+        """LLM tokens of a width x height image after resizing, without computing its pixels."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        h, w = smart_resize(height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels)
+        return h * w // (self.patch_size * self.merge_size) ** 2
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -280,14 +290,15 @@ def mrope_position_ids(input_ids_L, grid_thw_N3, image_pad_id: int, merge_size: 
 
 
 def encode_messages(messages: list, tok, ids: dict, image_proc: ImageProcessor | None, *, image_root: str = "",
-                    system_prompt: str = "", add_generation_prompt: bool = False, answer: str | None = None) -> Encoded:
-    """Chat messages [(role, parts)] -> Encoded in the Qwen2.5-VL chat format.
+                    add_generation_prompt: bool = False, answer: str | None = None) -> Encoded:
+    """Chat messages [(role, parts)] -> Encoded in the Qwen2.5-VL chat format (system prompt and answer instruction
+    are the caller's: prompts.PromptFormat).
 
     Loss targets cover assistant content and its `<|im_end|>`. With add_generation_prompt the sequence ends with
     `<|im_start|>assistant\\n` (a rollout prompt). Image errors raise ValueError naming the image.
 
     Token ids equal the checkpoint's chat template's (rendered, then tokenised; each image's one `<|image_pad|>`
-    expanded to its tokens) with two deliberate differences: without `system_prompt` a conversation that has no
+    expanded to its tokens) with two deliberate differences: without a system prompt (prompts.PromptFormat) a conversation that has no
     system turn gets none (the template adds "You are a helpful assistant."; the recipe configs set that prompt);
     and assistant content is tokenised apart from its `assistant\\n` header, exactly as the model produces it after
     a generation prompt, so content starting with whitespace ("\\n\\n...") does not merge into the header's newline.
@@ -301,8 +312,6 @@ def encode_messages(messages: list, tok, ids: dict, image_proc: ImageProcessor |
         else:
             segments.append((seg, is_loss))
 
-    if system_prompt and messages and messages[0][0] != "system":
-        messages = [("system", [system_prompt])] + list(messages)
     for role, parts in messages:
         add([ids["im_start"]], False)
         add(f"{role}\n", False)
@@ -354,13 +363,13 @@ def load_sft_samples(files: list, tok, ids: dict, image_proc: ImageProcessor | N
 
     Over-long samples raise or are truncated (counted); image errors raise or skip; no usable sample -> ValueError.
     """
-    stats = DataStats()
+    stats, fmt = DataStats(), PromptFormat.of(cfg)
     out = []
     for path in files:
         for sample in read_chat_jsonl(path, cfg.on_error, stats):
             try:
-                enc = encode_messages(sample.messages, tok, ids, image_proc, image_root=cfg.image_root,
-                                      system_prompt=cfg.system_prompt, answer=sample.answer)
+                enc = encode_messages(fmt.apply(sample.messages), tok, ids, image_proc, image_root=cfg.image_root,
+                                      answer=sample.answer)
             except ValueError as e:
                 if cfg.on_error == "raise":
                     raise ValueError(f"{sample.where}: {e}") from None
@@ -473,7 +482,8 @@ class Batch:
     Packed: input_ids (1, T), position_ids (4, 1, T) (row 0: per-sample text positions, rows 1-3: mRoPE), cu_seqlens
     int32 (B+1,), max_seqlen int, attention_mask None. Padded: input_ids (B, L), position_ids (3, B, L),
     attention_mask (B, L). Both: targets (B*L,) with -100 on non-loss/pad positions; pixel_values (P, C) and
-    image_grid_thw (N, 3) or None. Host-side counts need no device sync.
+    image_grid_thw (N, 3) of the distinct images or None; image_feature_index: the ViT output row of each image
+    token when samples share images, else None. Host-side counts need no device sync.
     """
 
     input_ids: torch.Tensor
@@ -484,6 +494,7 @@ class Batch:
     attention_mask: torch.Tensor | None = None
     pixel_values: torch.Tensor | None = None
     image_grid_thw: torch.Tensor | None = None
+    image_feature_index: torch.Tensor | None = None
     num_tokens: int = 0
     num_loss_tokens: int = 0
     num_samples: int = 0
@@ -498,21 +509,36 @@ class Batch:
         return {"input_ids": self.input_ids, "position_ids": self.position_ids, "cu_seqlens": self.cu_seqlens,
                 "max_seqlen": self.max_seqlen, "attention_mask": self.attention_mask,
                 "pixel_values": self.pixel_values, "image_grid_thw": self.image_grid_thw,
-                "num_image_tokens": self.num_image_tokens}
+                "image_feature_index": self.image_feature_index, "num_image_tokens": self.num_image_tokens}
 
 
-def _images(samples: list):
-    pv = [s.pixel_values for s in samples if s.pixel_values is not None]
-    grids = [s.grid_thw for s in samples if s.grid_thw is not None]
-    return (torch.cat(pv), torch.cat(grids)) if pv else (None, None)
+def _images(samples: list, merge_size: int):
+    """The micro-batch's images, each distinct pixel tensor once (the n samples of a rollout prompt share their
+    prompt's tensor: one copy, one ViT pass), and, when some repeat, the ViT output row of each image token in
+    token order (None: rows map one to one). Returns (pixel_values, grid_thw, feature_index, image tokens)."""
+    slot, pixels, grids, per_sample = {}, [], [], []
+    for s in samples:
+        if s.pixel_values is not None:
+            if id(s.pixel_values) not in slot:
+                slot[id(s.pixel_values)] = len(pixels)
+                pixels.append(s.pixel_values)
+                grids.append(s.grid_thw)
+            per_sample.append(slot[id(s.pixel_values)])
+    if not pixels:
+        return None, None, None, 0
+    tokens = [int(g.prod(-1).sum()) // merge_size ** 2 for g in grids]
+    index = None
+    if len(per_sample) > len(pixels):
+        starts = [0, *itertools.accumulate(tokens)]
+        index = torch.cat([torch.arange(starts[i], starts[i] + tokens[i]) for i in per_sample])
+    return torch.cat(pixels), torch.cat(grids), index, sum(tokens[i] for i in per_sample)
 
 
 def collate(samples: list, packing: bool = True, pad_id: int = 0, merge_size: int = 2) -> Batch:
     """Encoded samples -> one packed (varlen) or padded Batch."""
     if not samples:
         raise ValueError("collate: empty micro-batch")
-    pixel_values, grid_thw = _images(samples)
-    num_img = 0 if grid_thw is None else int(grid_thw.prod(-1).sum()) // merge_size ** 2
+    pixel_values, grid_thw, feature_index, num_img = _images(samples, merge_size)
     lengths = [s.length for s in samples]
     counts = {"num_tokens": sum(lengths), "num_loss_tokens": sum(s.num_loss_tokens for s in samples),
               "num_samples": len(samples), "num_image_tokens": num_img}
@@ -522,7 +548,7 @@ def collate(samples: list, packing: bool = True, pad_id: int = 0, merge_size: in
         cu = torch.zeros(len(samples) + 1, dtype=torch.int32)
         cu[1:] = torch.tensor(lengths).cumsum(0)
         return Batch(torch.cat([s.input_ids for s in samples])[None], torch.cat([s.targets for s in samples]),
-                     position_ids, cu, max(lengths), None, pixel_values, grid_thw, **counts)
+                     position_ids, cu, max(lengths), None, pixel_values, grid_thw, feature_index, **counts)
     width = max(lengths)
     input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     targets = torch.full((len(samples), width), IGNORE, dtype=torch.long)
@@ -531,7 +557,8 @@ def collate(samples: list, packing: bool = True, pad_id: int = 0, merge_size: in
     for b, s in enumerate(samples):  # right padding: causal attention never sees the pads of its own row
         input_ids[b, :s.length], targets[b, :s.length] = s.input_ids, s.targets
         position_ids[:, b, :s.length], mask[b, :s.length] = s.mrope_ids, 1
-    return Batch(input_ids, targets.reshape(-1), position_ids, None, width, mask, pixel_values, grid_thw, **counts)
+    return Batch(input_ids, targets.reshape(-1), position_ids, None, width, mask, pixel_values, grid_thw,
+                 feature_index, **counts)
 
 
 def filler(samples: list, packing: bool = True, pad_id: int = 0, merge_size: int = 2) -> Batch:

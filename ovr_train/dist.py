@@ -9,6 +9,7 @@ groups (e.g. nodes) and shards within each.
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -57,7 +58,7 @@ def init_distributed(dcfg) -> DistInfo:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(dcfg.cpu_threads or max(1, (os.cpu_count() or 1) // local_world))
     if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world,
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=dcfg.timeout_s),
                                 device_id=device if backend == "nccl" else None)
     if world % dcfg.hsdp_replicas:
         raise ValueError(f"dist.hsdp_replicas={dcfg.hsdp_replicas} must divide the world size {world}")

@@ -39,7 +39,6 @@ IMAGE_KEYS = ("images", "image", "decoded_image", "image_path", "image_paths")
 CHOICE_KEYS = ("choices", "options")
 ID_KEYS = ("id", "pid", "idx", "problem_id", "unique_id", "sample_index", "index")
 LETTERS = "ABCDEFGHIJ"
-ANSWER_INSTRUCTION = "Put the final answer in \\boxed{}."
 
 _CHOICE_LINE_RE = re.compile(r"^\s*\(?([A-J])\s*[).:：]\s*(.+?)\s*$", re.MULTILINE)
 # base64 of the PNG, JPEG, GIF, WebP and BMP magic bytes: how a raw base64 image string starts
@@ -135,16 +134,14 @@ def choices_in_question(question: str) -> list:
     return out if len(out) >= 2 else []
 
 
-def _format_question(question: str, choices: list, instruction: str) -> str:
+def _format_question(question: str, choices: list) -> str:
     question = _IMAGE_TAG_RE.sub("", question).strip()
     if choices and not choices_in_question(question):
         question += "\nChoices:\n" + "\n".join(f"({LETTERS[i]}) {c}" for i, c in enumerate(choices))
-    if instruction and "\\boxed" not in question:
-        question += "\n" + instruction
     return question
 
 
-def parse_row(obj, where: str, base_dir: str = "", instruction: str = ANSWER_INSTRUCTION) -> EvalItem:
+def parse_row(obj, where: str, base_dir: str = "") -> EvalItem:
     """One JSON row -> EvalItem (see the module docstring for accepted keys); ValueError naming `where`."""
     if not isinstance(obj, dict):
         # ValueError, not TypeError, for every malformed row: callers catch one type (STYLE: bad input -> ValueError)
@@ -190,12 +187,13 @@ def parse_row(obj, where: str, base_dir: str = "", instruction: str = ANSWER_INS
         choices = choices_in_question(question)  # letter answer with options in the text: match content too
     _, images = _first(obj, IMAGE_KEYS)
     refs = _image_refs(images, where, base_dir) if images is not None else []
-    text = _format_question(question, choices, instruction)
+    text = _format_question(question, choices)
     return EvalItem(row_id, [("user", refs + [text])], answer, choices, where)
 
 
-def load_eval_set(path, instruction: str = ANSWER_INSTRUCTION, limit: int = 0) -> list:
-    """All rows of a benchmark JSONL file -> [EvalItem] (first `limit` rows if > 0); ValueError naming file:line."""
+def load_eval_set(path, limit: int = 0) -> list:
+    """All rows of a benchmark JSONL file -> [EvalItem] (first `limit` rows if > 0); ValueError naming file:line.
+    The answer instruction is not added here: prompts.PromptFormat adds it when the prompt is built."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"eval set {str(path)!r} does not exist")
@@ -209,7 +207,7 @@ def load_eval_set(path, instruction: str = ANSWER_INSTRUCTION, limit: int = 0) -
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            item = parse_row(obj, where, str(path.parent), instruction)
+            item = parse_row(obj, where, str(path.parent))
             if item.id in seen:
                 raise ValueError(f"{where}: duplicate id {item.id!r} (first at {seen[item.id]})")
             seen[item.id] = where
@@ -230,7 +228,7 @@ def _png_data_url(image) -> str:
 def default_sets(num_text: int, num_images: int, seed: int = 0, image_size: int = 112) -> dict:
     """The embedded default's held-out sets, generated exactly like its training data but from the held-out splits:
     {"synth_text": synth_text "eval" split, "synth_images": synth_images "test" split (reasoning tasks)}.
-    Prompts keep the training format (no extra instruction), so before/after numbers compare like with like."""
+    Their prompts are built in the run's one prompt format, as training's are."""
     from ovr_train import synth_images, synth_text
     from ovr_train.data import ImageRef
 
@@ -380,45 +378,27 @@ def append_report(path, title: str, metrics: dict, details: dict) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build_prompt(item: EvalItem, tok, ids: dict, image_proc, system_prompt: str = ""):
-    """EvalItem -> rollout.Prompt: chat-templated ids with expanded image pads, pixel values (HF engine), PIL images
-    (vLLM) and the text with one `<|image_pad|>` per image. Image errors name the item's file:line."""
-    import torch
-
-    from ovr_train.data import encode_messages, load_image
-    from ovr_train.rollout import Prompt, collapse_image_pads
-
-    try:
-        enc = encode_messages(item.messages, tok, ids, image_proc, system_prompt=system_prompt,
-                              add_generation_prompt=True)
-        images = [load_image(p) for _, parts in item.messages for p in parts if not isinstance(p, str)]
-    except ValueError as e:
-        raise ValueError(f"{item.where}: {e}") from None
-    token_ids = enc.input_ids.tolist()
-    text = tok.decode(collapse_image_pads(token_ids, ids["image_pad"]), skip_special_tokens=False)
-    grid = enc.grid_thw.to(torch.long) if enc.grid_thw is not None else None
-    image = None if not images else images[0] if len(images) == 1 else images
-    return Prompt(token_ids, pixel_values=enc.pixel_values, image_grid_thw=grid, text=text, image=image)
-
-
 def run_items(engine, tok, ids: dict, items: list, *, num_samples: int, max_new_tokens: int, temperature: float,
               top_p: float = 1.0, seed: int = 0, image_proc=None, pool=None, batch_size: int = 32,
-              system_prompt: str = "", reward_timeout_s: float = 5.0, keep_chars: int = 2000) -> list:
+              fmt=None, reward_timeout_s: float = 5.0, keep_chars: int = 2000) -> list:
     """Generate `num_samples` responses per item with `engine` (rollout.HFEngine / VLLMEngine) and score them.
 
     Returns one dict per item: id, where, answer, correct [0/1] * n, lengths (response tokens) * n, truncated * n,
     status (verifier 'ok' | 'timeout' | 'error') * n, behaviors [{name: bool}] * n, has_image, response (the first
-    sample, cut to `keep_chars`). `pool`: a rewards.RewardPool running `score_eval` (made here if None).
+    sample, cut to `keep_chars`). `pool`: a rewards.RewardPool running `score_eval` (made here if None). `fmt`: the
+    prompts.PromptFormat (None: no system prompt, no instruction).
     """
+    from ovr_train.prompts import PromptFormat, build_prompt
     from ovr_train.rewards import RewardPool
 
+    fmt = fmt or PromptFormat()
     own_pool = pool is None
     pool = RewardPool(num_workers=1, timeout_s=reward_timeout_s, score_fn=score_eval) if own_pool else pool
     out = []
     try:
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
-            prompts = [build_prompt(it, tok, ids, image_proc, system_prompt) for it in chunk]
+            prompts = [build_prompt(it, tok, ids, image_proc, fmt) for it in chunk]
             samples = engine.generate(prompts, n=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
                                       top_p=top_p, seed=seed + start)
             specs = [gold_spec(chunk[s.prompt_index]) for s in samples]
@@ -452,7 +432,7 @@ def _gather(results: list, world: int) -> list:
 
 def evaluate_items(engine, tok, ids: dict, sets: dict, *, num_samples: int = 4, ks=(1, 4), max_new_tokens: int = 256,
                    temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, image_proc=None, pool=None,
-                   batch_size: int = 32, system_prompt: str = "", reward_timeout_s: float = 5.0, rank: int = 0,
+                   batch_size: int = 32, fmt=None, reward_timeout_s: float = 5.0, rank: int = 0,
                    world: int = 1, return_details: bool = False):
     """Evaluate an already-built engine on `sets` ({name: [EvalItem]}) -> {name: summarize(...) metrics}.
 
@@ -465,7 +445,7 @@ def evaluate_items(engine, tok, ids: dict, sets: dict, *, num_samples: int = 4, 
         mine = items[rank::world]
         res = run_items(engine, tok, ids, mine, num_samples=num_samples, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_p=top_p, seed=seed + 100_003 * rank, image_proc=image_proc,
-                        pool=pool, batch_size=batch_size, system_prompt=system_prompt,
+                        pool=pool, batch_size=batch_size, fmt=fmt,
                         reward_timeout_s=reward_timeout_s) if mine else []
         res = _gather(res, world)
         order = {item.id: i for i, item in enumerate(items)}
@@ -525,13 +505,14 @@ def resolve_sets(cfg) -> dict:
         name = Path(f).stem
         if name in sets:
             raise ValueError(f"eval.sets: two files named {name!r}; rename one")
-        sets[name] = load_eval_set(f, ecfg.answer_instruction, ecfg.limit)
+        sets[name] = load_eval_set(f, ecfg.limit)
     return sets
 
 
 def evaluate_with_config(cfg, engine, tok, ids: dict, sets: dict, image_proc, info) -> tuple:
     """`evaluate_items` with cfg.eval's sampling settings and a verifier pool with the RL reward's timeout; returns
     (metrics, per-question details). Collective: every rank calls it."""
+    from ovr_train.prompts import PromptFormat
     from ovr_train.rewards import RewardPool
 
     ecfg = cfg.eval
@@ -539,7 +520,7 @@ def evaluate_with_config(cfg, engine, tok, ids: dict, sets: dict, image_proc, in
         return evaluate_items(
             engine, tok, ids, sets, num_samples=ecfg.num_samples, ks=ecfg.ks, max_new_tokens=ecfg.max_new_tokens,
             temperature=ecfg.temperature, top_p=ecfg.top_p, seed=ecfg.seed, image_proc=image_proc, pool=pool,
-            batch_size=ecfg.batch_size, system_prompt=cfg.data.system_prompt, reward_timeout_s=cfg.rl.reward_timeout_s,
+            batch_size=ecfg.batch_size, fmt=PromptFormat.of(cfg.data), reward_timeout_s=cfg.rl.reward_timeout_s,
             rank=info.rank, world=info.world_size, return_details=True)
 
 

@@ -7,7 +7,8 @@ data. `--stage all` is the whole miniature OVR pipeline (ovr_train/pipeline.py):
 text-only cold start -> multimodal RL, each stage's model evaluated on held-out text and image sets, then a report
 (<run.out_dir>/report.md + plots/). The resolved config is printed at start and saved in the stage directory and each checkpoint.
 --dry-run builds the model on the meta device (no weights, no memory), prints the FSDP plan, parameter counts and a
-per-GPU memory estimate for the world size, and exits.
+per-GPU memory estimate for the world size (with --stage rl also the RL step's plan: policy and critic shards,
+vLLM weights and KV cache, the weight push, activations, as a formula), and exits.
 """
 
 import argparse
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ovr_train.config import Config, dump_config, load_config
+from ovr_train.config import Config, dump_config, load_config, longest_response
 from ovr_train.runlock import RunDirBusy, die_with_launcher
 
 
@@ -114,7 +115,78 @@ def memory_estimate(cfg: Config, counts: dict, unit_sizes: list, world: int, lay
             "gathered_bf16": gathered_b / gib, "activations": act_b / gib, "total": total / gib}
 
 
-def dry_run(cfg: Config):
+def rl_memory_plan(cfg: Config, counts: dict, unit_sizes: list, world: int, layer_act_bytes: float,
+                   lm_head: int) -> dict:
+    """Per-GPU memory (GiB) of one RL step, as a formula: an estimate from parameter counts, not a measurement.
+
+    Resident the whole step: policy and critic fp32 parameter shards + AdamW moments of their trainable parameters
+    (the critic's unused LM head is frozen, it adds a bias-free scalar head). Rollout: + vLLM's full bf16 weights
+    and its KV cache in what is left of 90% of the GPU (reported as concurrent full-length sequences). Train (vLLM
+    asleep at level 1: weights on the CPU, KV cache freed): + fp32 gradient shards of the net being updated, the
+    gathered bf16 units, the LLM activations of one `data.token_budget` micro-batch and the ViT's for the prompt
+    room of a full-length sequence filled with image. Weight push, as push_weights does it: + the full fp32 state
+    dict gathered on every GPU (full_state_dict, cpu_offload=False) + vLLM's bf16 weights receiving it."""
+    gib, mcfg = 2**30, cfg.model
+    shard = world // cfg.dist.hsdp_replicas
+    h, layers = mcfg.hidden_size, mcfg.num_layers
+    critic_total = counts["total"] + h
+    critic_trainable = counts["trainable"] - lm_head + h
+    policy_b = (4 * counts["total"] + 8 * counts["trainable"]) / shard
+    critic_b = (4 * critic_total + 8 * critic_trainable) / shard
+    resident = policy_b + critic_b
+    vllm_weights = 2 * counts["total"]
+    kv_per_token = 2 * layers * mcfg.num_kv_heads * (h // mcfg.num_heads) * 2  # K and V, bf16
+    budget = 0.9 * cfg.run.gpu_memory_gib * gib
+    kv_b = budget - resident - vllm_weights
+    grads = 4 * max(counts["trainable"], critic_trainable) / shard
+    gathered = 2 * sum(sorted(unit_sizes, reverse=True)[:2]) + 2 * counts["embed_and_head"]
+    tokens = cfg.data.token_budget
+    lm_act = (tokens * h * 2 * layers + tokens * layer_act_bytes if mcfg.activation_checkpointing
+              else tokens * layer_act_bytes * layers)
+    patches = (tokens - longest_response(cfg.rl)) * mcfg.spatial_merge_size ** 2
+    vit_h, vit_layer = mcfg.vision_hidden_size, 2 * (4 * mcfg.vision_hidden_size + 3 * mcfg.vision_intermediate_size)
+    vit_act = patches * (2 * vit_h * mcfg.vision_depth + vit_layer if mcfg.activation_checkpointing
+                         else vit_layer * mcfg.vision_depth)
+    train = resident + grads + gathered + lm_act + vit_act
+    push = resident + 4 * counts["total"] + vllm_weights
+    return {"policy_shard_adamw": policy_b / gib, "critic_shard_adamw": critic_b / gib,
+            "rollout_vllm_weights": vllm_weights / gib, "rollout_kv_cache": kv_b / gib,
+            "rollout_full_length_seqs": kv_b / (kv_per_token * tokens), "train_grads": grads / gib,
+            "train_gathered_bf16": gathered / gib, "train_llm_activations": lm_act / gib,
+            "train_vit_activations": vit_act / gib, "train_peak": train / gib, "push_full_state_dict":
+            4 * counts["total"] / gib, "push_peak": push / gib, "rollout_peak": (resident + vllm_weights) / gib,
+            "vit_patches": patches, "kv_bytes_per_token": kv_per_token}
+
+
+def print_rl_plan(cfg: Config, plan: dict, world: int) -> bool:
+    """Print the RL memory plan; True when every phase fits in 90% of run.gpu_memory_gib."""
+    limit = 0.9 * cfg.run.gpu_memory_gib
+    print(f"RL step memory plan per GPU (FORMULA, an estimate from parameter counts, not measured; {world} GPUs, "
+          f"micro-batch {cfg.data.token_budget} tokens, responses up to {longest_response(cfg.rl)}):")
+    rows = [("resident", "policy fp32 shard + AdamW", plan["policy_shard_adamw"]),
+            ("resident", "critic fp32 shard + AdamW", plan["critic_shard_adamw"]),
+            ("rollout", "vLLM weights (bf16, full copy)", plan["rollout_vllm_weights"]),
+            ("rollout", "vLLM KV cache (rest of 90%)", plan["rollout_kv_cache"]),
+            ("train", "gradients (fp32 shard)", plan["train_grads"]),
+            ("train", "gathered bf16 units", plan["train_gathered_bf16"]),
+            ("train", "LLM activations", plan["train_llm_activations"]),
+            ("train", f"ViT activations ({plan['vit_patches']} patches)", plan["train_vit_activations"]),
+            ("push", "full fp32 state dict (push_weights)", plan["push_full_state_dict"])]
+    for phase, what, gib in rows:
+        print(f"  {phase:>8} {what:>40}: {gib:8.2f} GiB")
+    seqs = plan["rollout_full_length_seqs"]
+    fits = {"rollout": seqs >= 1, "train": plan["train_peak"] <= limit, "push": plan["push_peak"] <= limit}
+    print(f"  rollout: resident + vLLM weights {plan['rollout_peak']:.2f} GiB; the KV cache holds {max(seqs, 0):.1f} "
+          f"sequences of {cfg.data.token_budget} tokens at once ({plan['kv_bytes_per_token']} B/token)")
+    print(f"  train peak {plan['train_peak']:.2f} GiB; weight-push peak {plan['push_peak']:.2f} GiB (resident + full "
+          "fp32 copy + vLLM weights)")
+    verdict = "fits" if all(fits.values()) else "does NOT fit (" + ", ".join(k for k, v in fits.items() if not v) + ")"
+    print(f"  -> the RL step {verdict} in {cfg.run.gpu_memory_gib:.0f} GiB (formula; keeping ~10% for the allocator "
+          "and NCCL buffers)")
+    return all(fits.values())
+
+
+def dry_run(cfg: Config, stage: str = "sft"):
     from ovr_train.dist import fsdp_units
     from ovr_train.model import build_model, param_counts
 
@@ -165,6 +237,10 @@ def dry_run(cfg: Config):
         print(f"  {key:>18}: {value:8.2f} GiB")
     verdict = "fits" if est["total"] < 0.9 * cfg.run.gpu_memory_gib else "does NOT fit"
     print(f"  -> {verdict} in {cfg.run.gpu_memory_gib:.0f} GiB (keep ~10% for the allocator and NCCL buffers)")
+    if stage == "rl":
+        est["rl"] = rl_memory_plan(cfg, counts, [n for _, n in units], world, layer_act,
+                                   model.hf.lm_head.weight.numel())
+        est["rl"]["fits"] = print_rl_plan(cfg, est["rl"], world)
     return est
 
 
@@ -187,7 +263,7 @@ def main(argv=None):
         print(f"# resolved config ({args.config or 'embedded default configs/tiny.yaml'})\n{dump_config(cfg)}")
     if args.dry_run:
         if rank0:
-            dry_run(cfg)
+            dry_run(cfg, args.stage)
         return
     from ovr_train.dist import init_distributed, shutdown
 

@@ -60,9 +60,11 @@ class OvrVLM(nn.Module):
     def _vision_trainable(self) -> bool:
         return self.training and any(p.requires_grad for p in self.visual.parameters())
 
-    def _add_images(self, input_ids, embeds, pixel_values, image_grid_thw, num_image_tokens):
+    def _add_images(self, input_ids, embeds, pixel_values, image_grid_thw, feature_index, num_image_tokens):
         if pixel_values is not None:
-            feats = self.visual(pixel_values, grid_thw=image_grid_thw).pooler_output  # (num image tokens, H)
+            feats = self.visual(pixel_values, grid_thw=image_grid_thw).pooler_output  # (distinct image tokens, H)
+            if feature_index is not None:  # samples sharing an image: autograd sums their gradients into one pass
+                feats = feats[feature_index]
             if feats.shape[0] != num_image_tokens:
                 raise ValueError(f"image features ({feats.shape[0]} tokens from grid_thw) do not match the "
                                  f"{num_image_tokens} <|image_pad|> tokens of the batch")
@@ -84,12 +86,15 @@ class OvrVLM(nn.Module):
         return embeds
 
     def forward(self, input_ids, position_ids, targets=None, cu_seqlens=None, max_seqlen=0, attention_mask=None,
-                pixel_values=None, image_grid_thw=None, num_image_tokens=0, temperature=1.0) -> ModelOut:
+                pixel_values=None, image_grid_thw=None, image_feature_index=None, num_image_tokens=0,
+                temperature=1.0) -> ModelOut:
         """input_ids (B, L) (packed: B = 1 and cu_seqlens (B'+1,) int32 given), position_ids (3 or 4, B, L),
-        targets (B*L,) int64 with -100 where no loss. Gradients reach every trainable parameter."""
+        targets (B*L,) int64 with -100 where no loss; pixel_values of the distinct images, image_feature_index the
+        ViT output row of each image token (None: one to one). Gradients reach every trainable parameter."""
         lm = self.hf.model.language_model
         embeds = lm.embed_tokens(input_ids)
-        embeds = self._add_images(input_ids, embeds, pixel_values, image_grid_thw, num_image_tokens)
+        embeds = self._add_images(input_ids, embeds, pixel_values, image_grid_thw, image_feature_index,
+                                  num_image_tokens)
         varlen = {}
         if cu_seqlens is not None:
             if self.hf.config._attn_implementation != OVR_ATTENTION:

@@ -8,6 +8,7 @@ whose item runs past the deadline. Timeouts and errors are returned as such, nev
 """
 
 import multiprocessing as mp
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -101,6 +102,16 @@ def score_response(response, answer, truncated=False, format_reward=0.0):
 # ----------------------------------------------------------------------------------------------------------------
 # Process pool with a hard per-item timeout
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def default_num_workers(requested: int = 0) -> int:
+    """Verifier processes per rank: `requested`, or for 0 the CPU cores this process may run on divided by the
+    ranks on its node (LOCAL_WORLD_SIZE), at least 1: each rank scores its own responses, so cores beyond one
+    per rank would sit idle while a single worker scores ~1,024 long responses one after another."""
+    if requested > 0:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 @dataclass

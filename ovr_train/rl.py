@@ -2,10 +2,13 @@
 
 One step: this rank's prompts (a pure function of seed and step) -> rollout engine (n samples each, sampling
 logprobs) -> rewards (verifier pool, hard timeout) -> [dynamic sampling] -> prompt + response sequences with mRoPE
-ids, packed into token-budget micro-batches (every rank runs the same number: loss-free fillers) -> old logprobs
+ids, packed into token-budget micro-batches (every rank runs the same number: loss-free fillers; kept on the host,
+moved to the device one at a time; a prompt's samples share one copy of its pixels and one ViT pass) -> old logprobs
 (policy) and values (critic) -> GAE (gamma = lambda = 1) or group advantages (GRPO / RLOO / Dr.GRPO) -> batch
 advantage normalisation over all ranks -> policy update(s) and critic updates, losses divided by the GLOBAL number
-of response tokens (T4) -> weights pushed to the engine -> log -> checkpoint.
+of response tokens (T4), an update with a NaN/inf loss or gradient skipped and counted (rl.max_bad_steps in a row
+abort) -> weights pushed to the engine -> log -> checkpoint. The prompt pool drops prompts too long for
+data.token_budget next to the longest response, and every prompt is built in the one format of prompts.py.
 
 Legend: T response tokens of this rank (packed, micro-batch order), B sequences, G prompt groups.
 """
@@ -29,10 +32,11 @@ from ovr_kernels import (
 )
 from ovr_train import behaviors
 from ovr_train.checkpoint import ModelState, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
-from ovr_train.config import dump_config
+from ovr_train.config import dump_config, longest_response
 from ovr_train.data import IGNORE, Encoded, ImageProcessor, StepSampler, collate, filler, mrope_position_ids
 from ovr_train.dist import all_reduce, broadcast_object, clip_grad_norm, compute_dtype
 from ovr_train.metrics import MetricsLogger, plot_curves, read_metrics
+from ovr_train.prompts import PromptFormat, build_prompt, prompt_length
 from ovr_train.rollout import rollout
 from ovr_train.runlock import lock_run_dir
 
@@ -47,7 +51,7 @@ def prompt_pool(rcfg, seed):
     from ovr_train.evaluate import EvalItem, _png_data_url, load_eval_set
 
     if rcfg.prompt_files:
-        return [it for f in rcfg.prompt_files for it in load_eval_set(f, instruction="")]
+        return [it for f in rcfg.prompt_files for it in load_eval_set(f)]
     num_text = round(rcfg.num_prompts * rcfg.text_fraction)
     texts = synth_text.generate_items(num_text, seed, "train") if num_text else []
     items = [EvalItem(f"text-{i}", [("user", [r["messages"][0]["content"]])], r["answer"]) for i, r in
@@ -57,6 +61,16 @@ def prompt_pool(rcfg, seed):
         items.append(EvalItem(f"image-{i}", [("user", [ImageRef(_png_data_url(r["image"])), r["question"]])],
                               r["answer"]))
     return items
+
+
+def fitting_prompts(items, lengths, limit):
+    """The prompts of at most `limit` tokens (so prompt + the longest response fits a micro-batch) and how many
+    were dropped; ValueError when none is left."""
+    kept = [it for it, n in zip(items, lengths) if n <= limit]
+    if not kept:
+        raise ValueError(f"every one of the {len(items)} RL prompts is longer than {limit} tokens (data.token_budget "
+                         f"minus the longest rl.length_curriculum entry; shortest prompt: {min(lengths)} tokens)")
+    return kept, len(items) - len(kept)
 
 
 def max_new_tokens_at(rcfg, step):
@@ -107,6 +121,26 @@ def push_weights(policy, engine, names):
         raise RuntimeError(f"push_weights: {count} of the engine's {len(names)} parameters received new weights")
 
 
+def on_device(micro, device):
+    """(micro-batch, loss mask) moved to the device one at a time, for one pass over the step's micro-batches: at
+    scale they do not all fit beside the models (1,024 sequences of up to 64k tokens per rank, with images)."""
+    for batch in micro:
+        m = batch.to(device)
+        yield m, m.targets != IGNORE
+        del m  # released before the next one is moved
+
+
+def guarded_step(net, optim, loss, grad_clip):
+    """Clip and apply the accumulated gradients unless this rank's `loss` summed over ranks or the global gradient
+    norm is NaN/inf, which skips the update on every rank alike. Returns (norm, applied); one host sync."""
+    norm = clip_grad_norm([p for p in net.parameters() if p.requires_grad], grad_clip).to(loss.device)
+    applied = bool(torch.isfinite(all_reduce(loss.detach().clone())) & torch.isfinite(norm))
+    if applied:
+        optim.step()
+    optim.zero_grad(set_to_none=True)
+    return norm, applied
+
+
 def global_whiten(x_T, eps=1e-8):
     """Batch advantage normalisation over every rank's tokens: (x - mean) / sqrt(var + eps), unbiased variance."""
     s = all_reduce(torch.stack([torch.tensor(float(x_T.numel()), dtype=torch.float64), x_T.double().sum(),
@@ -123,8 +157,8 @@ def _var(total, total_sq, count):
 
 def train_rl(cfg, info) -> Path:
     """Run (or resume) the RL stage; returns its directory (checkpoints/, metrics.jsonl, curves.png, ...)."""
-    from ovr_train.evaluate import build_prompt, evaluate_with_config, gold_spec, resolve_sets, score_eval
-    from ovr_train.rewards import RewardPool, score_response
+    from ovr_train.evaluate import evaluate_with_config, gold_spec, resolve_sets, score_eval
+    from ovr_train.rewards import RewardPool, default_num_workers, score_response
     from ovr_train.sft import build_sharded_model
     from ovr_train.tokenizer import load_tokenizer, special_ids
 
@@ -143,8 +177,14 @@ def train_rl(cfg, info) -> Path:
     tok = load_tokenizer(str(init_from))
     ids, merge, pad_id = special_ids(tok), cfg.model.spatial_merge_size, special_ids(tok)["endoftext"]
     image_proc = ImageProcessor(cfg.data.min_pixels, cfg.data.max_pixels, cfg.model.patch_size, merge)
-    items = prompt_pool(rcfg, cfg.data.synth_seed)
-    cfg.model.path, cfg.model.freeze_vision = str(init_from), not rcfg.train_vision
+    fmt, limit = PromptFormat.of(cfg.data), cfg.data.token_budget - longest_response(rcfg)
+    pool_items = prompt_pool(rcfg, cfg.data.synth_seed)
+    items, too_long = fitting_prompts(pool_items, [prompt_length(it, tok, ids, image_proc, fmt) for it in pool_items],
+                                      limit)
+    if info.is_main:
+        print(f"[rl] prompt pool: {len(items)} prompts; dropped {too_long} longer than {limit} tokens "
+              f"(data.token_budget {cfg.data.token_budget} - the longest max_new_tokens {longest_response(rcfg)})")
+    cfg.model.path = str(init_from)
     torch.manual_seed(cfg.run.seed)
     policy = build_sharded_model(cfg, info, ids, len(tok))
     critic = build_sharded_model(cfg, info, ids, len(tok), value_head=True) if use_critic else None
@@ -161,24 +201,24 @@ def train_rl(cfg, info) -> Path:
                      (cfg.data.min_pixels, cfg.data.max_pixels), seed=cfg.run.seed + rank)
     names = {n for n, _ in (engine.model if hasattr(engine, "model") else policy.hf).named_parameters()}
     use_eval_scoring = any(it.choices for it in items) or not rcfg.format_reward
-    pool = RewardPool(rcfg.reward_workers, rcfg.reward_timeout_s, score_eval if use_eval_scoring else score_response,
-                      rcfg.format_reward)
+    pool = RewardPool(default_num_workers(rcfg.reward_workers), rcfg.reward_timeout_s,
+                      score_eval if use_eval_scoring else score_response, rcfg.format_reward)
     keep = list(range(len(items)))
 
     # ---- resume (or pre-filter the prompt pool by pass rate with the initial policy) ----
-    start, states = 0, {name: ModelState(net, optims[name]) for name, net, _ in nets}
+    start, bad_in_a_row, states = 0, 0, {name: ModelState(net, optims[name]) for name, net, _ in nets}
     latest = latest_checkpoint(stage_dir / "checkpoints") if cfg.checkpoint.resume else None
     if latest is not None:
         trainer = load_checkpoint(latest, states, rank)
         for name, sched in scheds.items():
             sched.load_state_dict(trainer["schedulers"][name])
-        start, keep = trainer["step"], trainer["keep"]
+        start, keep, bad_in_a_row = trainer["step"], trainer["keep"], trainer["bad_in_a_row"]
         push_weights(policy, engine, names)  # the engine was built from init_from: give it the resumed policy
         if info.is_main:
             print(f"[rl] resumed from {latest} at step {start}")
     elif rcfg.prefilter_samples:
         mine = keep[rank::world]
-        samples = engine.generate([build_prompt(items[i], tok, ids, image_proc) for i in mine],
+        samples = engine.generate([build_prompt(items[i], tok, ids, image_proc, fmt) for i in mine],
                                   n=rcfg.prefilter_samples, max_new_tokens=max_new_tokens_at(rcfg, 0),
                                   temperature=rcfg.temperature, top_p=rcfg.top_p, seed=cfg.run.seed + rank)
         scored = pool.score([s.text for s in samples], [gold_spec(items[mine[s.prompt_index]]) for s in samples],
@@ -200,7 +240,7 @@ def train_rl(cfg, info) -> Path:
         t0 = time.perf_counter()
         # ---- rollout: this rank's share of the step's prompts, n samples each ----
         batch_items = [items[keep[i]] for i in sampler.batch_indices(step)][rank::world]
-        prompts = [build_prompt(it, tok, ids, image_proc) for it in batch_items]
+        prompts = [build_prompt(it, tok, ids, image_proc, fmt) for it in batch_items]
         n, max_len = rcfg.samples_per_prompt, max_new_tokens_at(rcfg, step)
         seed = zlib.crc32(f"{cfg.run.seed}:{step}:{rank}".encode())  # reproducible on resume
         engine.wake_up()
@@ -232,24 +272,24 @@ def train_rl(cfg, info) -> Path:
         num_tokens = counts[1].clamp_min(1).float()
         norm = num_tokens / world  # FSDP averages gradients over ranks: x world makes it sum / global tokens
         seq_of = dict(zip(kept, seqs))
-        dummy = rollout_sequence(prompts[0] if prompts else build_prompt(items[keep[0]], tok, ids, image_proc), [],
+        dummy = rollout_sequence(prompts[0] if prompts else build_prompt(items[keep[0]], tok, ids, image_proc, fmt), [],
                                  ids, merge)
-        micro = [collate([seq_of[b] for b in mb], cfg.data.packing, pad_id, merge).to(device) for mb in plan]
-        micro += [filler([dummy], cfg.data.packing, pad_id, merge).to(device)] * (num_micro - len(plan))
+        micro = [collate([seq_of[b] for b in mb], cfg.data.packing, pad_id, merge) for mb in plan]  # on the host
+        micro += [filler([dummy], cfg.data.packing, pad_id, merge)] * (num_micro - len(plan))
         order = [b for mb in plan for b in mb]  # token order of every per-token tensor below
         cu_T = torch.tensor([0] + [len(samples[b].token_ids) for b in order], device=device).cumsum(0).int()
-        mask_of = [m.targets != IGNORE for m in micro]
+        count_of = [m.num_loss_tokens for m in micro]  # host counts: no device sync in the passes below
 
         # ---- old logprobs, values, advantages (no grad; models stay in train mode: the ViT runs everywhere) ----
         with torch.no_grad():
             old_T = torch.cat([policy(**m.model_inputs(), targets=m.targets, temperature=rcfg.temperature)
-                               .logprobs[k] for m, k in zip(micro, mask_of)])
+                               .logprobs[k] for m, k in on_device(micro, device)])
             rollout_T = torch.tensor([lp for b in order for lp in samples[b].logprobs], device=device)
             reward_T = torch.zeros_like(old_T)
             if len(order):
                 reward_T[cu_T[1:].long() - 1] = scores_B[order].to(device)  # the score sits on the last token
             if use_critic:
-                values_T = torch.cat([critic(**m.model_inputs()).values[k] for m, k in zip(micro, mask_of)])
+                values_T = torch.cat([critic(**m.model_inputs()).values[k] for m, k in on_device(micro, device)])
                 adv_T, returns_T = gae(reward_T, values_T, cu_T, rcfg.gamma, rcfg.lam)
             else:
                 group_adv = group_advantages(rcfg.algo, scores_B, n) if len(scores_B) else scores_B
@@ -267,13 +307,13 @@ def train_rl(cfg, info) -> Path:
                         "returns": returns_T.cpu() if use_critic else None},
                        stage_dir / "rollouts" / f"step{step + 1}_rank{rank}.pt")
 
-        # ---- policy update(s): 1 optimizer step per rollout batch by default ----
+        # ---- policy update(s): 1 optimizer step per rollout batch by default; a NaN/inf one is skipped ----
         stats = torch.zeros(8, dtype=torch.float64, device=device)  # loss, clip, kl, entropy, vloss, vclip, pg, gn
+        skipped = {"policy": 0, "critic": 0}
         for _ in range(rcfg.policy_updates_per_step):
-            at = 0
-            for m, k in zip(micro, mask_of):
+            at, loss_sum = 0, torch.zeros((), device=device)
+            for (m, k), cnt in zip(on_device(micro, device), count_of):
                 out = policy(**m.model_inputs(), targets=m.targets, temperature=rcfg.temperature)
-                cnt = int(k.sum())
                 sl = slice(at, at + cnt)
                 at += cnt
                 loss, met = ppo_loss(out.logprobs[k], old_T[sl], adv_T[sl], torch.ones(cnt, device=device),
@@ -281,33 +321,39 @@ def train_rl(cfg, info) -> Path:
                                      entropy=out.entropy[k] if rcfg.entropy_coef else None,
                                      entropy_coef=rcfg.entropy_coef)
                 (loss + 0.0 * out.logprobs.sum()).backward()  # a filler still runs FSDP's backward collectives
+                loss_sum += loss.detach()
                 w = cnt / rcfg.policy_updates_per_step
                 stats[:4] += torch.stack([loss.detach() * norm, met["clip_frac"] * w, met["approx_kl"] * w,
                                           (out.entropy[k].detach().sum() / rcfg.policy_updates_per_step)]).double()
-            stats[7] += clip_grad_norm([p for p in policy.parameters() if p.requires_grad], cfg.optim.grad_clip)
-            optims["policy"].step()
-            optims["policy"].zero_grad(set_to_none=True)
+            grad_norm, applied = guarded_step(policy, optims["policy"], loss_sum, cfg.optim.grad_clip)
+            stats[7] += grad_norm
+            skipped["policy"] += not applied
         scheds["policy"].step()
 
-        # ---- critic updates (4 by default), clipped value loss against the GAE returns ----
+        # ---- critic updates (4 by default), clipped value loss against the GAE returns; NaN/inf ones skipped ----
         for _ in range(rcfg.critic_updates_per_step if use_critic else 0):
-            at = 0
-            for m, k in zip(micro, mask_of):
+            at, loss_sum = 0, torch.zeros((), device=device)
+            for (m, k), cnt in zip(on_device(micro, device), count_of):
                 v_all = critic(**m.model_inputs()).values
-                v = v_all[k]
-                sl = slice(at, at + v.numel())
-                at += v.numel()
-                vloss, vmet = value_loss(v, values_T[sl], returns_T[sl], torch.ones_like(v), clip=rcfg.value_clip,
-                                         normalizer=norm)
+                sl = slice(at, at + cnt)
+                at += cnt
+                vloss, vmet = value_loss(v_all[k], values_T[sl], returns_T[sl], torch.ones(cnt, device=device),
+                                         clip=rcfg.value_clip, normalizer=norm)
                 (vloss + 0.0 * v_all.sum()).backward()
-                w = v.numel() / rcfg.critic_updates_per_step
+                loss_sum += vloss.detach()
+                w = cnt / rcfg.critic_updates_per_step
                 stats[4:6] += torch.stack([vloss.detach() * norm / rcfg.critic_updates_per_step,
                                            vmet["vf_clip_frac"] * w]).double()
-            clip_grad_norm([p for p in critic.parameters() if p.requires_grad], cfg.optim.grad_clip)
-            optims["critic"].step()
-            optims["critic"].zero_grad(set_to_none=True)
+            skipped["critic"] += not guarded_step(critic, optims["critic"], loss_sum, cfg.optim.grad_clip)[1]
         if use_critic:
             scheds["critic"].step()
+        bad_in_a_row = bad_in_a_row + 1 if skipped["policy"] or skipped["critic"] else 0
+        if bad_in_a_row and info.is_main:
+            print(f"[rl] step {step + 1}: non-finite loss or gradient: skipped {skipped['policy']} policy and "
+                  f"{skipped['critic']} critic update(s) ({bad_in_a_row} step(s) in a row)")
+        if bad_in_a_row >= rcfg.max_bad_steps:
+            raise RuntimeError(f"{bad_in_a_row} consecutive steps with non-finite policy or critic updates "
+                               f"(rl.max_bad_steps={rcfg.max_bad_steps}): aborting at step {step + 1}")
         t4 = time.perf_counter()
 
         # ---- push the new weights to the rollout engine (a sleeping vLLM engine wakes its weights for it; the
@@ -341,6 +387,7 @@ def train_rl(cfg, info) -> Path:
                / num_s, "logprob_gap": sums[8].item() / nt, "loss": stats[0].item() / nt,
                "clip_frac": stats[1].item() / nt, "approx_kl": stats[2].item() / nt, "entropy": stats[3].item() / nt,
                "grad_norm": stats[7].item() / world / rcfg.policy_updates_per_step, "max_new_tokens": max_len,
+               "policy_skipped": skipped["policy"], "critic_skipped": skipped["critic"],
                "lr": scheds["policy"].get_last_lr()[0], "tokens_per_s": sums[3].item() / (t5 - t0),
                "time_rollout_s": t1 - t0, "time_reward_s": t2 - t1, "time_train_s": t4 - t2, "time_sync_s": t5 - t4}
         nb2 = 15 + 2 * len(behaviors.BEHAVIORS)  # per-kind reward sums follow the behaviour counts
@@ -374,7 +421,8 @@ def train_rl(cfg, info) -> Path:
         # ---- checkpoint (policy, critic, both optimizers, schedulers, data position = step, RNG) ----
         if (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or step + 1 == rcfg.steps:
             save_checkpoint(stage_dir / "checkpoints", step + 1, states,
-                            {"schedulers": {k: s.state_dict() for k, s in scheds.items()}, "keep": keep}, rank,
+                            {"schedulers": {k: s.state_dict() for k, s in scheds.items()}, "keep": keep,
+                             "bad_in_a_row": bad_in_a_row}, rank,
                             cfg.checkpoint.keep, dump_config(cfg))
     pool.close()
     logger.close()

@@ -56,6 +56,15 @@ def skip_if_no_interpreter(request):
 
 
 @pytest.fixture(autouse=True)
+def _restore_environ():
+    """A test that initialises torch.distributed in-process sets RANK/WORLD_SIZE/...: later tests must not see them."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
     yield

@@ -1,5 +1,6 @@
 """The README's config reference is generated from ovr_train/config.py and must stay current and complete."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +12,9 @@ import config_reference
 
 
 def test_readme_config_reference_is_current():
+    # PYTHONPATH: this checkout's ovr_train, not whichever one is pip-installed
     res = subprocess.run([sys.executable, str(ROOT / "tools" / "config_reference.py"), "--check", str(ROOT / "README.md")],
-                         capture_output=True, text=True, check=False)
+                         capture_output=True, text=True, check=False, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert res.returncode == 0, res.stdout + res.stderr
 
 

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from ovr_train.data import ImageProcessor, ImageRef, encode_messages
-from ovr_train.evaluate import EvalItem, build_prompt
+from ovr_train.evaluate import EvalItem
+from ovr_train.prompts import PromptFormat, build_prompt
 from ovr_train.tokenizer import load_tokenizer, special_ids
 
 # Qwen2.5-VL-7B-Instruct's chat_template (as the hub ships it: videos and vision ids included).
@@ -75,12 +76,13 @@ def test_samples_and_prompts_equal_the_checkpoint_template(qwen, name, template)
     has_system = messages[0][0] == "system"
     system = "" if has_system else DEFAULT_SYSTEM  # the recipe configs' data.system_prompt
     want, _ = template_ids(tok, ids, image_proc, messages, template)
-    got = encode_messages(messages, tok, ids, image_proc, system_prompt=system)
+    fmt = PromptFormat(system_prompt=system)
+    got = encode_messages(fmt.apply(messages), tok, ids, image_proc)
     assert got.input_ids.tolist() == want
     # the rollout prompt (up to the last user turn): HF engine ids and the vLLM prompt text
     prompt_msgs = messages[:-1]
     want_ids, want_text = template_ids(tok, ids, image_proc, prompt_msgs, template, add_generation_prompt=True)
-    prompt = build_prompt(EvalItem("q", prompt_msgs, "x"), tok, ids, image_proc, system_prompt=system)
+    prompt = build_prompt(EvalItem("q", prompt_msgs, "x"), tok, ids, image_proc, fmt)
     assert prompt.token_ids == want_ids
     assert prompt.text == want_text
 
@@ -97,7 +99,7 @@ def test_documented_differences(qwen):
     messages = [("user", ["Hi"]), ("assistant", ["\n\nHello"])]
     prompt, _ = template_ids(tok, ids, image_proc, messages[:1], HUB_TEMPLATE, add_generation_prompt=True)
     response = tok("\n\nHello", add_special_tokens=False).input_ids + [ids["im_end"]]
-    got = encode_messages(messages, tok, ids, None, system_prompt=DEFAULT_SYSTEM).input_ids.tolist()
+    got = encode_messages(PromptFormat(DEFAULT_SYSTEM).apply(messages), tok, ids, None).input_ids.tolist()
     assert got == prompt + response + tok("\n", add_special_tokens=False).input_ids
     one_shot, _ = template_ids(tok, ids, image_proc, messages, HUB_TEMPLATE)
     assert got != one_shot  # the template would merge the header's "\n" with the content's: a real difference

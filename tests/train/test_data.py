@@ -119,8 +119,9 @@ def test_bad_input(tmp_path, tok, proc):
     long = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "word " * 60}]}
     f = _write(tmp_path / "long.jsonl", [good, long])
     with pytest.raises(ValueError, match=r"long.jsonl:2: sample has \d+ tokens > data.max_seq_len=32"):
-        load_sft_samples([f], tok, ids, proc, DataCfg(max_seq_len=32))
-    samples, stats = load_sft_samples([f], tok, ids, proc, DataCfg(max_seq_len=32, overlong="truncate"))
+        load_sft_samples([f], tok, ids, proc, DataCfg(max_seq_len=32, answer_instruction=""))
+    samples, stats = load_sft_samples([f], tok, ids, proc,
+                                      DataCfg(max_seq_len=32, answer_instruction="", overlong="truncate"))
     assert stats.truncated == 1 and samples[1].length == 32 and samples[1].targets[-1] == IGNORE
     # empty dataset, and a dataset with no assistant tokens
     empty = _write(tmp_path / "empty.jsonl", [])

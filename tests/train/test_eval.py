@@ -20,6 +20,7 @@ from ovr_train.evaluate import (
     score_eval,
     summarize,
 )
+from ovr_train.prompts import PromptFormat
 
 # ----------------------------------------------------------------------------------------------------------------
 # Scoring table: (response, answer, choices, expected)
@@ -181,7 +182,11 @@ def test_load_benchmark_shapes(tmp_path):
     assert verse.choices == ["3", "4", "5"] and verse.messages[-1][1][-1].count("A:3") == 1  # not listed twice
     assert vision.choices == ["1", "2", "3"] and "<image1>" not in vision.messages[-1][1][-1]
     assert vision.has_image and vision.messages[-1][1][0].source.startswith("data:image")
-    assert math500.answer == "2" and not math500.has_image and "\\boxed{}" in math500.messages[-1][1][-1]
+    assert math500.answer == "2" and not math500.has_image
+    # the answer instruction is the prompt format's (added when the prompt is built), not the loader's
+    assert math500.messages[-1][1][-1] == "What is $1+1$?"
+    fmt = PromptFormat(answer_instruction="Put the final answer in \\boxed{}.")
+    assert fmt.apply(math500.messages)[-1][1][-1] == "What is $1+1$?\nPut the final answer in \\boxed{}."
     assert aime.answer == "204" and mathsol.answer == "\\frac{1}{2}"
     assert chat.answer == "3" and chat.has_image and [r for r, _ in chat.messages] == ["user"]
     assert score_eval("\\boxed{4}", gold_spec(verse)) == 1.0 and score_eval("\\boxed{5}", gold_spec(verse)) == 0.0

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from ovr_train.config import load_config
 from ovr_train.report import PLOTS, SECTIONS
@@ -71,9 +73,13 @@ def test_stage_all_end_to_end_and_deterministic(tmp_path):
     assert any(line.startswith("| rl |") and f"{acc:.3f}" in line for line in report.splitlines())
     rl_metrics = [json.loads(line) for line in (out / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert len(rl_metrics) == 2 and all("reward_image" in r and "reward_text" in r for r in rl_metrics)
-    # the SFT stage started from the base stage's export, with the ViT frozen
+    # the SFT stage started from the base stage's export; model.freeze_vision=false (the tiny default, so that RL
+    # trains the ViT) leaves the ViT of the text-only cold start exactly as the base stage left it: zero gradients
     sft_cfg = load_config(str(out / "sft" / "config.yaml"))
-    assert sft_cfg.model.path == str(out / "base" / "hf") and sft_cfg.model.freeze_vision
+    assert sft_cfg.model.path == str(out / "base" / "hf") and not sft_cfg.model.freeze_vision
+    vit = [{k: v for k, v in load_file(str(f)).items() if "visual." in k}
+           for f in (next((out / s / "hf").glob("*.safetensors")) for s in ("base", "sft"))]
+    assert vit[0] and vit[0].keys() == vit[1].keys() and all(torch.equal(vit[0][k], vit[1][k]) for k in vit[0])
 
     # same seed -> same numbers: training losses, RL rewards, every held-out answer
     for stage in ("base", "sft"):

@@ -128,3 +128,64 @@ def test_rl_steps_match_references_and_resume(init_dir):
         assert [s[1] for s in a["samples"]] == [s[1] for s in b["samples"]]
         torch.testing.assert_close(a["adv"], b["adv"])
         torch.testing.assert_close(a["old"], b["old"])
+
+
+def test_rl_prompt_format_length_filter_vision_switch_nan_guard_and_streaming(init_dir, tmp_path):
+    """One 2-rank run on a prompt file (text and image rows, one too long) with a system prompt, the answer
+    instruction and a frozen ViT; the policy loss is NaN at step 2 and the critic's at step 3, so the guard skips
+    both updates and aborts at step 3 (rl.max_bad_steps=2). Micro-batches must reach the device one at a time."""
+    from PIL import Image
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from transformers import AutoTokenizer
+
+    from ovr_train.model import _hf_key
+
+    system, instruction = "You are a careful solver.", "Put the final answer in \\boxed{}."
+    Image.effect_noise((112, 112), 50).convert("RGB").save(tmp_path / "dots.png")
+    rows = [{"id": f"t{i}", "question": f"Compute {i} + {i + 1}.", "answer": str(2 * i + 1)} for i in range(4)]
+    rows += [{"id": f"i{i}", "question": f"How many dots are there? ({i})", "answer": "3", "image": "dots.png"}
+             for i in range(4)]
+    rows.append({"id": "long", "question": "Compute 1 + 1. " + "Think hard. " * 60, "answer": "2"})
+    (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out, probe = tmp_path / "run", tmp_path / "probe"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(Path(__file__).parent /
+           "rl_faults.py"), str(probe), "--stage", "rl", f"--rl.init_from={init_dir / 'hf'}", f"--run.out_dir={out}",
+           "--rl.steps=4", f"--data.cache_dir={init_dir / 'cache'}", *TINY, *RL, "--rl.prompts_per_step=4",
+           f"--rl.prompt_files=[{tmp_path / 'prompts.jsonl'}]", f"--data.system_prompt={system}",
+           f"--data.answer_instruction={instruction}", "--data.max_seq_len=100", "--data.token_budget=128",
+           "--model.freeze_vision=true", "--rl.max_bad_steps=2", "--rl.critic_updates_per_step=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2]),
+           "OVR_NAN_POLICY_STEP": "2", "OVR_NAN_CRITIC_STEP": "3"}
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=env,
+                          cwd=Path(__file__).parents[2])
+    log = proc.stdout + proc.stderr
+    # the guard: step 2 skips the policy update, step 3 the critic's, then 2 bad steps in a row abort the run
+    assert proc.returncode != 0 and "2 consecutive steps with non-finite policy or critic updates" in log, log[-4000:]
+    records = [json.loads(line) for line in (out / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["policy_skipped"], r["critic_skipped"]) for r in records] == [(1, 0, 0), (2, 1, 0)]
+    assert "step 3: non-finite loss or gradient: skipped 0 policy and 1 critic" in log
+    for d in dumps(out, 3):  # step 3's logprobs and values come from the models the skipped updates left finite
+        assert torch.isfinite(d["old"]).all() and torch.isfinite(d["values"]).all()
+    # over-long prompts are dropped when the pool is loaded, and reported
+    assert "prompt pool: 8 prompts; dropped 1 longer than 116 tokens" in log
+    # one prompt format: the rollouts' prompts carry the system prompt and the instruction once each
+    tok = AutoTokenizer.from_pretrained(str(init_dir / "hf"))
+    for d in dumps(out, 1) + dumps(out, 2):
+        for p in d["prompt_ids"]:
+            text = tok.decode(p)
+            assert text.count(system) == 1 and text.count(instruction) == 1, text
+    # model.freeze_vision=true is honoured: the ViT is frozen (no optimizer state) and keeps its initial weights
+    dcp_to_torch_save(out / "rl" / "checkpoints" / "step_00000002", tmp_path / "ckpt.pt")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    init = {_hf_key(k): v for k, v in load_file(str(next((init_dir / "hf").glob("*.safetensors")))).items()}
+    vit = [k for k in init if k.startswith("hf.model.visual.")]
+    assert vit and all(torch.equal(ckpt["policy"]["model"][k], init[k]) for k in vit)
+    for net in ("policy", "critic"):
+        trained = list(ckpt[net]["optim"]["state"])
+        assert any(".layers.0." in k for k in trained) and not any(".visual." in k for k in trained), net
+    # micro-batches are streamed: 4 passes a step (old logprobs, values, policy, critic) over >= 4 micro-batches,
+    # each moved to the device when used; at most the current, the next and one left from the previous pass live
+    for rank in (0, 1):
+        probe_state = json.loads(Path(f"{probe}.rank{rank}.json").read_text())
+        assert probe_state["moves"] >= 3 * 4 * 4 and probe_state["max_live"] <= 3, probe_state
