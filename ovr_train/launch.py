@@ -121,11 +121,12 @@ def rl_memory_plan(cfg: Config, counts: dict, unit_sizes: list, world: int, laye
 
     Resident the whole step: policy and critic fp32 parameter shards + AdamW moments of their trainable parameters
     (the critic's unused LM head is frozen, it adds a bias-free scalar head). Rollout: + vLLM's full bf16 weights
-    and its KV cache in what is left of 90% of the GPU (reported as concurrent full-length sequences). Train (vLLM
-    asleep at level 1: weights on the CPU, KV cache freed): + fp32 gradient shards of the net being updated, the
-    gathered bf16 units, the LLM activations of one `data.token_budget` micro-batch and the ViT's for the prompt
-    room of a full-length sequence filled with image. Weight push, as push_weights does it: + the full fp32 state
-    dict gathered on every GPU (full_state_dict, cpu_offload=False) + vLLM's bf16 weights receiving it."""
+    and its KV cache: vLLM takes `rollout.gpu_memory_utilization` of the GPU for weights + KV cache (its
+    activation workspace is ignored here), reported as concurrent full-length sequences. Train (vLLM asleep at
+    level 1: weights on the CPU, KV cache freed): + fp32 gradient shards of the net being updated, the gathered bf16
+    units, the LLM activations of one `data.token_budget` micro-batch and the ViT's for the prompt room of a
+    full-length sequence filled with image. Weight push, as push_weights streams it: + vLLM's woken bf16 weights
+    + one full parameter at a time (the largest, the embedding or LM head: its fp32 gather and bf16 copy)."""
     gib, mcfg = 2**30, cfg.model
     shard = world // cfg.dist.hsdp_replicas
     h, layers = mcfg.hidden_size, mcfg.num_layers
@@ -136,8 +137,8 @@ def rl_memory_plan(cfg: Config, counts: dict, unit_sizes: list, world: int, laye
     resident = policy_b + critic_b
     vllm_weights = 2 * counts["total"]
     kv_per_token = 2 * layers * mcfg.num_kv_heads * (h // mcfg.num_heads) * 2  # K and V, bf16
-    budget = 0.9 * cfg.run.gpu_memory_gib * gib
-    kv_b = budget - resident - vllm_weights
+    vllm_share = cfg.rollout.gpu_memory_utilization * cfg.run.gpu_memory_gib * gib
+    kv_b = vllm_share - vllm_weights
     grads = 4 * max(counts["trainable"], critic_trainable) / shard
     gathered = 2 * sum(sorted(unit_sizes, reverse=True)[:2]) + 2 * counts["embed_and_head"]
     tokens = cfg.data.token_budget
@@ -148,13 +149,14 @@ def rl_memory_plan(cfg: Config, counts: dict, unit_sizes: list, world: int, laye
     vit_act = patches * (2 * vit_h * mcfg.vision_depth + vit_layer if mcfg.activation_checkpointing
                          else vit_layer * mcfg.vision_depth)
     train = resident + grads + gathered + lm_act + vit_act
-    push = resident + 4 * counts["total"] + vllm_weights
+    largest_param = 6 * counts["embed_and_head"] / 2  # fp32 gather + bf16 copy of the embedding (or the LM head)
+    push = resident + vllm_weights + largest_param
     return {"policy_shard_adamw": policy_b / gib, "critic_shard_adamw": critic_b / gib,
             "rollout_vllm_weights": vllm_weights / gib, "rollout_kv_cache": kv_b / gib,
             "rollout_full_length_seqs": kv_b / (kv_per_token * tokens), "train_grads": grads / gib,
             "train_gathered_bf16": gathered / gib, "train_llm_activations": lm_act / gib,
-            "train_vit_activations": vit_act / gib, "train_peak": train / gib, "push_full_state_dict":
-            4 * counts["total"] / gib, "push_peak": push / gib, "rollout_peak": (resident + vllm_weights) / gib,
+            "train_vit_activations": vit_act / gib, "train_peak": train / gib, "push_largest_param":
+            largest_param / gib, "push_peak": push / gib, "rollout_peak": (resident + vllm_share) / gib,
             "vit_patches": patches, "kv_bytes_per_token": kv_per_token}
 
 
@@ -166,20 +168,21 @@ def print_rl_plan(cfg: Config, plan: dict, world: int) -> bool:
     rows = [("resident", "policy fp32 shard + AdamW", plan["policy_shard_adamw"]),
             ("resident", "critic fp32 shard + AdamW", plan["critic_shard_adamw"]),
             ("rollout", "vLLM weights (bf16, full copy)", plan["rollout_vllm_weights"]),
-            ("rollout", "vLLM KV cache (rest of 90%)", plan["rollout_kv_cache"]),
+            ("rollout", "vLLM KV cache (its share less weights)", plan["rollout_kv_cache"]),
             ("train", "gradients (fp32 shard)", plan["train_grads"]),
             ("train", "gathered bf16 units", plan["train_gathered_bf16"]),
             ("train", "LLM activations", plan["train_llm_activations"]),
             ("train", f"ViT activations ({plan['vit_patches']} patches)", plan["train_vit_activations"]),
-            ("push", "full fp32 state dict (push_weights)", plan["push_full_state_dict"])]
+            ("push", "largest parameter, gathered (streamed push)", plan["push_largest_param"])]
     for phase, what, gib in rows:
         print(f"  {phase:>8} {what:>40}: {gib:8.2f} GiB")
     seqs = plan["rollout_full_length_seqs"]
-    fits = {"rollout": seqs >= 1, "train": plan["train_peak"] <= limit, "push": plan["push_peak"] <= limit}
-    print(f"  rollout: resident + vLLM weights {plan['rollout_peak']:.2f} GiB; the KV cache holds {max(seqs, 0):.1f} "
+    fits = {"rollout": seqs >= 1 and plan["rollout_peak"] <= limit, "train": plan["train_peak"] <= limit,
+            "push": plan["push_peak"] <= limit}
+    print(f"  rollout: resident + vLLM's share {plan['rollout_peak']:.2f} GiB; the KV cache holds {max(seqs, 0):.1f} "
           f"sequences of {cfg.data.token_budget} tokens at once ({plan['kv_bytes_per_token']} B/token)")
-    print(f"  train peak {plan['train_peak']:.2f} GiB; weight-push peak {plan['push_peak']:.2f} GiB (resident + full "
-          "fp32 copy + vLLM weights)")
+    print(f"  train peak {plan['train_peak']:.2f} GiB; weight-push peak {plan['push_peak']:.2f} GiB (resident + vLLM "
+          "weights + one full parameter)")
     verdict = "fits" if all(fits.values()) else "does NOT fit (" + ", ".join(k for k, v in fits.items() if not v) + ")"
     print(f"  -> the RL step {verdict} in {cfg.run.gpu_memory_gib:.0f} GiB (formula; keeping ~10% for the allocator "
           "and NCCL buffers)")

@@ -230,7 +230,7 @@ def test_dry_run_prints_the_rl_memory_plan_at_7b(capsys):
     assert "RL step memory plan per GPU (FORMULA, an estimate from parameter counts, not measured; 8 GPUs" in out
     for what in ("policy fp32 shard + AdamW", "critic fp32 shard + AdamW", "vLLM weights (bf16, full copy)",
                  "vLLM KV cache", "gradients (fp32 shard)", "LLM activations", "ViT activations",
-                 "full fp32 state dict (push_weights)"):
+                 "largest parameter, gathered (streamed push)"):
         assert what in out, what
     assert "-> the RL step fits in 80 GiB (formula" in out
     cfg = load_config(seven_b)
@@ -242,6 +242,6 @@ def test_dry_run_prints_the_rl_memory_plan_at_7b(capsys):
     assert plan["vit_patches"] == (65536 - 49152) * 4
     capsys.readouterr()
     launch.main(["--stage", "rl", "--config", seven_b, "--dry-run", "--run.gpu_memory_gib=60"])
-    assert "-> the RL step does NOT fit (train, push) in 60 GiB" in capsys.readouterr().out
+    assert "-> the RL step does NOT fit (train) in 60 GiB" in capsys.readouterr().out
     launch.main(["--stage", "sft", "--config", seven_b, "--dry-run"])
     assert "RL step memory plan" not in capsys.readouterr().out
