@@ -1,5 +1,6 @@
 """The README's config reference is generated from ovr_train/config.py and must stay current and complete."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,8 @@ import config_reference
 
 def test_readme_config_reference_is_current():
     res = subprocess.run([sys.executable, str(ROOT / "tools" / "config_reference.py"), "--check", str(ROOT / "README.md")],
-                         capture_output=True, text=True, check=False)
+                         capture_output=True, text=True, check=False,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))  # this tree's config.py, not an installed copy
     assert res.returncode == 0, res.stdout + res.stderr
 
 
