@@ -9,7 +9,6 @@ load.
 """
 
 import copy
-import json
 import random
 import shutil
 from pathlib import Path

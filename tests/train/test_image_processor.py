@@ -76,7 +76,7 @@ def test_trainer_tokens_follow_the_checkpoint_and_the_export_writes_them(hub_ckp
 
     def image_tokens(*overrides):
         cfg = _cfg(hub_ckpt, f"--data.train_files=[{data}]", *overrides)
-        tok, ids, samples, _ = setup_tokenizer_and_data(cfg, info)
+        _, ids, samples, _ = setup_tokenizer_and_data(cfg, info)
         return int((samples[0].input_ids == ids["image_pad"]).sum()), cfg
 
     # the hub's 3136..12845056 keeps 200x200 at 196x196 = 14x14 patches = 49 tokens; tiny.yaml's 12544 gives 16
