@@ -209,13 +209,14 @@ class ImageProcessor:
     Build it with `image_processor(cfg, model_path)` so every place an image becomes tokens agrees."""
 
     def __init__(self, min_pixels: int, max_pixels: int, patch_size: int = 14, merge_size: int = 2,
-                 temporal_patch_size: int = 2):
+                 temporal_patch_size: int = 2, image_mean=None, image_std=None):
         from transformers import Qwen2VLImageProcessorPil
 
         self.min_pixels, self.max_pixels, self.patch_size = min_pixels, max_pixels, patch_size
         self.merge_size, self.temporal_patch_size = merge_size, temporal_patch_size
+        norm = {k: v for k, v in (("image_mean", image_mean), ("image_std", image_std)) if v is not None}
         self._proc = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=patch_size,
-                                              merge_size=merge_size, temporal_patch_size=temporal_patch_size)
+                                              merge_size=merge_size, temporal_patch_size=temporal_patch_size, **norm)
 
     @property
     def pixels(self) -> tuple:
@@ -247,7 +248,8 @@ def image_processor(cfg, model_path: str | None = None) -> ImageProcessor:
     min/max pixels: data.min_pixels / data.max_pixels where set (> 0), else the checkpoint's
     preprocessor_config.json (`min_pixels`/`max_pixels` keys, which win as in transformers, or `size:
     {shortest_edge, longest_edge}`), else transformers' Qwen2-VL defaults. Patch, merge and temporal patch sizes
-    are the model's (its vision_config); a preprocessor_config.json that disagrees with them is an error."""
+    are the model's (its vision_config); a preprocessor_config.json that disagrees with them is an error. The
+    normalisation (image_mean / image_std) is the file's where it names one, as any loader of the checkpoint does."""
     from transformers import Qwen2VLImageProcessorPil
 
     path = cfg.model.path if model_path is None else str(model_path)
@@ -281,7 +283,7 @@ def image_processor(cfg, model_path: str | None = None) -> ImageProcessor:
     if bounds[0] > bounds[1]:
         raise ValueError(f"min_pixels={bounds[0]} > max_pixels={bounds[1]} (data.min_pixels={cfg.data.min_pixels}, "
                          f"data.max_pixels={cfg.data.max_pixels}; 0 takes it from {where})")
-    return ImageProcessor(*bounds, **sizes)
+    return ImageProcessor(*bounds, **sizes, image_mean=pre.get("image_mean"), image_std=pre.get("image_std"))
 
 
 # ----------------------------------------------------------------------------------------------------------------

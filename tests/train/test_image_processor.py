@@ -47,6 +47,15 @@ def test_explicit_config_wins_per_field(tmp_path):
     assert image_processor(load_config(TINY, ["--model.patch_size=16"])).patch_size == 16
 
 
+def test_normalisation_follows_the_checkpoint(tmp_path):
+    from transformers import AutoImageProcessor
+
+    path = _ckpt(tmp_path, dict(PREPROCESSOR_CONFIG, image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25]))
+    proc, image = image_processor(_cfg(path)), Image.effect_noise((60, 90), 50).convert("RGB")
+    want = AutoImageProcessor.from_pretrained(path)(images=[image], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(proc(image)[0], want.float(), rtol=0, atol=1e-6)
+
+
 def test_bad_settings_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="patch_size=16 disagrees with the model's vision_config"):
         image_processor(_cfg(_ckpt(tmp_path, dict(PREPROCESSOR_CONFIG, patch_size=16))))
