@@ -10,9 +10,10 @@ preprocessor_config.json. The shapes that matter are real: vocabulary 152,064, t
 7B's mRoPE section, ViT head_dim 80 with window attention and full-attention blocks; the rest is tiny (2 decoder
 layers of width 256, 4 ViT blocks of width 160) so it trains on a CPU.
 
-Built once per content version under <repo>/.cache/hub_miniature (git-ignored); the tokenizer build is cached too.
+Built once per version of this file under <repo>/.cache/hub_miniature (git-ignored), with the tokenizer build.
 """
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-VERSION = "v1"
+VERSION = hashlib.sha1(Path(__file__).read_bytes()).hexdigest()[:12]  # any edit here rebuilds it
 CACHE = ROOT / ".cache" / "hub_miniature"
 
 # The hub's config.json with the 7B's numbers replaced by tiny ones where the shape does not matter.

@@ -122,6 +122,8 @@ def test_sft_rl_eval_export_from_a_hub_checkpoint(hub_ckpt, tmp_path):
     assert set(on_disk) == set(trained) and all(torch.equal(on_disk[k], trained[k]) for k in on_disk)
     before = Qwen2_5_VLForConditionalGeneration.from_pretrained(out / "sft" / "hf", dtype=torch.float32).state_dict()
     assert not torch.equal(before["lm_head.weight"], reloaded["lm_head.weight"])  # RL did train it
+    hub = Qwen2_5_VLForConditionalGeneration.from_pretrained(hub_ckpt, dtype=torch.float32).state_dict()
+    assert set(hub) == set(before) and not torch.equal(hub["lm_head.weight"], before["lm_head.weight"])  # SFT too
 
     # the trainer's log-probs == transformers' forward, on the hub layout and on the export
     script = (f"import json, test_hub_rehearsal as t; print('GAPS', json.dumps(t.logprob_gaps("
