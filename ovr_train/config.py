@@ -142,10 +142,10 @@ class DataCfg:
     """Pack samples into one varlen sequence per micro-batch (False: pad to the longest, for comparison)."""
     token_budget: int = 4096
     """Tokens per micro-batch per rank (padded tokens count when packing is off)."""
-    min_pixels: int = 112 * 112
-    """Smallest image area after resizing (pixels)."""
-    max_pixels: int = 112 * 112
-    """Largest image area after resizing (pixels); 7B: 12845056 (16384 tokens) is Qwen's default."""
+    min_pixels: int = 0
+    """Smallest image area after resizing (pixels); 0: the checkpoint's preprocessor_config.json (Qwen2.5-VL-7B: 3136)."""
+    max_pixels: int = 0
+    """Largest image area after resizing (pixels); 0: the checkpoint's preprocessor_config.json (7B: 12845056)."""
 
     def __post_init__(self):
         _one_of("data.overlong", self.overlong, ("error", "truncate"))
@@ -155,8 +155,10 @@ class DataCfg:
                f"must be >= data.max_seq_len ({self.max_seq_len}) so every sample fits a micro-batch")
         _check(self.synth_num_train > 0, "data.synth_num_train", self.synth_num_train, "must be > 0")
         _check(self.synth_num_eval >= 0, "data.synth_num_eval", self.synth_num_eval, "must be >= 0")
-        _check(0 < self.min_pixels <= self.max_pixels, "data.min_pixels", self.min_pixels,
-               f"must be in (0, max_pixels={self.max_pixels}]")
+        for name in ("min_pixels", "max_pixels"):
+            _check(getattr(self, name) >= 0, f"data.{name}", getattr(self, name), "must be >= 0 (0: the checkpoint's)")
+        _check(not (self.min_pixels and self.max_pixels) or self.min_pixels <= self.max_pixels, "data.min_pixels",
+               self.min_pixels, f"must be <= data.max_pixels={self.max_pixels}")
 
 
 @dataclass

@@ -207,15 +207,32 @@ def load_image(ref: ImageRef, image_root: str = ""):
 
 class ImageProcessor:
     """Qwen2-VL preprocessing without torchvision: resize to multiples of patch*merge within [min, max] pixels,
-    CLIP-normalise, cut into (P, 3 * temporal_patch * patch * patch) patch rows in the ViT's merge-aware order."""
+    CLIP-normalise, cut into (P, 3 * temporal_patch * patch * patch) patch rows in the ViT's merge-aware order.
+    Build it with `image_processor(cfg, model_path)` so every place an image becomes tokens agrees."""
 
-    def __init__(self, min_pixels: int, max_pixels: int, patch_size: int = 14, merge_size: int = 2):
+    def __init__(self, min_pixels: int, max_pixels: int, patch_size: int = 14, merge_size: int = 2,
+                 temporal_patch_size: int = 2, image_mean=None, image_std=None):
         from transformers import Qwen2VLImageProcessorPil
 
-        self.merge_size, self.patch_size = merge_size, patch_size
-        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.min_pixels, self.max_pixels, self.patch_size = min_pixels, max_pixels, patch_size
+        self.merge_size, self.temporal_patch_size = merge_size, temporal_patch_size
+        norm = {k: v for k, v in (("image_mean", image_mean), ("image_std", image_std)) if v is not None}
         self._proc = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=patch_size,
-                                              merge_size=merge_size)
+                                              merge_size=merge_size, temporal_patch_size=temporal_patch_size, **norm)
+
+    @property
+    def pixels(self) -> tuple:
+        """(min_pixels, max_pixels): what the vLLM engine is given as mm_processor_kwargs."""
+        return self.min_pixels, self.max_pixels
+
+    def save_pretrained(self, out_dir):
+        """preprocessor_config.json with these settings, in both the `size` form and the older min/max_pixels keys
+        (which transformers and vLLM let win over `size`), so any loader turns an image into the same tokens."""
+        self._proc.save_pretrained(out_dir)
+        f = Path(out_dir) / "preprocessor_config.json"
+        pre = json.loads(f.read_text())
+        pre.update(processor_class="Qwen2_5_VLProcessor", min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        f.write_text(json.dumps(pre, indent=2))
 
     def __call__(self, image) -> tuple:
         """PIL image -> (pixel_values (P, 1176) fp32, grid_thw (3,) int64)."""
@@ -232,6 +249,50 @@ class ImageProcessor:
 
         h, w = smart_resize(height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels)
         return h * w // (self.patch_size * self.merge_size) ** 2
+
+
+def image_processor(cfg, model_path: str | None = None) -> ImageProcessor:
+    """The one ImageProcessor for a run (Config `cfg`) on the checkpoint `model_path` (default cfg.model.path; empty:
+    a model built from cfg.model): SFT data, RL prompts, eval, both engines and the export all use its numbers.
+    min/max pixels: data.min_pixels / data.max_pixels where set (> 0), else the checkpoint's
+    preprocessor_config.json (`min_pixels`/`max_pixels` keys, which win as in transformers, or `size:
+    {shortest_edge, longest_edge}`), else transformers' Qwen2-VL defaults. Patch, merge and temporal patch sizes
+    are the model's (its vision_config); a preprocessor_config.json that disagrees with them is an error. The
+    normalisation (image_mean / image_std) is the file's where it names one, as any loader of the checkpoint does."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    path = cfg.model.path if model_path is None else str(model_path)
+    default = Qwen2VLImageProcessorPil()
+    pre, where = {}, "transformers' Qwen2-VL defaults"
+    if path:
+        from transformers import AutoConfig
+
+        vision = AutoConfig.from_pretrained(path).vision_config
+        sizes = {"patch_size": vision.patch_size, "merge_size": vision.spatial_merge_size,
+                 "temporal_patch_size": vision.temporal_patch_size}
+        f = Path(path) / "preprocessor_config.json"
+        if f.is_file():
+            pre, where = json.loads(f.read_text()), str(f)
+            for key, want in sizes.items():
+                if key in pre and pre[key] != want:
+                    raise ValueError(f"{f}: {key}={pre[key]!r} disagrees with the model's vision_config ({want}): "
+                                     "the ViT would get patches of another size")
+    else:
+        sizes = {"patch_size": cfg.model.patch_size, "merge_size": cfg.model.spatial_merge_size,
+                 "temporal_patch_size": default.temporal_patch_size}
+    size = pre.get("size") or {}
+    bounds = []
+    for name, edge, fallback in (("min_pixels", "shortest_edge", default.size.shortest_edge),
+                                 ("max_pixels", "longest_edge", default.size.longest_edge)):
+        given = getattr(cfg.data, name)
+        value = given or pre.get(name) or size.get(edge) or fallback
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{where}: {name}={value!r} must be a positive int")
+        bounds.append(value)
+    if bounds[0] > bounds[1]:
+        raise ValueError(f"min_pixels={bounds[0]} > max_pixels={bounds[1]} (data.min_pixels={cfg.data.min_pixels}, "
+                         f"data.max_pixels={cfg.data.max_pixels}; 0 takes it from {where})")
+    return ImageProcessor(*bounds, **sizes, image_mean=pre.get("image_mean"), image_std=pre.get("image_std"))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -471,6 +471,7 @@ def dcp_to_hf(path, out_dir, info) -> Path:
 
     from ovr_train.checkpoint import ModelState, export_hf, load_checkpoint
     from ovr_train.config import load_config
+    from ovr_train.data import image_processor
     from ovr_train.dist import compute_dtype
     from ovr_train.sft import build_sharded_model
     from ovr_train.tokenizer import load_tokenizer, special_ids
@@ -488,8 +489,7 @@ def dcp_to_hf(path, out_dir, info) -> Path:
     model = build_sharded_model(ccfg, info, ids, len(tok))
     load_checkpoint(path, {entry: ModelState(model)}, info.rank)
     out = Path(out_dir) / f"hf_{path.parent.parent.name}_{path.name}"
-    export_hf(model, tok, out, info.rank, compute_dtype(ccfg.model, info.device),
-              (ccfg.data.min_pixels, ccfg.data.max_pixels))
+    export_hf(model, tok, out, info.rank, compute_dtype(ccfg.model, info.device), image_processor(ccfg))
     return out
 
 
@@ -527,7 +527,7 @@ def evaluate_with_config(cfg, engine, tok, ids: dict, sets: dict, image_proc, in
 def evaluate(cfg, info=None) -> dict:
     """The eval stage: `cfg.model.path` (HF or DCP dir) on `cfg.eval.sets` (or the embedded default's held-out
     sets). Prints the per-set table, writes JSON and appends to the run report on rank 0; returns the metrics."""
-    from ovr_train.data import ImageProcessor
+    from ovr_train.data import image_processor
     from ovr_train.rollout import rollout
     from ovr_train.runlock import lock_run_dir
     from ovr_train.tokenizer import load_tokenizer, special_ids
@@ -553,12 +553,9 @@ def evaluate(cfg, info=None) -> dict:
     sets = resolve_sets(cfg)
     tok = load_tokenizer(str(model_path))
     ids = special_ids(tok)
-    from transformers import AutoConfig
-
-    vcfg = AutoConfig.from_pretrained(str(model_path)).vision_config
-    image_proc = ImageProcessor(cfg.data.min_pixels, cfg.data.max_pixels, vcfg.patch_size, vcfg.spatial_merge_size)
-    engine = rollout(ecfg.engine, model_path, tok, ids, info.device, cfg.rollout, (cfg.data.min_pixels,
-                     cfg.data.max_pixels), seed=ecfg.seed + info.rank, max_batch_size=ecfg.batch_size * ecfg.num_samples)
+    image_proc = image_processor(cfg, str(model_path))
+    engine = rollout(ecfg.engine, model_path, tok, ids, info.device, cfg.rollout, image_proc.pixels,
+                     seed=ecfg.seed + info.rank, max_batch_size=ecfg.batch_size * ecfg.num_samples)
     if info.is_main:
         print(f"[eval] {label}: {', '.join(f'{k} ({len(v)} questions)' for k, v in sets.items())}; n="
               f"{ecfg.num_samples}, max_new_tokens={ecfg.max_new_tokens}, temperature={ecfg.temperature}, "

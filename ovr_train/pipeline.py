@@ -75,7 +75,7 @@ def evaluate_model(cfg, info, model_dir, label: str) -> dict:
     Returns {"metrics": {set: summarize(...)}, "stderr": {set: SE of pass@1}, "by_task": ..., "seconds"} (same on
     every rank); rank 0 writes <run.out_dir>/eval/<label>.json with the per-question results."""
     from ovr_train import synth_images
-    from ovr_train.data import ImageProcessor
+    from ovr_train.data import image_processor
     from ovr_train.evaluate import evaluate_with_config
     from ovr_train.rollout import rollout
     from ovr_train.tokenizer import load_tokenizer, special_ids
@@ -83,11 +83,10 @@ def evaluate_model(cfg, info, model_dir, label: str) -> dict:
     ecfg, t0 = cfg.eval, time.perf_counter()
     tok = load_tokenizer(str(model_dir))
     ids = special_ids(tok)
-    image_proc = ImageProcessor(cfg.data.min_pixels, cfg.data.max_pixels, cfg.model.patch_size,
-                                cfg.model.spatial_merge_size)
+    image_proc = image_processor(cfg, str(model_dir))
     sets = eval_sets(cfg)
     engine = rollout(ecfg.engine, Path(model_dir), tok, ids, info.device, cfg.rollout,
-                     (cfg.data.min_pixels, cfg.data.max_pixels), seed=ecfg.seed + info.rank,
+                     image_proc.pixels, seed=ecfg.seed + info.rank,
                      max_batch_size=ecfg.batch_size * ecfg.num_samples)
     metrics, details = evaluate_with_config(cfg, engine, tok, ids, sets, image_proc, info)
     engine.close()  # free its memory before the next stage trains

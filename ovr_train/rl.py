@@ -33,7 +33,7 @@ from ovr_kernels import (
 from ovr_train import behaviors
 from ovr_train.checkpoint import ModelState, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from ovr_train.config import dump_config, longest_response
-from ovr_train.data import IGNORE, Encoded, ImageProcessor, StepSampler, collate, filler, mrope_position_ids
+from ovr_train.data import IGNORE, Encoded, StepSampler, collate, filler, image_processor, mrope_position_ids
 from ovr_train.dist import all_reduce, broadcast_object, clip_grad_norm, compute_dtype
 from ovr_train.metrics import MetricsLogger, plot_curves, read_metrics
 from ovr_train.prompts import PromptFormat, build_prompt, prompt_length
@@ -175,8 +175,8 @@ def train_rl(cfg, info) -> Path:
 
     # ---- tokenizer, prompts, models, optimizers, engine, verifier ----
     tok = load_tokenizer(str(init_from))
-    ids, merge, pad_id = special_ids(tok), cfg.model.spatial_merge_size, special_ids(tok)["endoftext"]
-    image_proc = ImageProcessor(cfg.data.min_pixels, cfg.data.max_pixels, cfg.model.patch_size, merge)
+    image_proc = image_processor(cfg, str(init_from))  # the SFT export's preprocessor_config unless overridden
+    ids, merge, pad_id = special_ids(tok), image_proc.merge_size, special_ids(tok)["endoftext"]
     fmt, limit = PromptFormat.of(cfg.data), cfg.data.token_budget - longest_response(rcfg)
     pool_items = prompt_pool(rcfg, cfg.data.synth_seed)
     items, too_long = fitting_prompts(pool_items, [prompt_length(it, tok, ids, image_proc, fmt) for it in pool_items],
@@ -197,8 +197,8 @@ def train_rl(cfg, info) -> Path:
                                          betas=tuple(rcfg.betas), weight_decay=rcfg.weight_decay, foreach=True)
         scheds[name] = torch.optim.lr_scheduler.LambdaLR(  # linear warmup, then constant (RECIPE.md)
             optims[name], lambda s: min(1.0, (s + 1) / (rcfg.warmup_steps + 1)))
-    engine = rollout(rcfg.rollout_engine, init_from, tok, ids, device, cfg.rollout,
-                     (cfg.data.min_pixels, cfg.data.max_pixels), seed=cfg.run.seed + rank)
+    engine = rollout(rcfg.rollout_engine, init_from, tok, ids, device, cfg.rollout, image_proc.pixels,
+                     seed=cfg.run.seed + rank)
     names = {n for n, _ in (engine.model if hasattr(engine, "model") else policy.hf).named_parameters()}
     use_eval_scoring = any(it.choices for it in items) or not rcfg.format_reward
     pool = RewardPool(default_num_workers(rcfg.reward_workers), rcfg.reward_timeout_s,
@@ -427,8 +427,7 @@ def train_rl(cfg, info) -> Path:
     pool.close()
     logger.close()
     if cfg.checkpoint.export_hf:  # collective: the final policy as an HF dir (what --stage all evaluates)
-        export_hf(policy, tok, stage_dir / "hf", rank, compute_dtype(cfg.model, device),
-                  (cfg.data.min_pixels, cfg.data.max_pixels))
+        export_hf(policy, tok, stage_dir / "hf", rank, compute_dtype(cfg.model, device), image_proc)
     if info.is_main:
         records = read_metrics(stage_dir / "metrics.jsonl")
         plot_curves(stage_dir / "metrics.jsonl", stage_dir / "curves.png", ["reward_mean", "reward_image", "reward_text", "response_len",

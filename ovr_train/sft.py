@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from ovr_train.checkpoint import ModelState, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from ovr_train.config import Config, dump_config
-from ovr_train.data import ImageProcessor, StepSampler, collate, filler, load_sft_samples, step_plan
+from ovr_train.data import StepSampler, collate, filler, image_processor, load_sft_samples, step_plan
 from ovr_train.dist import DistInfo, all_reduce, barrier, clip_grad_norm, compute_dtype
 from ovr_train.metrics import MetricsLogger, Throughput, peak_memory_gib, plot_curves
 from ovr_train.model import build_sharded_model, flops_per_token, param_counts
@@ -95,8 +95,7 @@ def setup_tokenizer_and_data(cfg: Config, info: DistInfo, stage: str = "sft"):
     else:
         files = cfg.data.train_files or [ensure_corpus(cfg.data.cache_dir, cfg.data.synth_num_train,
                                                        cfg.data.synth_num_eval, cfg.data.synth_seed)[0]]
-    image_proc = ImageProcessor(cfg.data.min_pixels, cfg.data.max_pixels, cfg.model.patch_size,
-                                cfg.model.spatial_merge_size)
+    image_proc = image_processor(cfg)
     samples, stats = load_sft_samples(files, tok, ids, image_proc, cfg.data)
     return tok, ids, samples, stats
 
@@ -125,7 +124,7 @@ def train_sft(cfg: Config, info: DistInfo, stage: str = "sft") -> Path:
     lengths = [s.length for s in samples]
     sampler = StepSampler(len(samples), cfg.sft.batch_size, cfg.run.seed)
     total_steps = cfg.sft.steps or cfg.sft.epochs * sampler.steps_per_epoch
-    pad_id, merge, packing = ids["endoftext"], cfg.model.spatial_merge_size, cfg.data.packing
+    pad_id, merge, packing = ids["endoftext"], image_processor(cfg).merge_size, cfg.data.packing
     if info.is_main:
         print(f"{tag} {len(samples)} samples ({sum(lengths)} tokens, longest {max(lengths)}); skipped: malformed "
               f"{stats.skipped_malformed}, image {stats.skipped_image}, overlong {stats.skipped_overlong}, no loss "
@@ -229,8 +228,7 @@ def train_sft(cfg: Config, info: DistInfo, stage: str = "sft") -> Path:
 
     # ---- export and plot ----
     if cfg.checkpoint.export_hf and (start < total_steps or not (stage_dir / "hf").exists()):
-        export_hf(model, tok, stage_dir / "hf", rank, compute_dtype(cfg.model, info.device),
-                  (cfg.data.min_pixels, cfg.data.max_pixels))
+        export_hf(model, tok, stage_dir / "hf", rank, compute_dtype(cfg.model, info.device), image_processor(cfg))
     if info.is_main:
         plot_curves(stage_dir / "metrics.jsonl", stage_dir / "curves.png",
                     ["loss", "lr", "grad_norm", "entropy", "tokens_per_s"], title="SFT (cold start)" if stage == "sft" else "Base (perception)")

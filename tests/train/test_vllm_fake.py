@@ -345,8 +345,8 @@ def test_export_is_bf16_with_processor_chat_template_and_generation_config(tmp_p
     torch.manual_seed(0)
     wrapper = torch.nn.Module()
     wrapper.hf = Qwen2_5_VLForConditionalGeneration(hf_config(mcfg, model_vocab_size(mcfg, len(tok)), ids))
-    bounds = (12544, 50176)  # the 7B configs' min_pixels (the checkpoint default would be 3136)
-    export_hf(wrapper, tok, tmp_path / "hf", 0, torch.bfloat16, bounds)
+    bounds = (12544, 50176)  # not the processor defaults (3136, 1003520)
+    export_hf(wrapper, tok, tmp_path / "hf", 0, torch.bfloat16, ImageProcessor(*bounds))
     out = tmp_path / "hf"
 
     assert {t.dtype for t in load_file(next(out.glob("*.safetensors"))).values()} == {torch.bfloat16}
