@@ -36,6 +36,7 @@ import itertools
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -88,9 +89,9 @@ def prepare(work: Path, s: dict, init: str = "") -> dict:
     if not (hf / "config.json").is_file():
         if init:
             raise ValueError(f"--init {init!r} is not an HF model directory (no config.json)")
-        subprocess.run([sys.executable, "-m", "ovr_train.launch", "--stage", "sft",
-                        f"--sft.steps={s['init_sft_steps']}", "--checkpoint.every=0", "--sft.init_from=none",
-                        f"--run.out_dir={work / 'init'}"], check=True, cwd=ROOT, env=_env(s["threads"]))
+        run_tree([sys.executable, "-m", "ovr_train.launch", "--stage", "sft", f"--sft.steps={s['init_sft_steps']}",
+                  "--checkpoint.every=0", "--sft.init_from=none", f"--run.out_dir={work / 'init'}"],
+                 _env(s["threads"]), work / "init.log")
     n_prompts = s["rl_steps"] * s["prompts_per_step"]
     n_text = round(n_prompts * s["text_fraction"])
     prompts, img_dir = work / "rl_prompts.jsonl", work / "rl_images"
@@ -159,8 +160,14 @@ def _rates(steps: list) -> dict:
     return out
 
 
-def run_ovr_rl(work: Path, inp: dict, s: dict, rep: int) -> dict:
-    out = work / f"ovr_rl_{rep}"
+# ovr's configurations: its default (packed varlen micro-batches: on CPU the attention is the plain-PyTorch
+# reference of its GPU kernel, one segment at a time) and its padded mode (torch SDPA over padded micro-batches).
+OVR_VARIANTS = {"ovr": [], "ovr-sdpa": ["--data.packing=false", "--model.attn_implementation=sdpa"]}
+
+
+def run_ovr_rl(work: Path, inp: dict, s: dict, rep: int, side: str = "ovr") -> dict:
+    out = work / f"{side}_rl_{rep}"
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run, never a resumed or appended one
     m = s["max_new_tokens"]
     cmd = [sys.executable, "-m", "ovr_train.launch", "--stage", "rl", f"--run.out_dir={out}",
            f"--rl.init_from={inp['hf']}", f"--rl.prompt_files=[{inp['prompts']}]", f"--rl.steps={s['rl_steps']}",
@@ -169,8 +176,8 @@ def run_ovr_rl(work: Path, inp: dict, s: dict, rep: int) -> dict:
            f"--rl.policy_lr={s['rl_lr']}", "--rl.warmup_steps=0", f"--rl.temperature={s['temperature']}",
            "--rl.top_p=1.0", "--rl.reward_workers=1", "--checkpoint.every=0", "--checkpoint.export_hf=false",
            "--checkpoint.resume=false", "--eval.every_n_steps=0", f"--run.seed={s['seed']}",
-           f"--dist.cpu_threads={s['threads']}", "--optim.grad_clip=1.0"]
-    tree = run_tree(cmd, _env(s["threads"]), work / f"ovr_rl_{rep}.log")
+           f"--dist.cpu_threads={s['threads']}", "--optim.grad_clip=1.0", *OVR_VARIANTS[side]]
+    tree = run_tree(cmd, _env(s["threads"]), work / f"{side}_rl_{rep}.log")
     recs = [json.loads(line) for line in (out / "rl" / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [{"gen_s": r["time_rollout_s"], "score_s": r["time_reward_s"],
               "update_s": r["time_train_s"] + r["time_sync_s"],
@@ -189,15 +196,16 @@ def run_trl(kind: str, work: Path, inp: dict, s: dict, rep: int) -> dict:
     return {**tree, **_rates(steps), "steps": steps}
 
 
-def run_ovr_sft(work: Path, inp: dict, s: dict, rep: int) -> dict:
-    out = work / f"ovr_sft_{rep}"
+def run_ovr_sft(work: Path, inp: dict, s: dict, rep: int, side: str = "ovr") -> dict:
+    out = work / f"{side}_sft_{rep}"
+    shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "ovr_train.launch", "--stage", "sft", f"--run.out_dir={out}",
            f"--sft.init_from={inp['hf']}", f"--data.train_files=[{inp['sft']}]", f"--sft.steps={s['sft_steps']}",
            f"--sft.batch_size={s['sft_batch_size']}", f"--optim.lr={s['sft_lr']}", "--optim.warmup_steps=0",
            "--optim.schedule=constant", "--optim.grad_clip=1.0", "--checkpoint.every=0",
            "--checkpoint.export_hf=false", "--checkpoint.resume=false", f"--run.seed={s['seed']}",
-           f"--dist.cpu_threads={s['threads']}"]
-    tree = run_tree(cmd, _env(s["threads"]), work / f"ovr_sft_{rep}.log")
+           f"--dist.cpu_threads={s['threads']}", *OVR_VARIANTS[side]]
+    tree = run_tree(cmd, _env(s["threads"]), work / f"{side}_sft_{rep}.log")
     recs = [json.loads(line) for line in (out / "sft" / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [{"step_s": r["step_time_s"], "tokens": r["tokens_per_s"] * r["step_time_s"], "loss": r["loss"]}
              for r in recs]
@@ -390,12 +398,12 @@ def _fmt(x, nd=1):
 
 
 def table(results: dict):
-    """One markdown table (every repetition of each side, then the ratios of medians ovr / TRL) and the ratios."""
+    """One markdown table (every repetition of each side, then the ratios of medians to TRL's) and the ratios."""
     lines = [("| run | gen s/step | score s/step | update s/step | gen tok/s | trained tok/s (RL update) | RL peak RSS "
              "MiB | SFT tok/s | SFT peak RSS MiB | reward per step |"),
              "|---|---|---|---|---|---|---|---|---|---|"]
     med = {}
-    for side in ("ovr", "trl"):
+    for side in results:
         for i, (rl, sft) in enumerate(zip(results[side]["rl"], results[side]["sft"])):
             lines.append(f"| {side} #{i + 1} | {_fmt(rl['gen_s'], 2)} | {_fmt(rl['score_s'], 3)} | "
                          f"{_fmt(rl['update_s'], 2)} | {_fmt(rl['gen_tok_s'])} | {_fmt(rl['train_tok_s'])} | "
@@ -405,16 +413,19 @@ def table(results: dict):
                      (("rl", ("gen_s", "score_s", "update_s", "gen_tok_s", "train_tok_s", "peak_rss_mib")),
                       ("sft", ("tok_s",))) for k in keys}
         med[side]["sft_peak_rss_mib"] = statistics.median(r["peak_rss_mib"] for r in results[side]["sft"])
-    o, t = med["ovr"], med["trl"]
-    ratios = {"gen_s": o["gen_s"] / t["gen_s"], "score_s": o["score_s"] / max(t["score_s"], 1e-9),
-              "update_s": o["update_s"] / t["update_s"], "gen_tok_s": o["gen_tok_s"] / t["gen_tok_s"],
-              "rl_train_tok_s": o["train_tok_s"] / t["train_tok_s"],
-              "rl_peak_rss": o["peak_rss_mib"] / t["peak_rss_mib"], "sft_tok_s": o["tok_s"] / t["tok_s"],
-              "sft_peak_rss": o["sft_peak_rss_mib"] / t["sft_peak_rss_mib"]}
-    r = {k: f"{v:.2f}x" for k, v in ratios.items()}
-    lines.append(f"| ovr / TRL (medians) | {r['gen_s']} | {r['score_s']} | {r['update_s']} | {r['gen_tok_s']} | "
-                 f"**{r['rl_train_tok_s']}** | {r['rl_peak_rss']} | **{r['sft_tok_s']}** | {r['sft_peak_rss']} | |")
-    return "\n".join(lines), {f"ovr_over_trl_{k}": round(v, 4) for k, v in ratios.items()}
+    t, ratios = med["trl"], {}
+    for side in (x for x in results if x != "trl"):
+        o = med[side]
+        q = {"gen_s": o["gen_s"] / t["gen_s"], "score_s": o["score_s"] / max(t["score_s"], 1e-9),
+             "update_s": o["update_s"] / t["update_s"], "gen_tok_s": o["gen_tok_s"] / t["gen_tok_s"],
+             "rl_train_tok_s": o["train_tok_s"] / t["train_tok_s"],
+             "rl_peak_rss": o["peak_rss_mib"] / t["peak_rss_mib"],
+             "sft_tok_s": o["tok_s"] / t["tok_s"], "sft_peak_rss": o["sft_peak_rss_mib"] / t["sft_peak_rss_mib"]}
+        r = {k: f"{v:.2f}x" for k, v in q.items()}
+        lines.append(f"| {side} / TRL (medians) | {r['gen_s']} | {r['score_s']} | {r['update_s']} | {r['gen_tok_s']} | "
+                     f"**{r['rl_train_tok_s']}** | {r['rl_peak_rss']} | **{r['sft_tok_s']}** | {r['sft_peak_rss']} | |")
+        ratios.update({f"{side.replace('-', '_')}_over_trl_{k}": round(v, 4) for k, v in q.items()})
+    return "\n".join(lines), ratios
 
 
 def environment() -> dict:
@@ -433,18 +444,20 @@ def environment() -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-def compare(work: Path, s: dict, reps: int, init: str = "", save: bool = True) -> dict:
-    """Prepare the inputs, run each side `reps` times interleaved, print and (optionally) save the table."""
+def compare(work: Path, s: dict, reps: int, init: str = "", save: bool = True, sdpa: bool = False) -> dict:
+    """Prepare the inputs, run each side `reps` times interleaved (the order reversed every other repetition), print
+    and (optionally) save the table. sdpa: also run ovr's padded SDPA mode (the "ovr-sdpa" rows)."""
     inp = prepare(work, s, init)
-    results = {"ovr": {"rl": [], "sft": []}, "trl": {"rl": [], "sft": []}}
+    sides = ["ovr", *(["ovr-sdpa"] if sdpa else []), "trl"]
+    results = {side: {"rl": [], "sft": []} for side in sides}
     for rep in range(reps):
-        for side in ("ovr", "trl") if rep % 2 == 0 else ("trl", "ovr"):  # alternate who runs first
+        for side in sides if rep % 2 == 0 else sides[::-1]:
             print(f"[vs-trl] rep {rep + 1}/{reps}: {side} RL ...", flush=True)
-            results[side]["rl"].append(run_ovr_rl(work, inp, s, rep) if side == "ovr" else
-                                       run_trl("rl", work, inp, s, rep))
+            results[side]["rl"].append(run_trl("rl", work, inp, s, rep) if side == "trl" else
+                                       run_ovr_rl(work, inp, s, rep, side))
             print(f"[vs-trl] rep {rep + 1}/{reps}: {side} SFT ...", flush=True)
-            results[side]["sft"].append(run_ovr_sft(work, inp, s, rep) if side == "ovr" else
-                                        run_trl("sft", work, inp, s, rep))
+            results[side]["sft"].append(run_trl("sft", work, inp, s, rep) if side == "trl" else
+                                        run_ovr_sft(work, inp, s, rep, side))
     env = environment()
     text, ratios = table(results)
     head = (f"{env['device']} ({env['cpu_cores']} cores), torch {env['torch']}, transformers {env['transformers']}, "
@@ -488,6 +501,7 @@ def main(argv=None):
     p.add_argument("--sft-steps", type=int, default=SETTINGS["sft_steps"])
     p.add_argument("--init", default="", help="HF model dir both sides start from (default: a few SFT steps)")
     p.add_argument("--no-save", action="store_true", help="print the table only")
+    p.add_argument("--sdpa", action="store_true", help="also run ovr's padded torch-SDPA mode (data.packing=false)")
     p.add_argument("--worker", choices=("rl", "sft"), help=argparse.SUPPRESS)
     p.add_argument("--settings", help=argparse.SUPPRESS)
     p.add_argument("--inputs", help=argparse.SUPPRESS)
@@ -507,7 +521,7 @@ def main(argv=None):
 
     s = dict(SETTINGS, rl_steps=a.rl_steps, sft_steps=a.sft_steps)
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="ovr-vs-trl-"))
-    compare(work, s, a.reps, a.init, save=not a.no_save)
+    compare(work, s, a.reps, a.init, save=not a.no_save, sdpa=a.sdpa)
     return 0
 
 
