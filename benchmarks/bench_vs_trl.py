@@ -2,8 +2,9 @@
 
 Run: `make bench-trl` (= `python benchmarks/bench_vs_trl.py`): prints one table and writes
 benchmarks/results/vs-trl-<device>-<date>.{json,md}. Needs the `peers` extra (`pip install -e ".[peers]"`: TRL and
-accelerate); without TRL it exits with a clear reason. `--reps`, `--rl-steps`, `--sft-steps`, `--init DIR` (a
-trained HF model, e.g. runs/tiny/rl/hf, so the reward curve has something to climb) change the sizes.
+accelerate); without TRL it exits with a clear reason. `--reps`, `--rl-steps`, `--sft-steps` change the sizes,
+`--init DIR` starts both sides from another HF model (e.g. runs/tiny/sft/hf, so the reward curve can move), `--sdpa`
+adds ovr's padded torch-SDPA mode as a third side. One comparison at the defaults takes ~11 min on 2 busy cores (~13 with --sdpa).
 
 Under pytest (`pytest benchmarks/ --benchmark-only`) `test_vs_trl` runs a one-repetition comparison only when
 OVR_BENCH_TRL=1 is set and TRL imports; otherwise it skips with the reason, so CI spends nothing on it (the whole
@@ -12,8 +13,8 @@ comparison takes minutes, far over CI's budget for benchmarks).
 What runs, each side as its own process tree (peak RSS = the largest sum of RSS over the tree, sampled every 0.1 s):
 - model: the embedded default's tiny Qwen2.5-VL after a few cold-start SFT steps (`--stage sft`), exported as an
   HF directory with its tokenizer and image processor; both sides load that directory.
-- RL: the embedded default's prompt pool (generated image questions plus a share of text problems), exactly
-  `steps * prompts_per_step` prompts so each side sees every prompt once in one epoch (orders differ); group size,
+- RL: the embedded default's generated image questions (image only: TRL 1.16's GRPO cannot batch text-only rows
+  beside image rows), exactly `steps * prompts_per_step` prompts so each side sees every prompt once; group size,
   max new tokens, temperature 1, top-p 1, no top-k, constant lr without warmup, AdamW(0.9, 0.95), grad clip 1,
   no KL, clip 0.2, one optimizer step per rollout batch, group z-score advantages, token-level loss normalised by
   the batch's response tokens. ovr: `python -m ovr_train.launch --stage rl --rl.algo=grpo` (HF engine); TRL:
@@ -387,9 +388,11 @@ DIFFERENCES = [
     ("batching: ovr packs sequences into token-budget varlen micro-batches (its own attention kernel); TRL pads the "
     "RL batch to the longest sequence (sdpa) and, in SFT, concatenates the batch padding-free (sdpa, position ids)"),
     "scoring: ovr scores in a verifier subprocess pool with a hard timeout; TRL calls the same verifier in-process",
-    "advantages: both z-score per group; ovr divides by (unbiased std + 1e-6), TRL by (std + 1e-4)",
+    "advantages: both z-score per group with the unbiased std; ovr adds 1e-6 to the std, TRL 1e-4",
     "loss normalisation: both sum token losses over the batch and divide by its response tokens (TRL 'dapo')",
     "prompt order: each side shuffles the same prompt set with its own sampler (each prompt once per run)",
+    ("prompts: image questions only (TRL 1.16's GRPO cannot batch text-only rows beside image rows); the chat "
+     "template's default system turn is removed on the TRL side, as ovr adds none when data.system_prompt is empty"),
 ]
 
 
