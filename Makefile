@@ -2,7 +2,7 @@
 PY ?= python
 PYTEST = $(PY) -m pytest -q -p no:cacheprovider
 
-.PHONY: install test test-vllm demo bench
+.PHONY: install test test-vllm demo bench bench-trl
 
 install:  ## CPU torch wheel first (a bare `torch` pulls a multi-GB CUDA build), then ovr with its dev extras
 	$(PY) -m pip install -q torch==2.13.0
@@ -23,3 +23,7 @@ demo: install  ## the embedded default end to end: base -> cold-start SFT -> mul
 
 bench: install  ## CPU-meaningful benchmarks here; all of them on a GPU (see benchmarks/gpu_check.sh)
 	$(PY) -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider
+
+bench-trl:  ## ovr vs TRL (GRPO and SFT) on the same tiny VLM, prompts and settings: one table (~6 min on 2 cores)
+	$(PY) -m pip install -q -e ".[peers]"
+	$(PY) benchmarks/bench_vs_trl.py
