@@ -115,9 +115,15 @@ class DataCfg:
     """Training data: JSONL chat files or the generated default corpus, tokenisation, images and packing."""
 
     train_files: list = field(default_factory=list)
-    """JSONL files (OpenAI `messages` or ShareGPT/ORZ `conversations` style); empty: the generated text corpus."""
+    """JSONL / parquet files or HF datasets dirs (chat, verl or EasyR1 columns); empty: the generated text corpus."""
     eval_files: list = field(default_factory=list)
-    """Held-out JSONL files (same format); empty: the generated corpus's held-out split."""
+    """Held-out files (same formats); empty: the generated corpus's held-out split."""
+    store_dir: str = ""
+    """Token store directory; empty: <cache_dir>/stores/<key of files, tokenizer, template, options>."""
+    build_workers: int = 1
+    """Processes encoding samples when the token store is built (1: the main process only)."""
+    store_shared_fs: bool = False
+    """Only global rank 0 builds the store (a filesystem shared by all nodes); False: local rank 0 of each node."""
     synth_num_train: int = 20000
     """Problems in the generated training corpus."""
     synth_num_eval: int = 1000
@@ -151,6 +157,7 @@ class DataCfg:
         _check(self.max_seq_len > 8, "data.max_seq_len", self.max_seq_len, "must be > 8")
         _check(self.token_budget >= self.max_seq_len, "data.token_budget", self.token_budget,
                f"must be >= data.max_seq_len ({self.max_seq_len}) so every sample fits a micro-batch")
+        _check(self.build_workers >= 1, "data.build_workers", self.build_workers, "must be >= 1")
         _check(self.synth_num_train > 0, "data.synth_num_train", self.synth_num_train, "must be > 0")
         _check(self.synth_num_eval >= 0, "data.synth_num_eval", self.synth_num_eval, "must be >= 0")
         _check(0 < self.min_pixels <= self.max_pixels, "data.min_pixels", self.min_pixels,

@@ -21,10 +21,11 @@ from tqdm import tqdm
 
 from ovr_train.checkpoint import ModelState, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from ovr_train.config import Config, dump_config
-from ovr_train.data import ImageProcessor, StepSampler, collate, filler, load_sft_samples, step_plan
+from ovr_train.data import ImageProcessor, StepSampler, collate, filler, step_plan
 from ovr_train.dist import DistInfo, all_reduce, barrier, clip_grad_norm, compute_dtype
 from ovr_train.metrics import MetricsLogger, Throughput, peak_memory_gib, plot_curves
 from ovr_train.model import build_sharded_model, flops_per_token, param_counts
+from ovr_train.store import open_store
 from ovr_train.synth_images import ensure_perception_corpus
 from ovr_train.synth_text import ensure_corpus
 from ovr_train.tokenizer import load_tokenizer, special_ids
@@ -73,7 +74,8 @@ def resolve_sft_init(cfg: Config) -> str:
 
 
 def setup_tokenizer_and_data(cfg: Config, info: DistInfo, stage: str = "sft"):
-    """Tokenizer, encoded samples and load stats; rank 0 builds the cached corpus / tokenizer first."""
+    """Tokenizer, special ids and the token store of the stage's files; rank 0 builds the cached corpus /
+    tokenizer first, the store's builder rank(s) build it if needed (ovr_train.store.open_store)."""
     if info.is_main:  # build caches once, then every rank reads them
         if stage == "base":
             perception_files(cfg)
@@ -92,8 +94,8 @@ def setup_tokenizer_and_data(cfg: Config, info: DistInfo, stage: str = "sft"):
                                                        cfg.data.synth_num_eval, cfg.data.synth_seed)[0]]
     image_proc = ImageProcessor(cfg.data.min_pixels, cfg.data.max_pixels, cfg.model.patch_size,
                                 cfg.model.spatial_merge_size)
-    samples, stats = load_sft_samples(files, tok, ids, image_proc, cfg.data)
-    return tok, ids, samples, stats
+    store = open_store(files, tok, ids, image_proc, cfg.data, info.rank, info.local_rank)
+    return tok, ids, store
 
 
 def train_sft(cfg: Config, info: DistInfo, stage: str = "sft") -> Path:
@@ -115,13 +117,14 @@ def train_sft(cfg: Config, info: DistInfo, stage: str = "sft") -> Path:
         raise ValueError(f"sft.batch_size={cfg.sft.batch_size} must be >= the world size {world}")
 
     # ---- data ----
-    tok, ids, samples, stats = setup_tokenizer_and_data(cfg, info, stage)
-    lengths = [s.length for s in samples]
-    sampler = StepSampler(len(samples), cfg.sft.batch_size, cfg.run.seed)
+    tok, ids, store = setup_tokenizer_and_data(cfg, info, stage)
+    stats, lengths = store.stats, store.lengths  # the planner reads only the lengths index
+    sampler = StepSampler(len(store), cfg.sft.batch_size, cfg.run.seed, data_key=store.key)
     total_steps = cfg.sft.steps or cfg.sft.epochs * sampler.steps_per_epoch
     pad_id, merge, packing = ids["endoftext"], cfg.model.spatial_merge_size, cfg.data.packing
     if info.is_main:
-        print(f"{tag} {len(samples)} samples ({sum(lengths)} tokens, longest {max(lengths)}); skipped: malformed "
+        print(f"{tag} {len(store)} samples ({store.meta['num_tokens']} tokens, longest {store.meta['longest']}; "
+              f"token store {store.path}); skipped: malformed "
               f"{stats.skipped_malformed}, image {stats.skipped_image}, overlong {stats.skipped_overlong}, no loss "
               f"{stats.skipped_no_loss}; truncated {stats.truncated}; {total_steps} steps of {cfg.sft.batch_size}")
         for err in stats.errors[:5]:
@@ -164,8 +167,8 @@ def train_sft(cfg: Config, info: DistInfo, stage: str = "sft") -> Path:
         # ---- this rank's micro-batches of the step ----
         plan = step_plan(sampler.batch_indices(step), lengths, world, cfg.data.token_budget, packing)
         mine = [mb for mb in plan[rank] if mb is not None]
-        micro = [collate([samples[i] for i in mb], packing, pad_id, merge) for mb in mine]
-        micro += [filler([samples[mine[0][0]]], packing, pad_id, merge)] * (len(plan[rank]) - len(mine))
+        micro = [collate([store.read(i) for i in mb], packing, pad_id, merge) for mb in mine]  # only our samples
+        micro += [filler([store.read(mine[0][0])], packing, pad_id, merge)] * (len(plan[rank]) - len(mine))
         counts = torch.tensor([sum(b.num_loss_tokens for b in micro), sum(b.num_tokens for b in micro)],
                               dtype=torch.float64, device=device)
         all_reduce(counts)  # the one pre-loop all-reduce: global loss tokens (and tokens, for throughput)
