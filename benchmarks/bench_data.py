@@ -3,26 +3,25 @@ data path for 20k, 200k and 2M samples, against the in-memory loader training us
 
 Legend: N samples in the corpus, W build worker processes.
 
-1. `test_build_store[W]` (W = 1, 2): build the store of the generated text corpus (`synth_text`, the tiny
-   default's training data, 20k samples, the repository's BPE tokenizer) from its JSONL; one round each (a build is
+Corpora: `synth_text`'s generated problems (the tiny default's training data: short reasoning traces, ~95 tokens
+each with the repository's 640-token BPE tokenizer), written as JSONL and built into stores by the real builder:
+20k, 200k and 2M samples (2M: ~190M tokens; the paper's cold start is ~2M samples of ~5k tokens, 10B tokens, so
+sample COUNT is at the paper's scale, tokens per sample are not).
+1. `test_build_store[W]` (W = 1, 2): build the 200k corpus's store from its JSONL, one round each (a build takes
    tens of seconds). Units: tokens_per_s, samples_per_s; W=2 also speedup_vs_1_worker.
-2. `test_sft_data_path_memory`: for each N a fresh process loads the tokenizer (its RSS then is `base_rss_mib`: what
-   every run pays: Python, torch, tokenizer), opens the data (`startup_s`, peak RSS `startup_peak_mib`), then runs
-   50 steps of what one rank of an 8-rank job does per step: the step's global batch (256 samples) from the
-   sampler, the token-balanced plan over 8 ranks from the lengths, and collation of rank 0's packed 16384-token
-   micro-batches (`steps_peak_mib`: the process's peak RSS over the whole run, from /proc/self/status VmHWM).
-   "store" opens the token store (memory-mapped); "in_memory" is `data.load_sft_samples` (every sample encoded in
-   memory at start-up, as training did before the store), run for N <= `BASELINE_MAX` (beyond that it needs hours
-   of tokenising and tens of GB per rank on this machine).
-   The 20k store is the one built in 1. from the real corpus. The 200k and 2M stores repeat its samples in order
-   (real token ids and lengths, the same per-sample size distribution, ~N x 100 tokens) through the store's own
-   writer (`store.StoreWriter`) instead of tokenising 2M generated problems (~100x the 20k build time here); the
-   data path that opens and reads them is exactly training's. Goal: peak RSS within 10% from 20k to 2M samples and
-   a start-up under 5 s at every size.
+2. `test_sft_data_path_memory`: for each N a fresh process loads the tokenizer (its peak RSS then is
+   `base_rss_mib`: Python, torch, tokenizer: what every run pays), opens the data (`startup_s`, peak RSS
+   `startup_peak_mib`), then runs 50 steps of what one rank of an 8-rank job does per step: the step's global batch
+   (256 samples) from the sampler, the token-balanced plan over 8 ranks from the lengths, and collation of rank 0's
+   packed 16384-token micro-batches (`steps_peak_mib`: the process's peak RSS over the whole run, VmHWM).
+   "store" opens the token store (memory-mapped; built beforehand, not timed); "in_memory" is
+   `data.load_sft_samples`, every sample encoded in memory at start-up as training did before the store, for
+   N <= BASELINE_MAX (2M would need ~10x its 200k memory and start-up on a machine shared with other jobs).
+   Goal: store peak RSS within 10% from 20k to 2M samples, start-up under 5 s at every size.
 
-Run: `pytest benchmarks/bench_data.py --benchmark-only -s` (sizes: OVR_BENCH_DATA_SIZES=20000,200000,2000000, the first
-built from a generated corpus of that size).
-On this 2-core CPU machine shared with other jobs, W=2's speedup is bounded by the cores actually free.
+Run: `pytest benchmarks/bench_data.py --benchmark-only -s` (OVR_BENCH_DATA_SIZES=20000,200000,2000000 and
+OVR_BENCH_DATA_BUILD=200000 to change sizes). On this 2-core CPU machine shared with other jobs, W=2's speedup is
+bounded by the cores actually free.
 """
 
 import json
@@ -36,14 +35,14 @@ import pytest
 
 from ovr_train.config import DataCfg
 from ovr_train.data import ImageProcessor
-from ovr_train.store import StoreWriter, TokenStore, open_store
+from ovr_train.store import TokenStore, open_store
 from ovr_train.synth_text import ensure_corpus
 from ovr_train.tokenizer import load_tokenizer, special_ids
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = [int(s) for s in os.environ.get("OVR_BENCH_DATA_SIZES", "20000,200000,2000000").split(",")]
-NUM_TRAIN = SIZES[0]  # the corpus built for real; larger sizes replicate its store
-BASELINE_MAX = 20000
+BUILD_N = int(os.environ.get("OVR_BENCH_DATA_BUILD", "200000"))
+BASELINE_MAX = 200000
 STEPS, BATCH, WORLD, BUDGET = 50, 256, 8, 16384
 
 
@@ -51,21 +50,25 @@ STEPS, BATCH, WORLD, BUDGET = 50, 256, 8, 16384
 def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench_data")
     cache = str(root / "cache")
-    tok = load_tokenizer(kind="bpe", cache_dir=cache)
-    train, _ = ensure_corpus(cache, NUM_TRAIN, 10, 0)
-    return {"root": root, "cache": cache, "tok": tok, "train": train, "built": {}}
+    return {"root": root, "cache": cache, "tok": load_tokenizer(kind="bpe", cache_dir=cache), "built": {}}
 
 
-def _build(work, workers: int):
-    cfg = DataCfg(cache_dir=work["cache"], store_dir=str(work["root"] / f"store_w{workers}_{time.time_ns()}"),
-                  build_workers=workers)
+def _corpus(work, n: int) -> Path:
+    return ensure_corpus(work["cache"], n, 10, 0)[0]
+
+
+def _build(work, n: int, workers: int, store_dir: str = ""):
+    cfg = DataCfg(cache_dir=work["cache"], store_dir=store_dir, build_workers=workers)
     tok = work["tok"]
-    return open_store([work["train"]], tok, special_ids(tok), ImageProcessor(cfg.min_pixels, cfg.max_pixels), cfg)
+    return open_store([_corpus(work, n)], tok, special_ids(tok), ImageProcessor(cfg.min_pixels, cfg.max_pixels),
+                      cfg)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_build_store(cpu_bench, work, workers):
-    store = cpu_bench(_build, work, workers, rounds=1, warmup_rounds=0)
+    _corpus(work, BUILD_N)  # generated outside the timing
+    store_dir = str(work["root"] / f"build_w{workers}")
+    store = cpu_bench(_build, work, BUILD_N, workers, store_dir, rounds=1, warmup_rounds=0)
     work["built"][workers] = store
     tokens = store.meta["num_tokens"]
     cpu_bench.extra_info.update(num_samples=len(store), num_tokens=tokens, workers=workers)
@@ -75,20 +78,6 @@ def test_build_store(cpu_bench, work, workers):
         cpu_bench.ratio_vs("1_worker", work["built"][1].meta["build_seconds"])
     print(f"build W={workers}: {len(store)} samples, {tokens} tokens, {cpu_bench.median_s():.1f} s, "
           f"{tok_s:.0f} tokens/s")
-
-
-def _replicate(src: TokenStore, path: Path, num_samples: int) -> Path:
-    """A store of `num_samples` samples repeating `src`'s in order, written by the store's writer."""
-    if (path / "meta.json").is_file():
-        return path
-    w = StoreWriter(path)
-    n = len(src)
-    for i in range(num_samples):
-        j = i % n
-        a, b = int(src.offsets[j]), int(src.offsets[j + 1])
-        w.add(src.tokens[a:b], src.loss_bits(j))
-    w.finish(dict(src.meta, key=f"replica-{num_samples}"))
-    return path
 
 
 def _probe(kind: str, source: str, cache: str) -> dict:
@@ -137,16 +126,14 @@ def _run_probe(kind: str, source, cache: str) -> dict:
 
 
 def test_sft_data_path_memory(cpu_bench, work):
-    src = work["built"].get(1) or _build(work, 1)
     results = {}
+    stores = {n: _build(work, n, 2).path for n in SIZES}  # built (or reused) before any measurement
 
     def measure():
         for n in SIZES:
-            path = src.path if n == len(src) else _replicate(src, work["root"] / f"replica_{n}", n)
-            results[f"store_{n}"] = _run_probe("store", path, work["cache"])
+            results[f"store_{n}"] = _run_probe("store", stores[n], work["cache"])
             if n <= BASELINE_MAX:
-                corpus = work["train"] if n == NUM_TRAIN else ensure_corpus(work["cache"], n, 10, 0)[0]
-                results[f"in_memory_{n}"] = _run_probe("in_memory", corpus, work["cache"])
+                results[f"in_memory_{n}"] = _run_probe("in_memory", _corpus(work, n), work["cache"])
 
     cpu_bench(measure, rounds=1, warmup_rounds=0)
     cpu_bench.extra_info["probes"] = results

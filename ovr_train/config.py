@@ -112,7 +112,7 @@ class ModelCfg:
 
 @dataclass
 class DataCfg:
-    """Training data: JSONL chat files or the generated default corpus, tokenisation, images and packing."""
+    """Training data: chat files (JSONL / parquet / HF datasets) or the generated corpus, token store, packing."""
 
     train_files: list = field(default_factory=list)
     """JSONL / parquet files or HF datasets dirs (chat, verl or EasyR1 columns); empty: the generated text corpus."""
@@ -133,7 +133,7 @@ class DataCfg:
     cache_dir: str = ""
     """Where the generated corpus and tokenizer are cached; empty: $OVR_CACHE or ~/.cache/ovr."""
     image_root: str = ""
-    """Directory relative image paths resolve against; empty: the JSONL file's directory."""
+    """Directory relative image paths resolve against; empty: the data file's directory."""
     system_prompt: str = ""
     """System message added to samples without one; empty: none (Qwen's template default is a helpful assistant)."""
     max_seq_len: int = 1024

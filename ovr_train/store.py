@@ -203,19 +203,21 @@ class StoreWriter:
         self.offsets, self.image_offsets = array("q", [0]), array("q", [0])
         self.longest = self.loss_tokens = self.image_samples = 0
 
-    def add(self, input_ids: np.ndarray, has_target: np.ndarray, image_record: bytes = b""):
-        """One sample: int32 ids (L,), bool loss-target mask (L,), its image record (JSON bytes) or b""."""
+    def add(self, input_ids: np.ndarray, has_target: np.ndarray, lengths: list, image_records: list):
+        """A chunk of samples back to back: int32 ids (sum L,), bool loss-target mask (sum L,), their lengths, and
+        one image record (JSON bytes, b"" for a text sample) each. One write per file per chunk."""
         self._tokens.write(np.ascontiguousarray(input_ids, dtype="<i4").tobytes())
         bits = np.concatenate([self._bits, has_target])
         whole = len(bits) // 8 * 8
         self._loss.write(np.packbits(bits[:whole]).tobytes())
         self._bits = bits[whole:]
-        self.offsets.append(self.offsets[-1] + len(input_ids))
-        self._images.write(image_record)
-        self.image_offsets.append(self.image_offsets[-1] + len(image_record))
-        self.longest = max(self.longest, len(input_ids))
+        self._images.write(b"".join(image_records))
+        for n, record in zip(lengths, image_records):
+            self.offsets.append(self.offsets[-1] + n)
+            self.image_offsets.append(self.image_offsets[-1] + len(record))
+        self.longest = max(self.longest, *lengths) if lengths else self.longest
         self.loss_tokens += int(has_target.sum())
-        self.image_samples += bool(image_record)
+        self.image_samples += sum(bool(r) for r in image_records)
 
     @property
     def num_samples(self) -> int:
@@ -246,9 +248,10 @@ def _init_worker(tok, ids, image_proc, cfg):
 
 
 def _encode_chunk(base_dir: str, rows: list) -> tuple:
-    """Rows [(where, obj)] -> ([(ids int32, has_target bool, image record bytes)], DataStats of the chunk)."""
+    """Rows [(where, obj)] -> ((ids int32, has_target bool, lengths, image records), DataStats of the chunk), the
+    arguments of StoreWriter.add: one array per chunk keeps the pickling between processes cheap."""
     tok, ids, image_proc, cfg = _WORKER["tok"], _WORKER["ids"], _WORKER["image_proc"], _WORKER["cfg"]
-    stats, out = DataStats(), []
+    stats, tokens, masks, records = DataStats(), [], [], []
     for where, obj in rows:
         sample = chat_sample(where, obj, base_dir, cfg.on_error, stats)
         enc = sample and encode_sft_sample(sample, tok, ids, image_proc, cfg, stats)
@@ -259,9 +262,14 @@ def _encode_chunk(base_dir: str, rows: list) -> tuple:
             refs = [p for _, parts in sample.messages for p in parts if isinstance(p, ImageRef)]
             record = json.dumps({"where": where, "images": [[r.source, r.base_dir, g] for r, g in
                                                             zip(refs, enc.grid_thw.tolist())]}).encode()
-        out.append((enc.input_ids.numpy().astype(np.int32), (enc.targets != IGNORE).numpy(), record))
-    stats.samples = len(out)
-    return out, stats
+        tokens.append(enc.input_ids)
+        masks.append(enc.targets != IGNORE)
+        records.append(record)
+    stats.samples = len(records)
+    if not records:
+        return (np.zeros(0, np.int32), np.zeros(0, bool), [], []), stats
+    return (torch.cat(tokens).numpy().astype(np.int32), torch.cat(masks).numpy(), [len(t) for t in tokens],
+            records), stats
 
 
 def _chunks(files: list):
@@ -324,10 +332,9 @@ def build_store(path, files: list, tok, ids: dict, image_proc, cfg, parts: dict,
                 disable=not show, dynamic_ncols=True)
     try:
         for samples, chunk_stats in _encoded_chunks(files, cfg.build_workers, (tok, ids, image_proc, cfg)):
-            for sample in samples:
-                writer.add(*sample)
+            writer.add(*samples)
             stats.merge(chunk_stats)
-            pbar.update(sum(len(s[0]) for s in samples))
+            pbar.update(len(samples[0]))
             pbar.set_postfix(samples=writer.num_samples, refresh=False)
         pbar.close()
         if writer.num_samples == 0:

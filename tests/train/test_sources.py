@@ -159,6 +159,13 @@ def test_bad_files_and_rows_are_named(tmp_path, tok, proc):
         open_store([f], tok, ids, proc, DataCfg(cache_dir=str(tmp_path / "c")))
     store = open_store([f], tok, ids, proc, DataCfg(cache_dir=str(tmp_path / "c"), on_error="skip"))
     assert len(store) == 2 and store.stats.skipped_image == 1
+    # an RL pool keeps images encoded: a corrupt one loads, and fails naming itself only when its prompt is drawn
+    f = _parquet(tmp_path / "pool.parquet", [{"problem": "<image>q", "answer": "1", "images": [b"\x89PNG broken"]},
+                                             {"problem": "<image>r", "answer": "2", "images": [_png((112, 112), 0)]}])
+    pool = prompt_pool(RLCfg(prompt_files=[str(f)]), 0)
+    assert len(pool) == 2 and load_image(pool[1].messages[0][1][0]).size == (112, 112)
+    with pytest.raises(ValueError, match="cannot be decoded"):
+        load_image(pool[0].messages[0][1][0])
     # an image cell of the wrong type names the field
     f = _parquet(tmp_path / "num.parquet", [{"problem": "q", "answer": "1", "images": [3]}])
     with pytest.raises(ValueError, match=r"num.parquet:row 0: field 'images': image field must be"):

@@ -226,8 +226,10 @@ def test_loss_bits_cross_byte_boundaries(tmp_path):
     for n in (1, 3, 8, 9, 15, 17, 2, 31):
         ids, mask = rng.integers(0, 1000, n).astype(np.int32), rng.random(n) < 0.5
         mask[-1] = False  # the last position never has a target
-        w.add(ids, mask)
         want.append((ids, mask))
+    for chunk in (want[:3], want[3:4], want[4:]):  # chunks of several samples, and of one
+        w.add(np.concatenate([c[0] for c in chunk]), np.concatenate([c[1] for c in chunk]), [len(c[0]) for c in chunk],
+              [b""] * len(chunk))
     w.finish({"key": "k", "parts": {"options": {"merge_size": 2, "image_root": ""}}, "ids": {"image_pad": -1},
               "stats": {}})
     s = TokenStore(tmp_path / "s")
