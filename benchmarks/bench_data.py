@@ -127,7 +127,8 @@ def _run_probe(kind: str, source, cache: str) -> dict:
 
 def test_sft_data_path_memory(cpu_bench, work):
     results = {}
-    stores = {n: _build(work, n, 2).path for n in SIZES}  # built (or reused) before any measurement
+    built = {len(s): str(s.path) for s in work["built"].values()}
+    stores = {n: _build(work, n, 1, built.get(n, "")).path for n in SIZES}  # built (or reused) before measuring
 
     def measure():
         for n in SIZES:
