@@ -13,7 +13,8 @@ sample COUNT is at the paper's scale, tokens per sample are not).
    `base_rss_mib`: Python, torch, tokenizer: what every run pays), opens the data (`startup_s`, peak RSS
    `startup_peak_mib`), then runs 50 steps of what one rank of an 8-rank job does per step: the step's global batch
    (256 samples) from the sampler, the token-balanced plan over 8 ranks from the lengths, and collation of rank 0's
-   packed 16384-token micro-batches (`steps_peak_mib`: the process's peak RSS over the whole run, VmHWM).
+   packed 16384-token micro-batches, then `TokenStore.release` as sft.py does (`steps_peak_mib`: the process's
+   peak RSS over the whole run, VmHWM).
    "store" opens the token store (memory-mapped; built beforehand, not timed); "in_memory" is
    `data.load_sft_samples`, every sample encoded in memory at start-up as training did before the store, for
    N <= BASELINE_MAX (2M would need ~10x its 200k memory and start-up on a machine shared with other jobs).
@@ -26,6 +27,7 @@ bounded by the cores actually free.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -48,7 +50,9 @@ STEPS, BATCH, WORLD, BUDGET = 50, 256, 8, 16384
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bench_data")
+    # OVR_BENCH_DATA_DIR: keep the generated corpora and stores between runs (the 2M build takes ~20 min here)
+    root = Path(os.environ["OVR_BENCH_DATA_DIR"]) if os.environ.get("OVR_BENCH_DATA_DIR") else \
+        tmp_path_factory.mktemp("bench_data")
     cache = str(root / "cache")
     return {"root": root, "cache": cache, "tok": load_tokenizer(kind="bpe", cache_dir=cache), "built": {}}
 
@@ -68,6 +72,7 @@ def _build(work, n: int, workers: int, store_dir: str = ""):
 def test_build_store(cpu_bench, work, workers):
     _corpus(work, BUILD_N)  # generated outside the timing
     store_dir = str(work["root"] / f"build_w{workers}")
+    shutil.rmtree(store_dir, ignore_errors=True)  # a real build, never a reuse
     store = cpu_bench(_build, work, BUILD_N, workers, store_dir, rounds=1, warmup_rounds=0)
     work["built"][workers] = store
     tokens = store.meta["num_tokens"]
@@ -98,10 +103,10 @@ def _probe(kind: str, source: str, cache: str) -> dict:
     t0 = time.perf_counter()
     if kind == "store":
         store = TokenStore(source, proc)
-        lengths, read, n = store.lengths, store.read, len(store)
+        lengths, read, n, release = store.lengths, store.read, len(store), store.release
     else:
         samples, _ = load_sft_samples([source], tok, ids, proc, cfg)
-        lengths, read, n = [s.length for s in samples], samples.__getitem__, len(samples)
+        lengths, read, n, release = [s.length for s in samples], samples.__getitem__, len(samples), lambda: None
     sampler = StepSampler(n, BATCH, seed=0)
     startup_s, startup_peak = time.perf_counter() - t0, hwm_mib()
     tokens = 0
@@ -110,6 +115,7 @@ def _probe(kind: str, source: str, cache: str) -> dict:
         for mb in plan[0]:
             if mb is not None:
                 tokens += collate([read(i) for i in mb], True, ids["endoftext"]).num_tokens
+        release()  # as sft.py does once per step
     return {"num_samples": n, "base_rss_mib": round(base, 1), "startup_s": round(startup_s, 3),
             "startup_peak_mib": round(startup_peak, 1), "steps_peak_mib": round(hwm_mib(), 1),
             "rank0_tokens": tokens}
@@ -128,7 +134,7 @@ def _run_probe(kind: str, source, cache: str) -> dict:
 def test_sft_data_path_memory(cpu_bench, work):
     results = {}
     built = {len(s): str(s.path) for s in work["built"].values()}
-    stores = {n: _build(work, n, 1, built.get(n, "")).path for n in SIZES}  # built (or reused) before measuring
+    stores = {n: _build(work, n, 2, built.get(n, "")).path for n in SIZES}  # built (or reused) before measuring
 
     def measure():
         for n in SIZES:

@@ -442,9 +442,10 @@ class StepSampler:
 
     def batch_indices(self, step: int) -> list:
         epoch, k = divmod(step, self.steps_per_epoch)
-        if self._epoch_order[0] != epoch:  # one permutation per epoch, not per step (2M samples: 16 MB, 30 ms)
+        if self._epoch_order[0] != epoch:  # one permutation per epoch, not per step (2M samples: 8 MB, 30 ms)
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._epoch_order = (epoch, torch.randperm(self.num_samples, generator=g))
+            # int32 draws the same permutation as the default int64 (tested), in half the memory
+            self._epoch_order = (epoch, torch.randperm(self.num_samples, generator=g, dtype=torch.int32))
         return self._epoch_order[1][k * self.batch_size:(k + 1) * self.batch_size].tolist()
 
     def state_dict(self) -> dict:

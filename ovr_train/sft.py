@@ -171,6 +171,7 @@ def train_sft(cfg: Config, info: DistInfo, stage: str = "sft") -> Path:
         mine = [mb for mb in plan[rank] if mb is not None]
         micro = [collate([store.read(i) for i in mb], packing, pad_id, merge) for mb in mine]  # only our samples
         micro += [filler([store.read(mine[0][0])], packing, pad_id, merge)] * (len(plan[rank]) - len(mine))
+        store.release()  # resident memory: this step's samples, not the store's size
         counts = torch.tensor([sum(b.num_loss_tokens for b in micro), sum(b.num_tokens for b in micro)],
                               dtype=torch.float64, device=device)
         all_reduce(counts)  # the one pre-loop all-reduce: global loss tokens (and tokens, for throughput)

@@ -26,6 +26,7 @@ the directory to appear, then open it.
 import collections
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import socket
@@ -101,10 +102,14 @@ _PART_NAMES = {"format": "store format", "files": "source files (paths, sizes or
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _map(path: Path, dtype, count: int):
-    if count == 0:  # np.memmap refuses empty files
+def _map(path: Path, dtype, count: int, maps: list):
+    """A read-only array over a file's pages (the mmap object goes to `maps`, for `TokenStore.release`)."""
+    if count == 0:  # mmap refuses empty files
         return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    maps.append(mm)
+    return np.frombuffer(mm, dtype=dtype, count=count)
 
 
 class TokenStore:
@@ -118,12 +123,13 @@ class TokenStore:
             raise ValueError(f"{self.path} is not a complete token store (no meta.json)")
         self.meta = json.loads(meta_file.read_text())
         n, total = self.meta["num_samples"], self.meta["num_tokens"]
-        self.tokens = _map(self.path / "tokens.bin", "<i4", total)
-        self.loss = _map(self.path / "loss.bin", np.uint8, (total + 7) // 8)
-        self.offsets = _map(self.path / "offsets.bin", "<i8", n + 1)
-        self.lengths = _map(self.path / "lengths.bin", "<i4", n)
-        self.image_offsets = _map(self.path / "image_offsets.bin", "<i8", n + 1)
-        self.images = _map(self.path / "images.bin", np.uint8, self.meta["image_bytes"])
+        self._maps = []
+        self.tokens = _map(self.path / "tokens.bin", "<i4", total, self._maps)
+        self.loss = _map(self.path / "loss.bin", np.uint8, (total + 7) // 8, self._maps)
+        self.offsets = _map(self.path / "offsets.bin", "<i8", n + 1, self._maps)
+        self.lengths = _map(self.path / "lengths.bin", "<i4", n, self._maps)
+        self.image_offsets = _map(self.path / "image_offsets.bin", "<i8", n + 1, self._maps)
+        self.images = _map(self.path / "images.bin", np.uint8, self.meta["image_bytes"], self._maps)
         self.image_proc = image_proc
         self.image_pad_id = self.meta["ids"]["image_pad"]
         self.merge_size = self.meta["parts"]["options"]["merge_size"]
@@ -147,6 +153,16 @@ class TokenStore:
                 raise ValueError(f"token store {self.path} was built with a different {label} than this run "
                                  f"({self.meta['parts'].get(name)!s:.80} vs {parts[name]!s:.80}): delete it, or set "
                                  "data.store_dir to another directory (empty: one per input key)")
+
+    def release(self):
+        """Unmap the pages this process has touched (the kernel's page cache keeps them, shared by all ranks).
+
+        Each touch of a mapped file maps a whole fault-around window (64 KiB by default) into this process, so
+        random reads over a large store would grow resident memory with the store's size; the training loop calls
+        this once per step, which bounds it by one step's samples instead.
+        """
+        for mm in self._maps:
+            mm.madvise(mmap.MADV_DONTNEED)
 
     def loss_bits(self, i: int) -> np.ndarray:
         """Sample i's loss-target mask (L,) bool, unpacked from its bytes of loss.bin."""

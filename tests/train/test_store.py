@@ -207,6 +207,21 @@ def test_bad_rows_raise_or_are_counted_in_the_store(tmp_path, tok, proc):
         TokenStore(store.path, proc).read(0)
 
 
+def test_release_keeps_reads_and_sampler_order(tmp_path, tok, proc):
+    ids = special_ids(tok)
+    train, _ = ensure_corpus(str(tmp_path), 60, 10, 0)
+    store = open_store([train], tok, ids, proc, _cfg(tmp_path))
+    before = [store.read(i) for i in range(len(store))]
+    store.release()
+    for i, enc in enumerate(before):
+        _same(store.read(i), enc)
+    # the sampler's int32 permutation is the one the int64 default draws (the order training used before)
+    for n in (7, 1000, 65537):
+        g = torch.Generator().manual_seed(3 * 100_003 + 1)
+        want = torch.randperm(n, generator=g)
+        assert StepSampler(n, 7, seed=3).batch_indices(n // 7) == want[:7].tolist()
+
+
 def test_sampler_refuses_resume_on_other_data():
     a = StepSampler(100, 8, 0, data_key="abc")
     a.step = 7
