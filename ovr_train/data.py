@@ -3,14 +3,17 @@
 Legend: L tokens of one sample, T packed tokens of a micro-batch, B samples, P image patches, N images.
 
 Pipeline (every rank runs it identically, so every rank knows every sample's length without communicating):
-1. `read_chat_jsonl`: JSONL lines in OpenAI style (`{"messages": [{"role", "content": str | [parts]}]}`, parts
+1. `iter_chat_samples`: rows of JSONL / parquet / HF datasets directories (`ovr_train.sources`, verl and EasyR1
+   columns mapped) in OpenAI style (`{"messages": [{"role", "content": str | [parts]}]}`, parts
    `{"type": "text", "text"}` / `{"type": "image", "image": path-or-base64}` / `{"type": "image_url", "image_url":
    {"url"}}`) or ShareGPT/ORZ style (`{"conversations": [{"from": "human"|"gpt"|..., "value"}], "images": [...]}`,
    `<image>` tags in values; an ORZ answer `{"from": "assistant", "ground_truth": {"value"}}` or a top-level
-   `answer`). A malformed line raises ValueError naming file and line, or is skipped and counted (on_error=skip).
+   `answer`). A malformed row raises ValueError naming file and line/row, or is skipped and counted (on_error=skip).
 2. `encode_messages`: Qwen2.5-VL chat format with our own `<|image_pad|>` expansion (grid_thw.prod() // merge**2
    tokens per image), targets = next token on assistant tokens only (content + `<|im_end|>`), -100 elsewhere, and
-   3-D mRoPE position ids computed per sample (`mrope_position_ids`, equal to HF's `get_rope_index`) BEFORE packing.
+   3-D mRoPE position ids computed per sample (`mrope_position_ids`, equal to HF's `get_rope_index`). Training
+   encodes once into the token store (`ovr_train.store`) and reads samples back from it, computing targets and
+   position ids (and decoding images) as each sample is read, i.e. at collate time.
 3. `step_plan`: the global batch of a step (a pure function of (seed, step): resumable by step number), split over
    ranks balanced by tokens, then into token-budget micro-batches; every rank gets the same number of micro-batches
    (short ranks get loss-free filler ones) so FSDP's collectives always pair up.
@@ -29,6 +32,7 @@ import torch
 
 from ovr_kernels.packing import balanced_partition, token_budget_microbatches
 from ovr_train.prompts import PromptFormat
+from ovr_train.sources import canonical_row, iter_rows
 
 IGNORE = -100
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
@@ -74,6 +78,14 @@ class DataStats:
         setattr(self, kind, getattr(self, kind) + 1)
         if len(self.errors) < 20:
             self.errors.append(msg)
+
+    def merge(self, other: "DataStats"):
+        """Add another's counts (a build worker's chunk) to these."""
+        for key, value in other.__dict__.items():
+            if key == "errors":
+                self.errors += value[:20 - len(self.errors)]
+            else:
+                setattr(self, key, getattr(self, key) + value)
 
 
 def _parts(content, where: str, base_dir: str) -> list:
@@ -151,30 +163,30 @@ def normalize_sample(obj, where: str, base_dir: str = "") -> ChatSample:
     return ChatSample(messages, None if answer is None else str(answer), where)
 
 
-def read_chat_jsonl(path, on_error: str = "raise", stats: DataStats | None = None) -> list:
-    """All samples of a JSONL file; malformed lines raise (naming file:line) or are skipped and counted."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"data file {str(path)!r} does not exist")
+def chat_sample(where: str, obj, base_dir: str, on_error: str, stats: DataStats) -> ChatSample | None:
+    """One row from `sources.iter_rows` (a dict, or the ValueError of a malformed line) -> ChatSample, or None when
+    it is malformed and on_error="skip" (counted in `stats`)."""
+    stats.lines += 1
+    try:
+        if isinstance(obj, ValueError):
+            raise obj
+        return normalize_sample(canonical_row(obj, where, sft=True), where, base_dir)
+    except ValueError as e:
+        if on_error == "raise":
+            raise
+        stats.note("skipped_malformed", str(e))
+        return None
+
+
+def iter_chat_samples(path, on_error: str = "raise", stats: DataStats | None = None):
+    """The chat samples of a JSONL file, parquet file or HF datasets directory (see ovr_train.sources), streamed;
+    malformed rows raise (naming file and line or row) or are skipped and counted."""
     stats = stats if stats is not None else DataStats()
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            stats.lines += 1
-            where = f"{path}:{lineno}"
-            try:
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-                out.append(normalize_sample(obj, where, str(path.parent)))
-            except ValueError as e:
-                if on_error == "raise":
-                    raise
-                stats.note("skipped_malformed", str(e))
-    return out
+    base_dir = str(Path(path).parent)
+    for where, obj in iter_rows(path):
+        sample = chat_sample(where, obj, base_dir, on_error, stats)
+        if sample is not None:
+            yield sample
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -419,42 +431,56 @@ def truncate(enc: Encoded, max_len: int) -> Encoded:
                    enc.answer)
 
 
-def load_sft_samples(files: list, tok, ids: dict, image_proc: ImageProcessor | None, cfg) -> tuple:
-    """Read and encode every training sample of `files` under DataCfg `cfg` -> (list[Encoded], DataStats).
+def encode_sft_sample(sample: ChatSample, tok, ids: dict, image_proc: ImageProcessor | None, cfg,
+                      stats: DataStats) -> Encoded | None:
+    """One training sample under DataCfg `cfg` -> Encoded, or None when it is skipped (counted in `stats`).
 
-    Over-long samples raise or are truncated (counted); image errors raise or skip; no usable sample -> ValueError.
+    Over-long samples raise or are truncated (counted; skipped if an image lies beyond the cut); image errors raise
+    or skip; samples without loss tokens are skipped.
     """
-    stats, fmt = DataStats(), PromptFormat.of(cfg)
+    try:
+        enc = encode_messages(PromptFormat.of(cfg).apply(sample.messages), tok, ids, image_proc,
+                              image_root=cfg.image_root, answer=sample.answer)
+    except ValueError as e:
+        if cfg.on_error == "raise":
+            raise ValueError(f"{sample.where}: {e}") from None
+        stats.note("skipped_image", f"{sample.where}: {e}")
+        return None
+    if enc.length > cfg.max_seq_len:
+        n_img = int((enc.input_ids[cfg.max_seq_len:] == ids["image_pad"]).sum())
+        if cfg.overlong == "error":
+            raise ValueError(f"{sample.where}: sample has {enc.length} tokens > data.max_seq_len="
+                             f"{cfg.max_seq_len} (set data.overlong=truncate to cut it)")
+        if n_img:  # cutting through or after an image would orphan its features
+            stats.note("skipped_overlong", f"{sample.where}: {enc.length} tokens, image beyond the cut")
+            return None
+        enc = truncate(enc, cfg.max_seq_len)
+        stats.truncated += 1
+    if enc.num_loss_tokens == 0:
+        stats.note("skipped_no_loss", f"{sample.where}: no assistant tokens to train on")
+        return None
+    return enc
+
+
+def no_samples_error(files: list, stats: DataStats) -> ValueError:
+    return ValueError(f"no usable training samples in {[str(f) for f in files]} ({stats.lines} rows; skipped: "
+                      f"malformed {stats.skipped_malformed}, image {stats.skipped_image}, overlong "
+                      f"{stats.skipped_overlong}, no loss tokens {stats.skipped_no_loss})")
+
+
+def load_sft_samples(files: list, tok, ids: dict, image_proc: ImageProcessor | None, cfg) -> tuple:
+    """Every training sample of `files` encoded in memory -> (list[Encoded], DataStats). Training reads the token
+    store (ovr_train.store) instead; this is its reference (same samples, same order) for tests and benchmarks."""
+    stats = DataStats()
     out = []
     for path in files:
-        for sample in read_chat_jsonl(path, cfg.on_error, stats):
-            try:
-                enc = encode_messages(fmt.apply(sample.messages), tok, ids, image_proc, image_root=cfg.image_root,
-                                      answer=sample.answer)
-            except ValueError as e:
-                if cfg.on_error == "raise":
-                    raise ValueError(f"{sample.where}: {e}") from None
-                stats.note("skipped_image", f"{sample.where}: {e}")
-                continue
-            if enc.length > cfg.max_seq_len:
-                n_img = int((enc.input_ids[cfg.max_seq_len:] == ids["image_pad"]).sum())
-                if cfg.overlong == "error":
-                    raise ValueError(f"{sample.where}: sample has {enc.length} tokens > data.max_seq_len="
-                                     f"{cfg.max_seq_len} (set data.overlong=truncate to cut it)")
-                if n_img:  # cutting through or after an image would orphan its features
-                    stats.note("skipped_overlong", f"{sample.where}: {enc.length} tokens, image beyond the cut")
-                    continue
-                enc = truncate(enc, cfg.max_seq_len)
-                stats.truncated += 1
-            if enc.num_loss_tokens == 0:
-                stats.note("skipped_no_loss", f"{sample.where}: no assistant tokens to train on")
-                continue
-            out.append(enc)
+        for sample in iter_chat_samples(path, cfg.on_error, stats):
+            enc = encode_sft_sample(sample, tok, ids, image_proc, cfg, stats)
+            if enc is not None:
+                out.append(enc)
     stats.samples = len(out)
     if not out:
-        raise ValueError(f"no usable training samples in {[str(f) for f in files]} ({stats.lines} lines; "
-                         f"skipped: malformed {stats.skipped_malformed}, image {stats.skipped_image}, overlong "
-                         f"{stats.skipped_overlong}, no loss tokens {stats.skipped_no_loss})")
+        raise no_samples_error(files, stats)
     return out, stats
 
 
@@ -489,6 +515,9 @@ class StepSampler:
     batch_size: int
     seed: int
     step: int = 0
+    data_key: str = ""
+    """Identifies the data (the token store's key): a checkpoint taken on other data refuses to resume."""
+    _epoch_order: tuple = field(default=(-1, None), repr=False, compare=False)
 
     def __post_init__(self):
         if self.num_samples < self.batch_size:
@@ -500,15 +529,20 @@ class StepSampler:
 
     def batch_indices(self, step: int) -> list:
         epoch, k = divmod(step, self.steps_per_epoch)
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        order = torch.randperm(self.num_samples, generator=g)
-        return order[k * self.batch_size:(k + 1) * self.batch_size].tolist()
+        if self._epoch_order[0] != epoch:  # one permutation per epoch, not per step (2M samples: 8 MB, 30 ms)
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            # int32 draws the same permutation as the default int64 (tested), in half the memory
+            self._epoch_order = (epoch, torch.randperm(self.num_samples, generator=g, dtype=torch.int32))
+        return self._epoch_order[1][k * self.batch_size:(k + 1) * self.batch_size].tolist()
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "seed": self.seed, "num_samples": self.num_samples, "batch_size": self.batch_size}
+        return {"step": self.step, "seed": self.seed, "num_samples": self.num_samples, "batch_size": self.batch_size,
+                "data_key": self.data_key}
 
     def load_state_dict(self, state: dict):
-        for key in ("seed", "num_samples", "batch_size"):
+        for key in ("seed", "num_samples", "batch_size", "data_key"):
+            if key == "data_key" and not (state.get(key) and self.data_key):
+                continue  # checkpoints from before the token store carry no key
             if state[key] != getattr(self, key):
                 raise ValueError(f"checkpoint sampler {key}={state[key]} differs from this run's {getattr(self, key)}"
                                  " (different data or config): refusing to resume")
@@ -521,7 +555,7 @@ def step_plan(sample_ids: list, lengths: list, world_size: int, budget: int, pac
     Returns plan[rank] = list of micro-batches (lists of sample ids); every rank has the same number of
     micro-batches, the short ones padded with None (a loss-free filler micro-batch, see `filler`).
     """
-    local_lengths = [lengths[i] for i in sample_ids]
+    local_lengths = [int(lengths[i]) for i in sample_ids]  # lengths: a list or the store's index array
     per_rank, _ = balanced_partition(local_lengths, world_size)
     plan = []
     for part in per_rank:

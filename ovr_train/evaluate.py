@@ -4,12 +4,14 @@
 
 Legend: Q questions of a set, n samples per question (`eval.num_samples`), c correct samples of a question.
 
-1. `load_eval_set`: JSONL rows in the shapes of MathVista / MathVerse / MathVision / MATH500 / AIME exports
+1. `load_eval_set`: rows of JSONL / parquet files or HF datasets directories (`sources`, verl / EasyR1 columns
+   mapped) in the shapes of MathVista / MathVerse / MathVision / MATH500 / AIME exports
    (question|problem|query|prompt, answer|gt_answer|ground_truth|final_answer|label|solution, image|images|
-   decoded_image|image_path as paths or base64, choices|options as a list or a {letter: text} map) or chat rows
-   (`messages` / `conversations`, as in the generated corpus's eval.jsonl) -> `EvalItem`s. Malformed rows raise
-   ValueError naming file:line. With no files, `default_sets` generates the embedded default's held-out sets
-   (synth_text "eval" split, synth_images "test" split: disjoint from what the default pipeline trains on).
+   decoded_image|image_path as paths, base64 or bytes, choices|options as a list or a {letter: text} map) or chat
+   rows (`messages` / `conversations`, as in the generated corpus's eval.jsonl) -> `EvalItem`s. Malformed rows
+   raise ValueError naming file and line/row. With no files, `default_sets` generates the embedded default's
+   held-out sets (synth_text "eval" split, synth_images "test" split: disjoint from what the default pipeline
+   trains on).
 2. `evaluate_items` (in-process, rl.py calls it): n samples per question from a rollout engine, scored by
    `score_eval` in `rewards.RewardPool` (the RL reward's verifier, same timeouts), multiple choice matched by
    letter or by content; metrics per set: pass@1 = mean c/n, pass@k = mean of 1 - C(n-c, k)/C(n, k), mean response
@@ -32,6 +34,7 @@ from pathlib import Path
 
 from ovr_train.behaviors import BEHAVIORS, detect
 from ovr_train.rewards import choice_letter, extract_boxed, is_equivalent, normalize_answer, score_response
+from ovr_train.sources import canonical_row, iter_rows
 
 QUESTION_KEYS = ("question", "problem", "query", "prompt")
 ANSWER_KEYS = ("answer", "gt_answer", "ground_truth", "final_answer", "label", "solution")
@@ -192,28 +195,24 @@ def parse_row(obj, where: str, base_dir: str = "") -> EvalItem:
 
 
 def load_eval_set(path, limit: int = 0) -> list:
-    """All rows of a benchmark JSONL file -> [EvalItem] (first `limit` rows if > 0); ValueError naming file:line.
-    The answer instruction is not added here: prompts.PromptFormat adds it when the prompt is built."""
+    """All rows of a benchmark JSONL / parquet file or HF datasets directory (`sources.iter_rows`, verl and EasyR1
+    columns mapped) -> [EvalItem] (first `limit` rows if > 0); ValueError naming file and line/row. Images stay
+    references (paths, base64 data URLs): they are decoded when a prompt is built. The answer instruction is not
+    added here: prompts.PromptFormat adds it when the prompt is built."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ValueError(f"eval set {str(path)!r} does not exist")
     items, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            item = parse_row(obj, where, str(path.parent))
-            if item.id in seen:
-                raise ValueError(f"{where}: duplicate id {item.id!r} (first at {seen[item.id]})")
-            seen[item.id] = where
-            items.append(item)
-            if limit and len(items) >= limit:
-                break
+    for where, obj in iter_rows(path):
+        if isinstance(obj, ValueError):  # a malformed JSON line
+            raise obj
+        item = parse_row(canonical_row(obj, where), where, str(path.parent))
+        if item.id in seen:
+            raise ValueError(f"{where}: duplicate id {item.id!r} (first at {seen[item.id]})")
+        seen[item.id] = where
+        items.append(item)
+        if limit and len(items) >= limit:
+            break
     if not items:
         raise ValueError(f"eval set {str(path)!r} has no rows")
     return items

@@ -4,10 +4,12 @@ The same loop runs the base stage (`train_sft(cfg, info, stage="base")`): percep
 images with `\\boxed{}` answers (`base_stage_config` derives its settings from cfg.base), so the default pipeline
 starts RL's cold start from a model that can see, as the real Qwen2.5-VL base can.
 
-Per step: the step's global batch (a pure function of seed and step) is split over ranks balanced by tokens and
-packed into token-budget micro-batches; the loss is the sum of -log p(target) over assistant tokens divided by the
-GLOBAL number of such tokens in the step (one all-reduce before the micro-batch loop, T4), so packing, micro-batch
-count and world size do not change the gradient. No host sync inside the micro-batch loop. A step whose loss or
+Data: the stage's files are encoded once into a token store (`ovr_train.store`) that every rank memory-maps; the
+plan needs only its lengths index and each rank reads only its own samples. Per step: the step's global batch (a
+pure function of seed and step, so resuming at a step resumes at the same place in the store) is split over ranks
+balanced by tokens and packed into token-budget micro-batches; the loss is the sum of -log p(target) over
+assistant tokens divided by the GLOBAL number of such tokens in the step (one all-reduce before the micro-batch
+loop, T4), so packing, micro-batch count and world size do not change the gradient. No host sync inside the micro-batch loop. A step whose loss or
 gradient norm is NaN/inf is skipped (no update) and reported; `sft.max_bad_steps` in a row abort the run.
 """
 
@@ -21,11 +23,12 @@ from tqdm import tqdm
 
 from ovr_train.checkpoint import ModelState, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from ovr_train.config import Config, dump_config
-from ovr_train.data import StepSampler, collate, filler, image_processor, load_sft_samples, step_plan
+from ovr_train.data import StepSampler, collate, filler, image_processor, step_plan
 from ovr_train.dist import DistInfo, all_reduce, barrier, clip_grad_norm, compute_dtype
 from ovr_train.metrics import MetricsLogger, Throughput, peak_memory_gib, plot_curves
 from ovr_train.model import build_sharded_model, flops_per_token, param_counts
 from ovr_train.runlock import lock_run_dir
+from ovr_train.store import open_store
 from ovr_train.synth_images import ensure_perception_corpus
 from ovr_train.synth_text import ensure_corpus
 from ovr_train.tokenizer import load_tokenizer, special_ids
@@ -78,7 +81,8 @@ def resolve_sft_init(cfg: Config, say: bool = False) -> str:
 
 
 def setup_tokenizer_and_data(cfg: Config, info: DistInfo, stage: str = "sft"):
-    """Tokenizer, encoded samples and load stats; rank 0 builds the cached corpus / tokenizer first."""
+    """Tokenizer, special ids and the token store of the stage's files; rank 0 builds the cached corpus /
+    tokenizer first, the store's builder rank(s) build it if needed (ovr_train.store.open_store)."""
     if info.is_main:  # build caches once, then every rank reads them
         if stage == "base":
             perception_files(cfg)
@@ -96,8 +100,8 @@ def setup_tokenizer_and_data(cfg: Config, info: DistInfo, stage: str = "sft"):
         files = cfg.data.train_files or [ensure_corpus(cfg.data.cache_dir, cfg.data.synth_num_train,
                                                        cfg.data.synth_num_eval, cfg.data.synth_seed)[0]]
     image_proc = image_processor(cfg)
-    samples, stats = load_sft_samples(files, tok, ids, image_proc, cfg.data)
-    return tok, ids, samples, stats
+    store = open_store(files, tok, ids, image_proc, cfg.data, info.rank, info.local_rank)
+    return tok, ids, store
 
 
 def train_sft(cfg: Config, info: DistInfo, stage: str = "sft") -> Path:
@@ -120,13 +124,14 @@ def train_sft(cfg: Config, info: DistInfo, stage: str = "sft") -> Path:
         raise ValueError(f"sft.batch_size={cfg.sft.batch_size} must be >= the world size {world}")
 
     # ---- data ----
-    tok, ids, samples, stats = setup_tokenizer_and_data(cfg, info, stage)
-    lengths = [s.length for s in samples]
-    sampler = StepSampler(len(samples), cfg.sft.batch_size, cfg.run.seed)
+    tok, ids, store = setup_tokenizer_and_data(cfg, info, stage)
+    stats, lengths = store.stats, store.lengths  # the planner reads only the lengths index
+    sampler = StepSampler(len(store), cfg.sft.batch_size, cfg.run.seed, data_key=store.key)
     total_steps = cfg.sft.steps or cfg.sft.epochs * sampler.steps_per_epoch
     pad_id, merge, packing = ids["endoftext"], image_processor(cfg).merge_size, cfg.data.packing
     if info.is_main:
-        print(f"{tag} {len(samples)} samples ({sum(lengths)} tokens, longest {max(lengths)}); skipped: malformed "
+        print(f"{tag} {len(store)} samples ({store.meta['num_tokens']} tokens, longest {store.meta['longest']}; "
+              f"token store {store.path}); skipped: malformed "
               f"{stats.skipped_malformed}, image {stats.skipped_image}, overlong {stats.skipped_overlong}, no loss "
               f"{stats.skipped_no_loss}; truncated {stats.truncated}; {total_steps} steps of {cfg.sft.batch_size}")
         for err in stats.errors[:5]:
@@ -169,8 +174,9 @@ def train_sft(cfg: Config, info: DistInfo, stage: str = "sft") -> Path:
         # ---- this rank's micro-batches of the step ----
         plan = step_plan(sampler.batch_indices(step), lengths, world, cfg.data.token_budget, packing)
         mine = [mb for mb in plan[rank] if mb is not None]
-        micro = [collate([samples[i] for i in mb], packing, pad_id, merge) for mb in mine]
-        micro += [filler([samples[mine[0][0]]], packing, pad_id, merge)] * (len(plan[rank]) - len(mine))
+        micro = [collate([store.read(i) for i in mb], packing, pad_id, merge) for mb in mine]  # only our samples
+        micro += [filler([store.read(mine[0][0])], packing, pad_id, merge)] * (len(plan[rank]) - len(mine))
+        store.release()  # resident memory: this step's samples, not the store's size
         counts = torch.tensor([sum(b.num_loss_tokens for b in micro), sum(b.num_tokens for b in micro)],
                               dtype=torch.float64, device=device)
         all_reduce(counts)  # the one pre-loop all-reduce: global loss tokens (and tokens, for throughput)

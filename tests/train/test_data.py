@@ -18,8 +18,8 @@ from ovr_train.data import (
     collate,
     encode_messages,
     filler,
+    iter_chat_samples,
     load_sft_samples,
-    read_chat_jsonl,
     step_plan,
 )
 from ovr_train.synth_text import BACKTRACK_PHRASES, VERIFY_PHRASES, ensure_corpus, generate_items
@@ -60,7 +60,7 @@ def test_both_styles_images_and_assistant_only_targets(tmp_path, tok, proc):
          "images": [b64]},
         {"conversations": [{"from": "human", "value": "1+1?"}, {"from": "assistant", "ground_truth": {"value": "2"}}]},
     ])
-    samples = read_chat_jsonl(f)
+    samples = list(iter_chat_samples(f))
     assert [len(s.messages) for s in samples] == [2, 2, 1] and samples[2].answer == "2"
     enc = encode_messages(samples[0].messages, tok, ids, proc)
     # 130x100 px -> smart resize within 112*112 pixels -> grid (1, h, w); tokens = h*w/4, all as <|image_pad|>
@@ -131,7 +131,7 @@ def test_bad_input(tmp_path, tok, proc):
     with pytest.raises(ValueError, match="no loss tokens 1"):
         load_sft_samples([f], tok, ids, proc, DataCfg())
     with pytest.raises(ValueError, match="does not exist"):
-        read_chat_jsonl(tmp_path / "nope.jsonl")
+        list(iter_chat_samples(tmp_path / "nope.jsonl"))
 
 
 def test_sampler_is_deterministic_and_resumable():

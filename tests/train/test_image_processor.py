@@ -85,8 +85,8 @@ def test_trainer_tokens_follow_the_checkpoint_and_the_export_writes_them(hub_ckp
 
     def image_tokens(*overrides):
         cfg = _cfg(hub_ckpt, f"--data.train_files=[{data}]", *overrides)
-        _, ids, samples, _ = setup_tokenizer_and_data(cfg, info)
-        return int((samples[0].input_ids == ids["image_pad"]).sum()), cfg
+        _, ids, store = setup_tokenizer_and_data(cfg, info)
+        return int((store.read(0).input_ids == ids["image_pad"]).sum()), cfg
 
     # the hub's 3136..12845056 keeps 200x200 at 196x196 = 14x14 patches = 49 tokens; tiny.yaml's 12544 gives 16
     n, cfg = image_tokens()
