@@ -23,12 +23,7 @@ from ovr_train.data import (
     step_plan,
 )
 from ovr_train.synth_text import BACKTRACK_PHRASES, VERIFY_PHRASES, ensure_corpus, generate_items
-from ovr_train.tokenizer import load_tokenizer, special_ids
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return load_tokenizer(kind="bpe", cache_dir=str(tmp_path_factory.mktemp("cache")))
+from ovr_train.tokenizer import special_ids
 
 
 @pytest.fixture(scope="module")

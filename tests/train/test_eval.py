@@ -7,6 +7,7 @@ import itertools
 import json
 
 import pytest
+from byte_tokenizer import byte_chat_tokenizer
 from PIL import Image
 
 from ovr_train.evaluate import (
@@ -277,23 +278,6 @@ class ScriptedEngine:
         return out
 
 
-def _byte_tokenizer(path):
-    """Byte-level Qwen2.5-VL-style tokenizer (256 bytes + the special tokens, chat template), saved to `path`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    from ovr_train.tokenizer import CHAT_TEMPLATE, EOS, IM_END, SPECIAL_TOKENS
-
-    backend = Tokenizer(models.BPE(vocab={ch: b for b, ch in bytes_to_unicode().items()}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend)
-    tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
-    tok.eos_token, tok.pad_token, tok.chat_template = IM_END, EOS, CHAT_TEMPLATE
-    tok.save_pretrained(path)
-    return tok
-
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
@@ -306,7 +290,7 @@ def tiny_ckpt(tmp_path_factory):
     from ovr_train.tokenizer import special_ids
 
     path = tmp_path_factory.mktemp("tiny_vl")
-    tok = _byte_tokenizer(path)
+    tok = byte_chat_tokenizer(path)
     mcfg = ModelCfg(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                     mrope_section=[2, 3, 3], vision_depth=1, vision_hidden_size=32, vision_intermediate_size=64,
                     vision_num_heads=2, vision_fullatt_blocks=[0], attn_implementation="sdpa")

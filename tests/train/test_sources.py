@@ -11,22 +11,12 @@ import torch
 from PIL import Image
 
 from ovr_train.config import DataCfg, RLCfg
-from ovr_train.data import ImageProcessor, ImageRef, load_image, load_sft_samples
+from ovr_train.data import ImageRef, load_image, load_sft_samples
 from ovr_train.evaluate import load_eval_set
 from ovr_train.rl import prompt_pool
 from ovr_train.sources import iter_rows
 from ovr_train.store import open_store
-from ovr_train.tokenizer import load_tokenizer, special_ids
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return load_tokenizer(kind="bpe", cache_dir=str(tmp_path_factory.mktemp("cache")))
-
-
-@pytest.fixture(scope="module")
-def proc():
-    return ImageProcessor(112 * 112, 224 * 112)
+from ovr_train.tokenizer import special_ids
 
 
 def _png(size, color) -> bytes:

@@ -14,20 +14,10 @@ from PIL import Image
 
 from ovr_train import store as store_mod
 from ovr_train.config import DataCfg
-from ovr_train.data import ImageProcessor, StepSampler, collate, load_sft_samples, step_plan
+from ovr_train.data import StepSampler, collate, load_sft_samples, step_plan
 from ovr_train.store import TokenStore, build_store, key_parts, open_store
 from ovr_train.synth_text import ensure_corpus
 from ovr_train.tokenizer import load_tokenizer, special_ids
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return load_tokenizer(kind="bpe", cache_dir=str(tmp_path_factory.mktemp("cache")))
-
-
-@pytest.fixture(scope="module")
-def proc():
-    return ImageProcessor(112 * 112, 224 * 112)
 
 
 def _write(path, rows):

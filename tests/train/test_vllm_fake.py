@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from byte_tokenizer import byte_chat_tokenizer
 
 from ovr_train.rollout import Prompt, VLLMEngine, collapse_image_pads
 
@@ -307,22 +308,6 @@ def test_rollout_config_validation():
 # generation config without sampling defaults
 # ----------------------------------------------------------------------------------------------------------------
 
-
-def byte_chat_tokenizer():
-    """Byte-level tokenizer with the Qwen2.5-VL special tokens and chat template (no BPE training)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    from ovr_train.tokenizer import CHAT_TEMPLATE, EOS, IM_END, SPECIAL_TOKENS
-
-    backend = Tokenizer(models.BPE(vocab={ch: b for b, ch in bytes_to_unicode().items()}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend)
-    tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
-    tok.eos_token, tok.pad_token, tok.chat_template = IM_END, EOS, CHAT_TEMPLATE
-    return tok
 
 
 def test_export_is_bf16_with_processor_chat_template_and_generation_config(tmp_path):
