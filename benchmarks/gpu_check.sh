@@ -142,7 +142,8 @@ if [ "$REHEARSE" = 1 ]; then  # the gpu tests skip here; one quick interpreter t
          tests/kernels/test_gpu_losses.py tests/kernels/test_advantages.py::test_grpo_eps
          tests/kernels/test_advantages.py::test_broadcast_to_tokens)
 else
-  TESTS=(tests/kernels -m gpu)  # every CUDA-using test lives there; collecting tests/train costs time
+  # every CUDA-using kernel test, and the vLLM engine's GPU test (it skips where vllm is not installed)
+  TESTS=(tests/kernels tests/train/test_vllm_engine.py -m gpu)
 fi
 run_section tests 180 "$PY" -m pytest -q -p no:cacheprovider -rfEs --junitxml="$RES/tests.xml" "${TESTS[@]}"
 

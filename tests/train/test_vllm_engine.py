@@ -6,6 +6,7 @@ machine with CUDA and vllm."""
 
 import pytest
 import torch
+from byte_tokenizer import byte_chat_tokenizer
 
 from ovr_train.rollout import HAS_VLLM, Prompt
 
@@ -17,16 +18,7 @@ PAD, IM_START, EOS = 256, 257, 258
 
 def byte_tokenizer():
     """Byte-level tokenizer without merges: ids 0-255 are bytes, 256-258 the chat specials."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    tok = Tokenizer(models.BPE(vocab={ch: b for b, ch in bytes_to_unicode().items()}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok)
-    fast.add_special_tokens({"additional_special_tokens": SPECIALS})
-    fast.eos_token, fast.pad_token = "<|im_end|>", "<|endoftext|>"
+    fast = byte_chat_tokenizer(specials=SPECIALS)
     assert (fast.pad_token_id, fast.convert_tokens_to_ids("<|im_start|>"), fast.eos_token_id) == (PAD, IM_START, EOS)
     return fast
 
