@@ -302,7 +302,7 @@ def gspo_loss(logprobs, old_logprobs, advantages, mask, cu_seqlens, clip_low=3e-
     if entropy_coef != 0.0 and entropy is None:
         raise ValueError(f"entropy_coef={entropy_coef} needs entropy")
     if not isinstance(seq_mean, bool):
-        raise ValueError(f"seq_mean must be a bool, got {seq_mean!r}")
+        raise ValueError(f"seq_mean must be a bool, got {seq_mean!r}")  # noqa: TRY004 (one error type)
 
     if not use_triton(logprobs):
         return reference.gspo_loss_ref(logprobs, old_logprobs, advantages, mask, cu_seqlens, clip_low, clip_high,
