@@ -445,7 +445,6 @@ def train_rl(cfg, info) -> Path:
              sum(float(r) for r, im in zip(scored.rewards, is_img) if im)], dtype=torch.float64, device=device)
         all_reduce(sums)
         all_reduce(stats)
-
         num_s, nt = max(sums[0].item(), 1), num_tokens.item()
         rec = {"reward_mean": sums[1].item() / num_s,
                "reward_std": math.sqrt(max(sums[2].item() / num_s - (sums[1].item() / num_s) ** 2, 0)),
