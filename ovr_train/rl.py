@@ -505,7 +505,7 @@ def train_rl(cfg, info) -> Path:
     if info.is_main:
         records = read_metrics(stage_dir / "metrics.jsonl")
         plot_curves(stage_dir / "metrics.jsonl", stage_dir / "curves.png", ["reward_mean", "reward_image", "reward_text", "response_len",
-                    "truncation_rate", "approx_kl", "entropy", "value_loss", "logprob_gap"], title="RL (PPO)")
+                    "truncation_rate", "approx_kl", "entropy", "value_loss", "logprob_gap", "ref_kl"], title="RL (PPO)")
         history = [(r["step"], {k[len("behav/"):]: v for k, v in r.items() if k.startswith("behav/")})
                    for r in records]
         if history:
