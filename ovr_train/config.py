@@ -291,7 +291,8 @@ class RLCfg:
     capped at 10)."""
     mismatch: str = "none"
     """Rollout-engine / trainer log-prob mismatch correction through the policy loss's token weights, ratio
-    exp(trainer - engine sampling log-prob; the two agree in law only at rl.top_p = 1): "tis_token" / "tis_seq" (weight min(ratio, rl.mismatch_cap); seq: the ratio of
+    exp(trainer - engine sampling log-prob; comparable at rl.top_p = 1 only, the engine renormalises over the
+    nucleus): "tis_token" / "tis_seq" (weight min(ratio, rl.mismatch_cap); seq: the ratio of
     the response, its log-ratios summed), "mask_token" / "mask_seq" (weight 0 where the ratio leaves
     [1/cap, cap]), or "none"."""
     mismatch_cap: float = 2.0
