@@ -1,4 +1,4 @@
-"""ovr_kernels: packed varlen attention, fused linear log-prob + entropy, PPO losses, GAE, packing.
+"""ovr_kernels: packed varlen attention, fused linear log-prob + entropy, PPO / GSPO losses, GAE, packing.
 
 CUDA tensors take the Triton/CUDA kernels, CPU tensors the plain-PyTorch reference (`ovr_kernels.reference`);
 `OVR_BACKEND=triton|reference` forces one (see `ovr_kernels._triton`). `HAS_EXT` says whether the compiled
@@ -17,6 +17,7 @@ from ovr_kernels.advantages import (
     rloo_advantages,
 )
 from ovr_kernels.gae import gae
+from ovr_kernels.gspo_loss import gspo_loss
 from ovr_kernels.linear_logprob import linear_logprob_entropy, linear_logprob_nograd
 from ovr_kernels.packing import (
     balanced_partition,
@@ -41,6 +42,7 @@ __all__ = [
     "drgrpo_advantages",
     "gae",
     "grpo_advantages",
+    "gspo_loss",
     "linear_logprob_entropy",
     "linear_logprob_nograd",
     "masked_whiten",

@@ -28,6 +28,7 @@ from ovr_kernels._triton import INTERPRET, use_triton
 
 LOG_RATIO_CLAMP = 20.0  # |logp - old_logp| clamp before exp (as the reference): no inf ratio from a stale token
 MAX_BLOCK_T = 1024  # tokens per tile; 1M tokens -> 1024 programs, enough to fill 132 SMs several times over
+KL_TYPES = {"k1": 0, "k3": 1, "low_var": 2}  # kl_type -> the kernels' KL_TYPE
 LOSS_NUM_WARPS = 8  # 4 tokens per thread: the forward's ten per-token accumulators stay well inside the registers
 
 # Partial-sum columns (shared with value_loss: 0..2 are fixed by the finalize kernel).
@@ -82,8 +83,29 @@ def _grad_scale(gout_ptr, out_ptr, part_ptr, SEQ_MEAN: tl.constexpr, NUM_COLS: t
 
 
 @triton.jit
+def _kl_token(offs, inb, logp, ref_ptr, kl_coef, KL_TYPE: tl.constexpr):
+    """(KL_t, d kl_coef KL_t / d logp_t) of one tile, fp32, as `reference.kl_penalty_ref`: KL_TYPE 0 k1 = logp - ref;
+    1 k3 = exp(ref - logp) - (ref - logp) - 1 with the difference clamped to +-20; 2 low_var = min(k3, 10). Clamps
+    pass the gradient at their bounds (torch.clamp). Shared with gspo_loss."""
+    ref = tl.load(ref_ptr + offs, mask=inb, other=0).to(tl.float32)
+    if KL_TYPE == 0:
+        kl = logp - ref
+        dkl = kl_coef + tl.zeros_like(logp)
+    else:
+        d_raw = ref - logp
+        d = tl.minimum(tl.maximum(d_raw, -20.0), 20.0)
+        ed = tl.exp(d)
+        kl = ed - d - 1.0
+        dkl = kl_coef * (1.0 - ed) * ((d_raw >= -20.0) & (d_raw <= 20.0)).to(tl.float32)
+        if KL_TYPE == 2:
+            dkl = tl.where(kl <= 10.0, dkl, 0.0)
+            kl = tl.minimum(kl, 10.0)
+    return kl, dkl
+
+
+@triton.jit
 def _ppo_token(offs, inb, logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, lo, hi, dual_c, kl_coef, lr_clamp,
-               HAS_KL: tl.constexpr, KL_K3: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr):
+               HAS_KL: tl.constexpr, KL_TYPE: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr):
     """Load one tile of tokens and return its PPO terms (fp32): (mask weight, pg, d loss/d logp without the entropy
     term, ratio, log-ratio, clipped, dual active, kl). The derivative takes the reference's subgradients: clamps pass
     the gradient at their bounds (torch.clamp), the clipped branch only when strictly larger, the dual clip only when
@@ -115,23 +137,15 @@ def _ppo_token(offs, inb, logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, lo, hi,
         dual = clipped  # unused without HAS_DUAL_CLIP
     kl = tl.zeros_like(pg)
     if HAS_KL:
-        ref = tl.load(ref_ptr + offs, mask=inb, other=0).to(tl.float32)
-        if KL_K3:
-            d_raw = ref - logp
-            d = tl.minimum(tl.maximum(d_raw, -20.0), 20.0)
-            ed = tl.exp(d)
-            kl = ed - d - 1.0
-            dpg += kl_coef * (1.0 - ed) * ((d_raw >= -20.0) & (d_raw <= 20.0)).to(tl.float32)
-        else:
-            kl = logp - ref
-            dpg += kl_coef
+        kl, dkl = _kl_token(offs, inb, logp, ref_ptr, kl_coef, KL_TYPE)
+        dpg += dkl
     return m, pg, dpg, ratio, lr, clipped, dual, kl
 
 
 @triton.jit
 def _ppo_loss_fwd_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, cu_ptr, part_ptr,
                          T, lo, hi, dual_c, kl_coef, ent_coef, lr_clamp,
-                         HAS_KL: tl.constexpr, KL_K3: tl.constexpr, HAS_ENTROPY: tl.constexpr,
+                         HAS_KL: tl.constexpr, KL_TYPE: tl.constexpr, HAS_ENTROPY: tl.constexpr,
                          HAS_DUAL_CLIP: tl.constexpr, SEQ_MEAN: tl.constexpr, BLOCK_T: tl.constexpr,
                          NUM_COLS: tl.constexpr):
     """One program: reduce its slice of tokens into row pid of part_PC (see the module docstring)."""
@@ -150,7 +164,7 @@ def _ppo_loss_fwd_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr,
         offs = off + tl.arange(0, BLOCK_T)
         inb = offs < end
         m, pg, _dpg, ratio, lr, clipped, dual, kl = _ppo_token(offs, inb, logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr,
-                                                               lo, hi, dual_c, kl_coef, lr_clamp, HAS_KL, KL_K3,
+                                                               lo, hi, dual_c, kl_coef, lr_clamp, HAS_KL, KL_TYPE,
                                                                HAS_DUAL_CLIP)
         loss = pg + kl_coef * kl
         if HAS_ENTROPY:
@@ -223,7 +237,7 @@ def _masked_mean_finalize_kernel(part_ptr, norm_ptr, loss_ptr, out_ptr, P, norm_
 @triton.jit
 def _ppo_loss_bwd_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, cu_ptr, part_ptr, out_ptr, gout_ptr,
                          glogp_ptr, gent_ptr, T, lo, hi, dual_c, kl_coef, ent_coef, lr_clamp,
-                         HAS_KL: tl.constexpr, KL_K3: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
+                         HAS_KL: tl.constexpr, KL_TYPE: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
                          HAS_DUAL_CLIP: tl.constexpr, SEQ_MEAN: tl.constexpr, BLOCK_T: tl.constexpr,
                          NUM_COLS: tl.constexpr):
     """grad_logp_t = grad_out * m_t * w_t * d loss_t / d logp_t / denominator (and grad_entropy_t likewise with
@@ -235,7 +249,7 @@ def _ppo_loss_bwd_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, cu_ptr, 
         inb = offs < end
         m, _pg, dpg, _r, _lr, _clipped, _dual, _kl = _ppo_token(offs, inb, logp_ptr, old_ptr, adv_ptr, mask_ptr,
                                                                 ref_ptr, lo, hi, dual_c, kl_coef, lr_clamp, HAS_KL,
-                                                                KL_K3, HAS_DUAL_CLIP)
+                                                                KL_TYPE, HAS_DUAL_CLIP)
         # where, not a product with the mask: padding may hold inf/NaN and must still get an exact 0
         on = m != 0
         tl.store(glogp_ptr + offs, tl.where(on, dpg * m * scale, 0.0).to(glogp_ptr.dtype.element_ty), mask=inb)
@@ -300,7 +314,7 @@ def ppo_loss_fwd(logprobs_T, old_logprobs_T, advantages_T, mask_T, ref_logprobs_
         ref_logprobs_T if ref_logprobs_T is not None else dummy, entropy_T if entropy_T is not None else dummy,
         cu_seqlens if cu_seqlens is not None else dummy, part_PC, T,
         **_scalars(clip_low, clip_high, dual_clip, kl_coef, entropy_coef),
-        HAS_KL=ref_logprobs_T is not None, KL_K3=kl_type == "k3", HAS_ENTROPY=entropy_T is not None,
+        HAS_KL=ref_logprobs_T is not None, KL_TYPE=KL_TYPES[kl_type], HAS_ENTROPY=entropy_T is not None,
         HAS_DUAL_CLIP=dual_clip is not None, SEQ_MEAN=cu_seqlens is not None, BLOCK_T=block_t, NUM_COLS=NUM_COLS,
         num_warps=LOSS_NUM_WARPS)
     loss, out_C = masked_mean_finalize(part_PC, normalizer, cu_seqlens is not None, COL_RATIO_MAX)
@@ -322,7 +336,7 @@ def ppo_loss_bwd(grad_out, logprobs_T, old_logprobs_T, advantages_T, mask_T, ref
         cu_seqlens if cu_seqlens is not None else logprobs_T, part_PC, out_C, grad_out.contiguous(),
         grad_logp_T, grad_ent_T if grad_ent_T is not None else grad_logp_T, T,
         **_scalars(clip_low, clip_high, dual_clip, kl_coef, entropy_coef),
-        HAS_KL=ref_logprobs_T is not None, KL_K3=kl_type == "k3", HAS_ENTROPY_GRAD=grad_ent_T is not None,
+        HAS_KL=ref_logprobs_T is not None, KL_TYPE=KL_TYPES[kl_type], HAS_ENTROPY_GRAD=grad_ent_T is not None,
         HAS_DUAL_CLIP=dual_clip is not None, SEQ_MEAN=cu_seqlens is not None, BLOCK_T=block_t, NUM_COLS=NUM_COLS,
         num_warps=LOSS_NUM_WARPS)
     return grad_logp_T, grad_ent_T
@@ -422,8 +436,8 @@ def check_ppo_options(clip_low, clip_high, dual_clip, kl_coef, kl_type, has_ref_
     if dual_clip is not None:
         dual_clip = check_scalar("dual_clip", dual_clip, low=1.0, low_open=True)
     kl_coef = check_scalar("kl_coef", kl_coef, low=0.0)
-    if kl_type not in ("k1", "k3"):
-        raise ValueError(f"kl_type must be 'k1' or 'k3', got {kl_type!r}")
+    if kl_type not in KL_TYPES:
+        raise ValueError(f"kl_type must be 'k1', 'k3' or 'low_var', got {kl_type!r}")
     if kl_coef != 0.0 and not has_ref_logprobs:
         raise ValueError(f"kl_coef={kl_coef} needs ref_logprobs")
     return float(clip_low), float(clip_high), dual_clip, kl_coef
@@ -443,8 +457,8 @@ def ppo_loss(logprobs, old_logprobs, advantages, mask, clip_low=0.2, clip_high=0
         normalizer: None, a Python number > 0 or a 0-d tensor: the loss denominator. Default: the mask sum (token
             mean) or the number of sequences with a masked token (sequence mean). The trainer passes the global
             count so that micro-batch losses sum to the global mean.
-        ref_logprobs: None or (T,) float reference-policy log-probs for a KL penalty kl_coef * KL (kl_type "k1" or
-            "k3"). No gradient.
+        ref_logprobs: None or (T,) float reference-policy log-probs for a KL penalty kl_coef * KL (kl_type "k1",
+            "k3" or "low_var"). No gradient.
         entropy: None or (T,) float per-token entropy; adds -entropy_coef * entropy. Gets a gradient.
         cu_seqlens: None (token mean) or int32 (B+1,) sequence boundaries (sequence mean: each sequence's masked
             mean, summed, over the normalizer).

@@ -86,14 +86,16 @@ def linear_logprob_entropy_ref(hidden_TH, weight_VH, targets_T, temperature=1.0,
 def kl_penalty_ref(logprobs_T, ref_logprobs_T, kl_type="k3"):
     """Per-token KL estimate of KL(pi || ref) from log-probs of the sampled tokens.
 
-    k1 = logp - ref_logp; k3 = exp(ref_logp - logp) - (ref_logp - logp) - 1 (Schulman's unbiased, >= 0).
+    k1 = logp - ref_logp; k3 = exp(ref_logp - logp) - (ref_logp - logp) - 1 (Schulman's unbiased, >= 0);
+    low_var = min(k3, 10) (k3 with its rare huge values capped, as verl's low_var_kl).
     """
     if kl_type == "k1":
         return logprobs_T - ref_logprobs_T
-    if kl_type == "k3":
+    if kl_type in ("k3", "low_var"):
         d = (ref_logprobs_T - logprobs_T).clamp(-20.0, 20.0)
-        return torch.exp(d) - d - 1.0
-    raise ValueError(f"kl_type must be 'k1' or 'k3', got {kl_type!r}")
+        k3 = torch.exp(d) - d - 1.0
+        return k3.clamp(max=10.0) if kl_type == "low_var" else k3
+    raise ValueError(f"kl_type must be 'k1', 'k3' or 'low_var', got {kl_type!r}")
 
 
 def aggregate_ref(loss_T, mask_T, normalizer=None, cu_seqlens=None):
@@ -164,6 +166,54 @@ def ppo_loss_ref(logprobs_T, old_logprobs_T, advantages_T, mask_T, clip_low=0.2,
         }
         metrics["kl"] = (kl_T * m).sum() / n if kl_T is not None else ratio.new_zeros(())
         metrics["entropy"] = (entropy_T * m).sum() / n if entropy_T is not None else ratio.new_zeros(())
+    return loss, metrics
+
+
+def gspo_loss_ref(logprobs_T, old_logprobs_T, advantages_T, mask_T, cu_seqlens, clip_low=3e-4, clip_high=4e-4,
+                  normalizer=None, seq_mean=False, ref_logprobs_T=None, kl_coef=0.0, kl_type="k3", entropy_T=None,
+                  entropy_coef=0.0, log_ratio_clamp=20.0):
+    """GSPO (token form) over packed sequences; returns (loss, metrics).
+
+    s_b = exp(clamp(mean over the tokens of sequence b with mask != 0 of (logp - old_logp), +-log_ratio_clamp))
+    (1 for a sequence with no such token); per token r_t = sg[s_b] exp(logp_t - sg[logp_t]) (value s_b, gradient
+    s_b), pg = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)), loss_t = pg + kl_coef KL_t - entropy_coef H_t,
+    reduced by `aggregate_ref` (token mean, or the sequence mean with seq_mean). Metrics as `ppo_loss_ref` (no dual
+    clip): pg_loss, clip_frac, approx_kl (per-token 0.5 (logp - old)^2), ratio_mean, ratio_max (max s_b over
+    sequences with a masked token; 0 when none), kl, entropy.
+    """
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    seg = torch.repeat_interleave(torch.arange(lengths.numel(), device=logprobs_T.device), lengths)
+    on = mask_T != 0
+    with torch.no_grad():
+        diff = torch.where(on, logprobs_T - old_logprobs_T, torch.zeros_like(logprobs_T))
+        sum_B = torch.zeros(lengths.numel(), dtype=logprobs_T.dtype, device=logprobs_T.device).index_add(0, seg, diff)
+        n_B = torch.zeros_like(sum_B).index_add(0, seg, on.to(sum_B.dtype))
+        seq_lr_B = (sum_B / n_B.clamp_min(1.0)).clamp(-log_ratio_clamp, log_ratio_clamp)
+    ratio = torch.exp(logprobs_T - logprobs_T.detach() + seq_lr_B[seg])
+    pg1 = -advantages_T * ratio
+    pg2 = -advantages_T * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    pg = torch.where(pg2 > pg1, pg2, pg1)  # a where: at a tie the gradient is the unclipped branch's
+    loss_T = pg
+    kl_T = None
+    if ref_logprobs_T is not None:
+        kl_T = kl_penalty_ref(logprobs_T, ref_logprobs_T, kl_type)
+        loss_T = loss_T + kl_coef * kl_T
+    if entropy_T is not None:
+        loss_T = loss_T - entropy_coef * entropy_T
+    loss = aggregate_ref(loss_T, mask_T, normalizer, cu_seqlens if seq_mean else None)
+    with torch.no_grad():
+        m = mask_T.to(ratio.dtype)
+        n = m.sum().clamp_min(1.0)
+        log_ratio = (logprobs_T - old_logprobs_T).clamp(-log_ratio_clamp, log_ratio_clamp)
+        metrics = {
+            "pg_loss": (pg * m).sum() / n,
+            "clip_frac": ((pg2 > pg1).to(m.dtype) * m).sum() / n,
+            "approx_kl": (0.5 * log_ratio.square() * m).sum() / n,
+            "ratio_mean": (ratio * m).sum() / n,
+            "ratio_max": torch.where(n_B > 0, seq_lr_B.exp(), torch.zeros_like(seq_lr_B)).max(),
+            "kl": (kl_T * m).sum() / n if kl_T is not None else ratio.new_zeros(()),
+            "entropy": (entropy_T * m).sum() / n if entropy_T is not None else ratio.new_zeros(()),
+        }
     return loss, metrics
 
 

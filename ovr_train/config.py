@@ -282,14 +282,34 @@ class RLCfg:
     """GAE discount."""
     lam: float = 1.0
     """GAE lambda."""
+    loss: str = "ppo"
+    """Policy objective: "ppo" (per-token ratio) or "gspo" (one ratio per response: exp of its mean log-ratio)."""
     clip_low: float = 0.2
-    """PPO ratio clip below 1."""
+    """Ratio clip below 1 (rl.loss=gspo clips the sequence ratio: its paper uses 3e-4)."""
     clip_high: float = 0.2
-    """PPO ratio clip above 1 (clip-higher: > clip_low)."""
+    """Ratio clip above 1 (clip-higher: > clip_low; rl.loss=gspo: its paper uses 4e-4)."""
     value_clip: float = 0.2
     """Critic value-loss clip (ORZ)."""
     kl_coef: float = 0.0
-    """KL penalty coefficient (ORZ: none)."""
+    """Weight of the KL(policy || reference) loss term, the reference a frozen copy of the RL start point (ORZ: 0,
+    which builds no reference model)."""
+    kl_estimator: str = "k3"
+    """Per-token KL estimate: "k1" (logp - ref), "k3" (exp(ref - logp) - (ref - logp) - 1, >= 0) or "low_var" (k3
+    capped at 10)."""
+    mismatch: str = "none"
+    """Rollout-engine / trainer log-prob mismatch correction through the policy loss's token weights, ratio
+    exp(trainer - engine sampling log-prob; comparable at rl.top_p = 1 only, the engine renormalises over the
+    nucleus): "tis_token" / "tis_seq" (weight min(ratio, rl.mismatch_cap); seq: the ratio of
+    the response, its log-ratios summed), "mask_token" / "mask_seq" (weight 0 where the ratio leaves
+    [1/cap, cap]), or "none"."""
+    mismatch_cap: float = 2.0
+    """The cap C of rl.mismatch (> 1)."""
+    overlong: str = "zero"
+    """A response cut at the length limit: "zero" (reward 0), "soft" (DAPO: the reward minus a penalty rising
+    linearly from 0 to 1 over the last rl.overlong_cache tokens before the limit, for every response) or "mask"
+    (reward 0 and no policy or critic loss on its tokens)."""
+    overlong_cache: int = 4096
+    """Length of rl.overlong=soft's penalty ramp, in tokens (< every response length limit)."""
     entropy_coef: float = 0.0
     """Entropy bonus coefficient (ORZ: none)."""
     policy_lr: float = 1e-6
@@ -344,8 +364,14 @@ class RLCfg:
         _check(0 < self.top_p <= 1, "rl.top_p", self.top_p, "must be in (0, 1]")
         _one_of("rl.algo", self.algo, ("ppo", "grpo", "rloo", "drgrpo"))
         _one_of("rl.rollout_engine", self.rollout_engine, ("hf", "vllm"))
-        _check(self.clip_low >= 0 and self.clip_high >= 0, "rl.clip_low/clip_high", (self.clip_low, self.clip_high),
-               "must be >= 0")
+        _one_of("rl.loss", self.loss, ("ppo", "gspo"))
+        _one_of("rl.kl_estimator", self.kl_estimator, ("k1", "k3", "low_var"))
+        _check(self.kl_coef >= 0, "rl.kl_coef", self.kl_coef, "must be >= 0")
+        _one_of("rl.mismatch", self.mismatch, ("none", "tis_token", "tis_seq", "mask_token", "mask_seq"))
+        _check(self.mismatch_cap > 1, "rl.mismatch_cap", self.mismatch_cap, "must be > 1")
+        _one_of("rl.overlong", self.overlong, ("zero", "soft", "mask"))
+        _check(0 <= self.clip_low < 1 and 0 <= self.clip_high < 1, "rl.clip_low/clip_high",
+               (self.clip_low, self.clip_high), "must be in [0, 1)")
         _check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "rl.gamma/lam", (self.gamma, self.lam), "must be in [0, 1]")
         _check(self.policy_lr > 0 and self.critic_lr > 0, "rl.policy_lr/critic_lr", (self.policy_lr, self.critic_lr),
                "must be > 0")
@@ -364,6 +390,10 @@ class RLCfg:
         _check(self.max_bad_steps > 0, "rl.max_bad_steps", self.max_bad_steps, "must be > 0")
         _check(self.prefilter_min_pass < self.prefilter_max_pass, "rl.prefilter_min_pass", self.prefilter_min_pass,
                f"must be < rl.prefilter_max_pass={self.prefilter_max_pass}")
+        limits = [self.max_new_tokens] + [int(n) for _, n in self.length_curriculum]
+        _check(self.overlong_cache > 0 and (self.overlong != "soft" or self.overlong_cache < min(limits)),
+               "rl.overlong_cache", self.overlong_cache,
+               f"must be > 0, and with rl.overlong=soft < every response length limit (shortest: {min(limits)})")
 
 
 @dataclass

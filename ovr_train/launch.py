@@ -120,7 +120,8 @@ def rl_memory_plan(cfg: Config, counts: dict, unit_sizes: list, world: int, laye
     """Per-GPU memory (GiB) of one RL step, as a formula: an estimate from parameter counts, not a measurement.
 
     Resident the whole step: policy and critic fp32 parameter shards + AdamW moments of their trainable parameters
-    (the critic's unused LM head is frozen, it adds a bias-free scalar head). Rollout: + vLLM's full bf16 weights
+    (the critic's unused LM head is frozen, it adds a bias-free scalar head), and with rl.kl_coef > 0 the frozen
+    reference's fp32 shard. Rollout: + vLLM's full bf16 weights
     and its KV cache: vLLM takes `rollout.gpu_memory_utilization` of the GPU for weights + KV cache (its
     activation workspace is ignored here), reported as concurrent full-length sequences. Train (vLLM asleep at
     level 1: weights on the CPU, KV cache freed): + fp32 gradient shards of the net being updated, the gathered bf16
@@ -134,7 +135,8 @@ def rl_memory_plan(cfg: Config, counts: dict, unit_sizes: list, world: int, laye
     critic_trainable = counts["trainable"] - lm_head + h
     policy_b = (4 * counts["total"] + 8 * counts["trainable"]) / shard
     critic_b = (4 * critic_total + 8 * critic_trainable) / shard
-    resident = policy_b + critic_b
+    reference_b = 4 * counts["total"] / shard if cfg.rl.kl_coef else 0.0  # frozen: no AdamW, no gradients
+    resident = policy_b + critic_b + reference_b
     vllm_weights = 2 * counts["total"]
     kv_per_token = 2 * layers * mcfg.num_kv_heads * (h // mcfg.num_heads) * 2  # K and V, bf16
     vllm_share = cfg.rollout.gpu_memory_utilization * cfg.run.gpu_memory_gib * gib
@@ -152,6 +154,7 @@ def rl_memory_plan(cfg: Config, counts: dict, unit_sizes: list, world: int, laye
     largest_param = 6 * counts["embed_and_head"] / 2  # fp32 gather + bf16 copy of the embedding (or the LM head)
     push = resident + vllm_weights + largest_param
     return {"policy_shard_adamw": policy_b / gib, "critic_shard_adamw": critic_b / gib,
+            "reference_shard": reference_b / gib,
             "rollout_vllm_weights": vllm_weights / gib, "rollout_kv_cache": kv_b / gib,
             "rollout_full_length_seqs": kv_b / (kv_per_token * tokens), "train_grads": grads / gib,
             "train_gathered_bf16": gathered / gib, "train_llm_activations": lm_act / gib,
@@ -167,6 +170,7 @@ def print_rl_plan(cfg: Config, plan: dict, world: int) -> bool:
           f"micro-batch {cfg.data.token_budget} tokens, responses up to {longest_response(cfg.rl)}):")
     rows = [("resident", "policy fp32 shard + AdamW", plan["policy_shard_adamw"]),
             ("resident", "critic fp32 shard + AdamW", plan["critic_shard_adamw"]),
+            *([("resident", "KL reference fp32 shard", plan["reference_shard"])] if cfg.rl.kl_coef else []),
             ("rollout", "vLLM weights (bf16, full copy)", plan["rollout_vllm_weights"]),
             ("rollout", "vLLM KV cache (its share less weights)", plan["rollout_kv_cache"]),
             ("train", "gradients (fp32 shard)", plan["train_grads"]),

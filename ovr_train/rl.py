@@ -1,14 +1,16 @@
 """Stage 2, multimodal ORZ-style PPO: `train_rl(cfg, info)` is the whole RL loop, readable top to bottom (T1).
 
 One step: this rank's prompts (a pure function of seed and step) -> rollout engine (n samples each, sampling
-logprobs) -> rewards (verifier pool, hard timeout) -> [dynamic sampling] -> prompt + response sequences with mRoPE
-ids, packed into token-budget micro-batches (every rank runs the same number: loss-free fillers; kept on the host,
-moved to the device one at a time; a prompt's samples share one copy of its pixels and one ViT pass) -> old logprobs
-(policy) and values (critic) -> GAE (gamma = lambda = 1) or group advantages (GRPO / RLOO / Dr.GRPO) -> batch
-advantage normalisation over all ranks -> policy update(s) and critic updates, losses divided by the GLOBAL number
-of response tokens (T4), an update with a NaN/inf loss or gradient skipped and counted (rl.max_bad_steps in a row
-abort) -> weights pushed to the engine -> log -> checkpoint. The prompt pool drops prompts too long for
-data.token_budget next to the longest response, and every prompt is built in the one format of prompts.py.
+logprobs) -> rewards (verifier pool, hard timeout; rl.overlong=soft's length penalty) -> [dynamic sampling] ->
+prompt + response sequences with mRoPE ids, packed into token-budget micro-batches (every rank runs the same number:
+loss-free fillers; kept on the host, moved to the device one at a time; a prompt's samples share one copy of its
+pixels and one ViT pass) -> old logprobs (policy; the frozen reference's in the same pass when rl.kl_coef > 0) and
+values (critic) -> GAE (gamma = lambda = 1) or group advantages (GRPO / RLOO / Dr.GRPO) -> batch advantage
+normalisation over all ranks -> per-token loss weights (rl.mismatch correction, rl.overlong=mask) -> policy
+update(s) (rl.loss: PPO or GSPO) and critic updates, losses divided by the GLOBAL number of response tokens (T4), an
+update with a NaN/inf loss or gradient skipped and counted (rl.max_bad_steps in a row abort) -> weights pushed to
+the engine -> log -> checkpoint. The prompt pool drops prompts too long for data.token_budget next to the longest
+response, and every prompt is built in the one format of prompts.py.
 
 Legend: T response tokens of this rank (packed, micro-batch order), B sequences, G prompt groups.
 """
@@ -25,6 +27,7 @@ from ovr_kernels import (
     drgrpo_advantages,
     gae,
     grpo_advantages,
+    gspo_loss,
     ppo_loss,
     rloo_advantages,
     token_budget_microbatches,
@@ -130,6 +133,45 @@ def on_device(micro, device):
         del m  # released before the next one is moved
 
 
+def overlong_penalty(lengths_B, limit, cache):
+    """DAPO's soft overlong punishment, added to the reward: 0 up to limit - cache tokens, then falling linearly
+    to -1 at the limit."""
+    return ((limit - cache - lengths_B.float()) / cache).clamp(-1.0, 0.0)
+
+
+def mismatch_weights(mode, cap, old_T, rollout_T, cu_T):
+    """Per-token policy-loss weights that correct the rollout engine / trainer mismatch (rl.mismatch), from the
+    log-ratio trainer - engine per token ("_token") or summed over each response ("_seq", then per token of it):
+    TIS caps the ratio at `cap`, masking zeroes the weight where the ratio leaves [1/cap, cap]. Returns (weight_T
+    fp32, corrected_T bool: the tokens whose weight was capped or zeroed)."""
+    if mode == "none":
+        return torch.ones_like(old_T), torch.zeros_like(old_T, dtype=torch.bool)
+    log_ratio = (old_T - rollout_T).double()
+    if mode.endswith("_seq"):
+        lengths = (cu_T[1:] - cu_T[:-1]).long()
+        seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=old_T.device), lengths)
+        log_ratio = torch.zeros(lengths.numel(), dtype=torch.float64, device=old_T.device).index_add(
+            0, seq, log_ratio)[seq]
+    log_cap = math.log(cap)
+    if mode.startswith("tis"):
+        corrected = log_ratio > log_cap
+        return torch.exp(log_ratio.clamp(max=log_cap)).float(), corrected
+    corrected = log_ratio.abs() > log_cap
+    return (~corrected).float(), corrected
+
+
+def policy_loss(rcfg, logprobs, entropy, old, adv, weight, cu, norm, ref):
+    """rl.loss on one micro-batch's response tokens: PPO's per-token ratio, or GSPO's one ratio per response (its
+    sequence boundaries `cu`, int32 on the device); `weight` is the per-token loss weight, `ref` the reference
+    policy's log-probs (None without a KL term). Returns (loss, metrics)."""
+    opts = {"clip_low": rcfg.clip_low, "clip_high": rcfg.clip_high, "normalizer": norm,
+            "entropy": entropy if rcfg.entropy_coef else None, "entropy_coef": rcfg.entropy_coef,
+            "ref_logprobs": ref, "kl_coef": rcfg.kl_coef, "kl_type": rcfg.kl_estimator}
+    if rcfg.loss == "gspo":
+        return gspo_loss(logprobs, old, adv, weight, cu, **opts)
+    return ppo_loss(logprobs, old, adv, weight, **opts)
+
+
 def guarded_step(net, optim, loss, grad_clip):
     """Clip and apply the accumulated gradients unless this rank's `loss` summed over ranks or the global gradient
     norm is NaN/inf, which skips the update on every rank alike. Returns (norm, applied); one host sync."""
@@ -190,6 +232,9 @@ def train_rl(cfg, info) -> Path:
     critic = build_sharded_model(cfg, info, ids, len(tok), value_head=True) if use_critic else None
     if critic is not None:
         critic.hf.lm_head.requires_grad_(False)  # unused by the critic: no gradient, so no optimizer state
+    # the KL term's reference: a frozen copy of the RL start point, sharded like the policy (not checkpointed: a
+    # resumed run rebuilds it from init_from); no KL term, no reference model
+    reference = build_sharded_model(cfg, info, ids, len(tok)).requires_grad_(False) if rcfg.kl_coef else None
     nets = [("policy", policy, rcfg.policy_lr)] + ([("critic", critic, rcfg.critic_lr)] if use_critic else [])
     optims, scheds = {}, {}
     for name, net, lr in nets:
@@ -253,12 +298,17 @@ def train_rl(cfg, info) -> Path:
         scored = pool.score([s.text for s in samples], [gold_spec(batch_items[s.prompt_index]) for s in samples],
                             [s.truncated for s in samples])
         scores_B = torch.tensor(scored.rewards, dtype=torch.float32)
+        correct_B = scores_B >= 1.0
+        truncated_B = torch.tensor([bool(s.truncated) for s in samples], dtype=torch.bool)
+        if rcfg.overlong == "soft":  # every response near the limit, truncated or not
+            scores_B += overlong_penalty(torch.tensor([len(s.token_ids) for s in samples]), max_len,
+                                         rcfg.overlong_cache)
         t2 = time.perf_counter()
 
         # ---- dynamic sampling: drop groups where every sample is right or every one is wrong ----
         groups = list(range(len(prompts)))
         if rcfg.dynamic_sampling:
-            correct_GN = (scores_B >= 1.0).view(-1, n)
+            correct_GN = correct_B.view(-1, n)
             groups = [g for g in groups if 0 < int(correct_GN[g].sum()) < n]
         kept = [g * n + j for g in groups for j in range(n)]
 
@@ -279,11 +329,18 @@ def train_rl(cfg, info) -> Path:
         order = [b for mb in plan for b in mb]  # token order of every per-token tensor below
         cu_T = torch.tensor([0] + [len(samples[b].token_ids) for b in order], device=device).cumsum(0).int()
         count_of = [m.num_loss_tokens for m in micro]  # host counts: no device sync in the passes below
+        cu_of = [torch.tensor([0] + [len(samples[b].token_ids) for b in mb]).cumsum(0).int() for mb in plan]
+        cu_of += [torch.zeros(2, dtype=torch.int32)] * (num_micro - len(plan))  # a filler: one empty response
 
         # ---- old logprobs, values, advantages (no grad; models stay in train mode: the ViT runs everywhere) ----
         with torch.no_grad():
-            old_T = torch.cat([policy(**m.model_inputs(), targets=m.targets, temperature=rcfg.temperature)
-                               .logprobs[k] for m, k in on_device(micro, device)])
+            old_T, ref_T = [], []
+            for m, k in on_device(micro, device):  # the reference's log-probs in the same pass as the policy's
+                old_T.append(policy(**m.model_inputs(), targets=m.targets, temperature=rcfg.temperature).logprobs[k])
+                if reference is not None:
+                    ref_T.append(reference(**m.model_inputs(), targets=m.targets,
+                                           temperature=rcfg.temperature).logprobs[k])
+            old_T, ref_T = torch.cat(old_T), torch.cat(ref_T) if reference is not None else None
             rollout_T = torch.tensor([lp for b in order for lp in samples[b].logprobs], device=device)
             reward_T = torch.zeros_like(old_T)
             if len(order):
@@ -296,6 +353,13 @@ def train_rl(cfg, info) -> Path:
                 adv_T = broadcast_to_tokens(group_adv[order].to(device), cu_T)
             if use_critic:  # ORZ: batch-level advantage normalisation (group methods normalise per group)
                 adv_T = global_whiten(adv_T)
+            # per-token loss weights: 0 on truncated responses under rl.overlong=mask (policy and critic), times
+            # the mismatch correction (policy only)
+            keep_T = torch.ones_like(old_T)
+            if rcfg.overlong == "mask" and len(order):
+                keep_T = broadcast_to_tokens((~truncated_B[order]).float().to(device), cu_T)
+            weight_T, corrected_T = mismatch_weights(rcfg.mismatch, rcfg.mismatch_cap, old_T, rollout_T, cu_T)
+            weight_T = weight_T * keep_T
 
         if rcfg.dump_rollouts:
             (stage_dir / "rollouts").mkdir(parents=True, exist_ok=True)
@@ -303,28 +367,30 @@ def train_rl(cfg, info) -> Path:
                                     for s in samples], "answers": [it.answer for it in batch_items],
                         "prompt_ids": [p.token_ids for p in prompts], "scores": scores_B, "order": order,
                         "cu": cu_T.cpu(), "old": old_T.cpu(), "reward": reward_T.cpu(), "adv": adv_T.cpu(),
+                        "weight": weight_T.cpu(), "keep": keep_T.cpu(), "rollout": rollout_T.cpu(),
+                        "ref": ref_T.cpu() if ref_T is not None else None,
                         "values": values_T.cpu() if use_critic else None,
                         "returns": returns_T.cpu() if use_critic else None},
                        stage_dir / "rollouts" / f"step{step + 1}_rank{rank}.pt")
 
         # ---- policy update(s): 1 optimizer step per rollout batch by default; a NaN/inf one is skipped ----
-        stats = torch.zeros(8, dtype=torch.float64, device=device)  # loss, clip, kl, entropy, vloss, vclip, pg, gn
+        # loss, clip, approx kl, entropy, vloss, vclip, pg, grad norm, kl to the reference
+        stats = torch.zeros(9, dtype=torch.float64, device=device)
         skipped = {"policy": 0, "critic": 0}
         for _ in range(rcfg.policy_updates_per_step):
             at, loss_sum = 0, torch.zeros((), device=device)
-            for (m, k), cnt in zip(on_device(micro, device), count_of):
+            for (m, k), cnt, cu in zip(on_device(micro, device), count_of, cu_of):
                 out = policy(**m.model_inputs(), targets=m.targets, temperature=rcfg.temperature)
                 sl = slice(at, at + cnt)
                 at += cnt
-                loss, met = ppo_loss(out.logprobs[k], old_T[sl], adv_T[sl], torch.ones(cnt, device=device),
-                                     clip_low=rcfg.clip_low, clip_high=rcfg.clip_high, normalizer=norm,
-                                     entropy=out.entropy[k] if rcfg.entropy_coef else None,
-                                     entropy_coef=rcfg.entropy_coef)
+                loss, met = policy_loss(rcfg, out.logprobs[k], out.entropy[k], old_T[sl], adv_T[sl], weight_T[sl],
+                                        cu.to(device), norm, ref_T[sl] if ref_T is not None else None)
                 (loss + 0.0 * out.logprobs.sum()).backward()  # a filler still runs FSDP's backward collectives
                 loss_sum += loss.detach()
                 w = cnt / rcfg.policy_updates_per_step
                 stats[:4] += torch.stack([loss.detach() * norm, met["clip_frac"] * w, met["approx_kl"] * w,
                                           (out.entropy[k].detach().sum() / rcfg.policy_updates_per_step)]).double()
+                stats[8] += met["kl"].double() * w
             grad_norm, applied = guarded_step(policy, optims["policy"], loss_sum, cfg.optim.grad_clip)
             stats[7] += grad_norm
             skipped["policy"] += not applied
@@ -337,8 +403,8 @@ def train_rl(cfg, info) -> Path:
                 v_all = critic(**m.model_inputs()).values
                 sl = slice(at, at + cnt)
                 at += cnt
-                vloss, vmet = value_loss(v_all[k], values_T[sl], returns_T[sl], torch.ones(cnt, device=device),
-                                         clip=rcfg.value_clip, normalizer=norm)
+                vloss, vmet = value_loss(v_all[k], values_T[sl], returns_T[sl], keep_T[sl], clip=rcfg.value_clip,
+                                         normalizer=norm)
                 (vloss + 0.0 * v_all.sum()).backward()
                 loss_sum += vloss.detach()
                 w = cnt / rcfg.critic_updates_per_step
@@ -393,6 +459,14 @@ def train_rl(cfg, info) -> Path:
         nb2 = 15 + 2 * len(behaviors.BEHAVIORS)  # per-kind reward sums follow the behaviour counts
         rec.update(reward_text=sums[nb2].item() / sums[13].item() if sums[13] else math.nan,
                    reward_image=sums[nb2 + 1].item() / sums[14].item() if sums[14] else math.nan)
+        if rcfg.kl_coef:
+            rec["ref_kl"] = stats[8].item() / nt  # rl.kl_estimator's mean over the response tokens
+        if rcfg.mismatch != "none":  # over the policy loss's tokens (overlong-masked ones count as weight 0)
+            mismatch = all_reduce(torch.stack([weight_T.double().sum(), corrected_T.double().sum()]))
+            weight_max = all_reduce(weight_T.max() if weight_T.numel() else weight_T.new_zeros(()),
+                                    op=torch.distributed.ReduceOp.MAX)
+            rec.update({"mismatch/weight_mean": mismatch[0].item() / nt, "mismatch/weight_max": weight_max.item(),
+                        "mismatch/corrected_frac": mismatch[1].item() / nt})
         if use_critic:
             rec.update(value_loss=stats[4].item() / nt, value_clip_frac=stats[5].item() / nt,
                        explained_var=1 - _var(sums[11].item(), sums[12].item(), nt) / max(
@@ -431,7 +505,7 @@ def train_rl(cfg, info) -> Path:
     if info.is_main:
         records = read_metrics(stage_dir / "metrics.jsonl")
         plot_curves(stage_dir / "metrics.jsonl", stage_dir / "curves.png", ["reward_mean", "reward_image", "reward_text", "response_len",
-                    "truncation_rate", "approx_kl", "entropy", "value_loss", "logprob_gap"], title="RL (PPO)")
+                    "truncation_rate", "approx_kl", "entropy", "value_loss", "logprob_gap", "ref_kl"], title="RL (PPO)")
         history = [(r["step"], {k[len("behav/"):]: v for k, v in r.items() if k.startswith("behav/")})
                    for r in records]
         if history:

@@ -1,4 +1,4 @@
-"""Compile check (DESIGN.md): every Triton kernel of the PPO / value / advantage ops compiles for sm_80 and sm_90 at
+"""Compile check (DESIGN.md): every Triton kernel of the PPO / GSPO / value / advantage ops compiles for sm_80 and sm_90 at
 the configurations the benchmarks launch (1M tokens, 512 groups of 16; int arguments marked divisible by 16 where
 their benchmark values are, as triton's launcher marks them), on this environment's triton and the GPU image's
 3.6.0, with no register spills. These are elementwise / reduction kernels: no
@@ -14,6 +14,7 @@ from sm_compile import compile_many, job, triton_versions
 # import_module, not `from ovr_kernels import ppo_loss`: the package exports the function of that name
 ppo_loss = importlib.import_module("ovr_kernels.ppo_loss")
 value_loss = importlib.import_module("ovr_kernels.value_loss")
+gspo_loss = importlib.import_module("ovr_kernels.gspo_loss")
 advantages = importlib.import_module("ovr_kernels.advantages")
 
 F32, U8, I32 = "*fp32", "*u8", "*i32"
@@ -25,7 +26,7 @@ TOKENS = {"T": NUM_TOKENS}
 def _ppo_fwd_sig():
     return {"logp_ptr": F32, "old_ptr": F32, "adv_ptr": F32, "mask_ptr": U8, "ref_ptr": F32, "ent_ptr": F32,
             "cu_ptr": I32, "part_ptr": F32, "T": "i32", "lo": "fp32", "hi": "fp32", "dual_c": "fp32",
-            "kl_coef": "fp32", "ent_coef": "fp32", "lr_clamp": "fp32", "HAS_KL": "constexpr", "KL_K3": "constexpr",
+            "kl_coef": "fp32", "ent_coef": "fp32", "lr_clamp": "fp32", "HAS_KL": "constexpr", "KL_TYPE": "constexpr",
             "HAS_ENTROPY": "constexpr", "HAS_DUAL_CLIP": "constexpr", "SEQ_MEAN": "constexpr",
             "BLOCK_T": "constexpr", "NUM_COLS": "constexpr"}
 
@@ -34,12 +35,12 @@ def _ppo_bwd_sig():
     return {"logp_ptr": F32, "old_ptr": F32, "adv_ptr": F32, "mask_ptr": U8, "ref_ptr": F32, "cu_ptr": I32,
             "part_ptr": F32, "out_ptr": F32, "gout_ptr": F32, "glogp_ptr": F32, "gent_ptr": F32, "T": "i32",
             "lo": "fp32", "hi": "fp32", "dual_c": "fp32", "kl_coef": "fp32", "ent_coef": "fp32", "lr_clamp": "fp32",
-            "HAS_KL": "constexpr", "KL_K3": "constexpr", "HAS_ENTROPY_GRAD": "constexpr",
+            "HAS_KL": "constexpr", "KL_TYPE": "constexpr", "HAS_ENTROPY_GRAD": "constexpr",
             "HAS_DUAL_CLIP": "constexpr", "SEQ_MEAN": "constexpr", "BLOCK_T": "constexpr", "NUM_COLS": "constexpr"}
 
 
 def _ppo_flags(all_on, entropy_key):
-    return {"HAS_KL": all_on, "KL_K3": all_on, entropy_key: all_on, "HAS_DUAL_CLIP": all_on, "SEQ_MEAN": all_on,
+    return {"HAS_KL": all_on, "KL_TYPE": 2 if all_on else 0, entropy_key: all_on, "HAS_DUAL_CLIP": all_on, "SEQ_MEAN": all_on,
             "BLOCK_T": BLOCK_T, "NUM_COLS": ppo_loss.NUM_COLS}
 
 
@@ -53,6 +54,16 @@ def _configs():
                     _ppo_flags(all_on, "HAS_ENTROPY"), ppo_loss.LOSS_NUM_WARPS, TOKENS))
         out.append((f"ppo_bwd[{tag}]", ppo_loss._ppo_loss_bwd_kernel, _ppo_bwd_sig(),
                     _ppo_flags(all_on, "HAS_ENTROPY_GRAD"), ppo_loss.LOSS_NUM_WARPS, TOKENS))
+    for all_on in (False, True):  # GSPO: one program per sequence; lengths of the 1M-token config's sequences
+        tag = "all-options" if all_on else "default"
+        flags = {"HAS_KL": all_on, "KL_TYPE": 2 if all_on else 0, "SEQ_MEAN": all_on, "BLOCK_T": BLOCK_T,
+                 "NUM_COLS": gspo_loss.NUM_COLS}
+        fwd = {k: v for k, v in _ppo_fwd_sig().items() if k not in ("T", "dual_c", "HAS_DUAL_CLIP")}
+        bwd = {k: v for k, v in _ppo_bwd_sig().items() if k not in ("T", "dual_c", "HAS_DUAL_CLIP")}
+        out.append((f"gspo_fwd[{tag}]", gspo_loss._gspo_loss_fwd_kernel, fwd, {**flags, "HAS_ENTROPY": all_on},
+                    ppo_loss.LOSS_NUM_WARPS, {}))
+        out.append((f"gspo_bwd[{tag}]", gspo_loss._gspo_loss_bwd_kernel, bwd, {**flags, "HAS_ENTROPY_GRAD": all_on},
+                    ppo_loss.LOSS_NUM_WARPS, {}))
     out.append(("finalize[ppo]", ppo_loss._masked_mean_finalize_kernel,
                 {"part_ptr": F32, "norm_ptr": F32, "loss_ptr": F32, "out_ptr": F32, "P": "i32", "norm_value": "fp32",
                  "NUM_COLS": "constexpr", "MAX_COL": "constexpr", "NORM_MODE": "constexpr", "SEQ_MEAN": "constexpr",

@@ -80,7 +80,7 @@ def cu(lengths):
 
 
 # one aligned row, one odd row, one all-options row, one more for the other KL / normaliser kinds (S2)
-@pytest.mark.parametrize("case", ["aligned", "odd", "all_options", "k1_global"])
+@pytest.mark.parametrize("case", ["aligned", "odd", "all_options", "k1_global", "low_var"])
 def test_matches_reference(triton_backend, case):
     if case == "aligned":
         inputs = make_inputs(1024, torch.float32)
@@ -97,9 +97,15 @@ def test_matches_reference(triton_backend, case):
         inputs["mask"][307:309] = False  # the two-token sequence is fully masked out
         check_3way(inputs, 1e-6, 1e-7, clip_low=0.1, clip_high=0.3, dual_clip=2.5, kl_coef=0.05, kl_type="k3",
                    entropy_coef=0.01, cu_seqlens=cu(lengths), normalizer=torch.tensor(5.0, device=DEVICE))
-    else:
+    elif case == "k1_global":
         inputs = make_inputs(301, torch.float16)
         check_3way(inputs, 1e-5, 1e-7, kl_coef=0.2, kl_type="k1", normalizer=1234.0)
+    else:  # every 7th token's reference far above the policy: k3 > 10 there, capped (and no gradient) by low_var
+        inputs = make_inputs(301, torch.float32)
+        inputs["ref_logprobs"][::7] += 4.0
+        got = check_3way(inputs, 1e-6, 1e-8, kl_coef=0.2, kl_type="low_var")
+        k3 = run(ppo_loss, inputs, kl_coef=0.2, kl_type="k3")
+        assert float(got[1]["kl"]) < float(k3[1]["kl"]), "the cap should bind on some tokens"
 
 
 def test_clip_edges_exact(triton_backend):
@@ -316,7 +322,7 @@ def _bad(name):
     ("not_tensor", "advantages must be a torch.Tensor"), ("clip_low_1", r"clip_low must be in \[0, 1\), got 1.0"),
     ("clip_high_neg", r"clip_high must be in \[0, 1\), got -0.1"), ("dual_le_1", "dual_clip must be > 1.0"),
     ("normalizer_0", "normalizer must be > 0.0"), ("normalizer_1d", "normalizer must have 0 dims"),
-    ("normalizer_bool", "normalizer must be a float or integer tensor"), ("kl_type", "kl_type must be 'k1' or 'k3'"),
+    ("normalizer_bool", "normalizer must be a float or integer tensor"), ("kl_type", "kl_type must be 'k1', 'k3' or 'low_var'"),
     ("kl_no_ref", "kl_coef=0.1 needs ref_logprobs"), ("kl_neg", "kl_coef must be >= 0.0"),
     ("ent_no_entropy", "entropy_coef=0.1 needs entropy"), ("ent_inf", "entropy_coef must be finite"),
     ("ref_length", r"ref_logprobs must have shape \(8,\)"), ("cu_int64", "cu_seqlens must have dtype"),

@@ -240,6 +240,10 @@ def test_dry_run_prints_the_rl_memory_plan_at_7b(capsys):
     assert plan["rollout_vllm_weights"] == pytest.approx(2 * p / 2**30, rel=1e-3)
     assert plan["kv_bytes_per_token"] == 2 * 28 * 4 * 128 * 2
     assert plan["vit_patches"] == (65536 - 49152) * 4
+    assert plan["reference_shard"] == 0.0 and "KL reference" not in out  # rl.kl_coef = 0: no reference model
+    with_kl = launch.dry_run(load_config(seven_b, ["--rl.kl_coef=0.001"]), "rl")["rl"]
+    assert with_kl["reference_shard"] == pytest.approx(4 * p / 8 / 2**30, rel=1e-3)
+    assert with_kl["train_peak"] == pytest.approx(plan["train_peak"] + with_kl["reference_shard"])
     capsys.readouterr()
     launch.main(["--stage", "rl", "--config", seven_b, "--dry-run", "--run.gpu_memory_gib=60"])
     assert "-> the RL step does NOT fit (train) in 60 GiB" in capsys.readouterr().out
