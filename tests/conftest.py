@@ -111,3 +111,29 @@ def assert_close(name, actual, expected, atol=1e-5, rtol=1e-5):
     ok = a.shape == e.shape and torch.allclose(a, e, atol=atol, rtol=rtol, equal_nan=True)
     if not ok:
         raise AssertionError(_describe(name, actual, expected))
+
+
+# ---- fixtures of the training tests (tests/train; one conftest: a second `conftest` module would shadow this one
+# for the test files that import helpers from it)
+@pytest.fixture(scope="session")
+def hub_ckpt():
+    """A hub-layout miniature of Qwen2.5-VL-7B-Instruct (tests/train/hub_fixture.py), built offline once and cached."""
+    from hub_fixture import hub_miniature
+
+    return hub_miniature()
+
+
+@pytest.fixture(scope="session")
+def tok(tmp_path_factory):
+    """The tiny default's offline BPE tokenizer."""
+    from ovr_train.tokenizer import load_tokenizer
+
+    return load_tokenizer(kind="bpe", cache_dir=str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(scope="session")
+def proc():
+    """An image processor with small bounds (112x112 .. 224x112 pixels)."""
+    from ovr_train.data import ImageProcessor
+
+    return ImageProcessor(112 * 112, 224 * 112)
