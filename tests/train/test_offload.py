@@ -69,7 +69,7 @@ FEW = ["--sft.steps=6", "--checkpoint.every=2", "--checkpoint.keep=1"]
 @pytest.mark.dist
 def test_sft_offload_matches_and_resumes_after_kill9(tmp_path, env):
     _run(2, tmp_path / "none", FEW + ["--checkpoint.export_hf=false"], env)
-    _run(2, tmp_path / "cpu", FEW + ["--optim.offload=cpu"], env)
+    assert "CPU Adam" in _run(2, tmp_path / "cpu", FEW + ["--optim.offload=cpu"], env).stdout
     none, cpu = _metrics(tmp_path / "none"), _metrics(tmp_path / "cpu")
     assert [r["step"] for r in cpu] == list(range(1, 7))
     for a, b in zip(none, cpu):
