@@ -45,6 +45,25 @@ def test_cpu_adam_matches_torch_adamw():
     assert not torch.equal(ours[1], _params(0)[1])  # it did move
 
 
+def test_cpu_adam_resumed_from_its_state_dict_steps_bit_identically():
+    def steps(params, opt, n, g):
+        for _ in range(n):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+
+    straight, resumed = _params(0), _params(0)
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    steps(straight, build_optimizer(straight, "cpu", 1e-2, [0.9, 0.95], 0.1), 12, g1)
+    first = build_optimizer(resumed, "cpu", 1e-2, [0.9, 0.95], 0.1)
+    steps(resumed, first, 6, g2)  # resumed at step 7: fp32 0.95**7 as a running product != as pow(0.95, 7)
+    again = build_optimizer(resumed, "cpu", 1e-2, [0.9, 0.95], 0.1)  # a new process's optimizer
+    again.load_state_dict(first.state_dict())
+    steps(resumed, again, 6, g2)
+    for a, b in zip(straight, resumed):
+        assert torch.equal(a, b), (a - b).abs().max()
+
+
 def test_missing_deepspeed_and_failed_build_are_clear_errors(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "deepspeed.ops.op_builder", None)  # import fails as if not installed
     with pytest.raises(RuntimeError, match=r"optim.offload=cpu needs DeepSpeed"):
@@ -106,7 +125,7 @@ def test_sft_offload_matches_and_resumes_after_kill9(tmp_path, env):
 @pytest.mark.dist
 def test_rl_offload_matches_no_offload(init_dir):
     launch(init_dir, init_dir / "none", 2, "--checkpoint.export_hf=false")
-    launch(init_dir, init_dir / "cpu", 2, "--checkpoint.export_hf=false", "--optim.offload=cpu")
+    assert "CPU Adam" in launch(init_dir, init_dir / "cpu", 2, "--checkpoint.export_hf=false", "--optim.offload=cpu")
     rows = [[json.loads(line) for line in (init_dir / run / "rl" / "metrics.jsonl").read_text().splitlines()]
             for run in ("none", "cpu")]
     assert [r["step"] for r in rows[1]] == [1, 2]
