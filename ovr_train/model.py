@@ -212,9 +212,10 @@ def build_sharded_model(cfg, info, ids: dict, tokenizer_size: int, value_head: b
     if on_meta:
         model.to_empty(device=home)
         load_hf_weights(model, cfg.model.path, home, info.is_main)
-    for module in model.modules():
-        for name, buf in module.named_buffers(recurse=False):
-            module._buffers[name] = buf.to(info.device)
+    if offload:
+        for module in model.modules():
+            for name, buf in module.named_buffers(recurse=False):
+                module._buffers[name] = buf.to(info.device)
     return model
 
 

@@ -15,7 +15,7 @@ from torch.distributed.tensor import DTensor
 
 def build_optimizer(params: list, offload: str, lr: float, betas, weight_decay: float, eps: float = 1e-8):
     """AdamW over `params` (the trainable parameters of an FSDP2 model): torch's foreach AdamW for
-    offload="none", ShardedCPUAdam (DeepSpeed CPU Adam) for offload="cpu" (the model must be sharded with CPU offload)."""
+    offload="none", ShardedCPUAdam (DeepSpeed's CPU Adam) for offload="cpu" (the model sharded with CPU offload)."""
     if offload == "none":
         return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, foreach=True)
     if offload != "cpu":

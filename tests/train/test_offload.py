@@ -12,12 +12,10 @@ import time
 
 import pytest
 import torch
-
-from ovr_train.optim import build_optimizer, load_cpu_adam_op
 from test_rl_step import dumps, init_dir, launch  # noqa: F401  (init_dir is a fixture)
 from test_sft_dist import ROOT, _alive, _cmd, _descendants, _metrics, _run, env  # noqa: F401  (env is a fixture)
 
-pytest.importorskip("deepspeed")
+from ovr_train.optim import build_optimizer, load_cpu_adam_op
 
 
 def _params(seed: int) -> list:
@@ -72,9 +70,9 @@ def test_missing_deepspeed_and_failed_build_are_clear_errors(monkeypatch, tmp_pa
     # A C++ compiler that does not exist, in a fresh extension cache: the real JIT build fails
     code = ("from ovr_train.optim import load_cpu_adam_op\ntry:\n    load_cpu_adam_op()\n"
             "except RuntimeError as e:\n    print('ERR', e)\n")
-    env = dict(os.environ, CXX="/nonexistent/c++", TORCH_EXTENSIONS_DIR=str(tmp_path / "no_toolchain"),
+    child_env = dict(os.environ, CXX="/nonexistent/c++", TORCH_EXTENSIONS_DIR=str(tmp_path / "no_toolchain"),
                PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", code], env=child_env, cwd=ROOT, capture_output=True, text=True,
                           timeout=240, check=False)
     assert "loading DeepSpeed's CPU Adam op" in proc.stdout and "no_toolchain" in proc.stdout, proc.stdout
     assert "ERR optim.offload=cpu: DeepSpeed's CPU Adam op failed to build" in proc.stdout, proc.stdout + proc.stderr
@@ -86,7 +84,7 @@ FEW = ["--sft.steps=6", "--checkpoint.every=2", "--checkpoint.keep=1"]
 
 
 @pytest.mark.dist
-def test_sft_offload_matches_and_resumes_after_kill9(tmp_path, env):
+def test_sft_offload_matches_and_resumes_after_kill9(tmp_path, env):  # noqa: F811  (the imported fixture)
     _run(2, tmp_path / "none", FEW + ["--checkpoint.export_hf=false"], env)
     assert "CPU Adam" in _run(2, tmp_path / "cpu", FEW + ["--optim.offload=cpu"], env).stdout
     none, cpu = _metrics(tmp_path / "none"), _metrics(tmp_path / "cpu")
@@ -123,7 +121,7 @@ def test_sft_offload_matches_and_resumes_after_kill9(tmp_path, env):
 
 
 @pytest.mark.dist
-def test_rl_offload_matches_no_offload(init_dir):
+def test_rl_offload_matches_no_offload(init_dir):  # noqa: F811  (the imported fixture)
     launch(init_dir, init_dir / "none", 2, "--checkpoint.export_hf=false")
     assert "CPU Adam" in launch(init_dir, init_dir / "cpu", 2, "--checkpoint.export_hf=false", "--optim.offload=cpu")
     rows = [[json.loads(line) for line in (init_dir / run / "rl" / "metrics.jsonl").read_text().splitlines()]
