@@ -134,3 +134,22 @@ def test_rl_offload_matches_no_offload(init_dir):  # noqa: F811  (the imported f
         assert [s[1] for s in a["samples"]] == [s[1] for s in b["samples"]]  # the pushed policy sampled the same
         torch.testing.assert_close(a["old"], b["old"], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(a["values"], b["values"], rtol=1e-4, atol=1e-5)
+
+
+def test_dry_run_memory_with_offload(capsys):
+    from ovr_train.config import load_config
+    from ovr_train.launch import dry_run
+
+    base = ["--model.hidden_size=3584", "--model.intermediate_size=18944", "--model.num_layers=28",
+            "--model.num_heads=28", "--model.num_kv_heads=4", "--model.mrope_section=[16,24,24]",
+            "--model.tokenizer=qwen", "--run.dry_run_world_size=2"]
+    none = dry_run(load_config(None, base))
+    cpu = dry_run(load_config(None, base + ["--optim.offload=cpu"]))
+    out = capsys.readouterr().out
+    assert "host_per_rank" in out and "(host memory, not GPU)" in out
+    # the shards, gradients and moments move to the host; what the GPU keeps besides is the same
+    moved = none["params_fp32_shard"] + none["grads_fp32_shard"] + none["adamw_shard"]
+    assert cpu["host_per_rank"] == pytest.approx(moved)
+    assert cpu["gathered_bf16"] == none["gathered_bf16"] and cpu["activations"] == none["activations"]
+    assert cpu["total"] == pytest.approx(none["total"] - moved + cpu["offload_staging_fp32"])
+    assert cpu["total"] < 0.5 * none["total"]
