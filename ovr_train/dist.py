@@ -101,7 +101,8 @@ def apply_fsdp(model, mesh, param_dtype: torch.dtype, reshard_after_forward: boo
     parameter and gradient shards live in host memory (FSDP2 copies them to the device to gather, and the reduced
     gradients back): the parameters must then be materialised on the CPU."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    # Pinned host memory makes the copies asynchronous; it needs CUDA.
+    # Pinned host memory makes the copies asynchronous (the reduced gradients' copy out is non-blocking only into
+    # pinned memory: torch 2.13 torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py:711); pinning needs CUDA.
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     for _, unit in fsdp_units(model):
         fully_shard(unit, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward, offload_policy=offload)

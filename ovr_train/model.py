@@ -203,8 +203,9 @@ def build_sharded_model(cfg, info, ids: dict, tokenizer_size: int, value_head: b
     model = build_model(cfg.model, ids, tokenizer_size, value_head=value_head)
     on_meta = next(model.parameters()).device.type == "meta"
     offload = cfg.optim.offload == "cpu"
-    # With optimizer offload the fp32 shards stay in host memory (FSDP2 requires them there); buffers (rotary
-    # tables) are not sharded and go to the compute device.
+    # With optimizer offload the fp32 shards stay in host memory: FSDP2 raises otherwise at its first forward
+    # (torch 2.13 torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py:1041 _validate_cpu_offload_params).
+    # Buffers (rotary tables) are not sharded and go to the compute device.
     home = torch.device("cpu") if offload else info.device
     if not on_meta:
         model.to(home)
