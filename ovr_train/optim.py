@@ -59,8 +59,8 @@ def sharded_cpu_adam_class():
     class ShardedCPUAdam(DeepSpeedCPUAdam):
         """DeepSpeedCPUAdam (AdamW mode) over DTensor parameter shards in host memory.
 
-        DeepSpeed's C++ update reads raw pointers, which a DTensor does not have: each step passes the local
-        shards instead. The moments are DTensors laid out like their parameter, so DCP saves and reshards them
+        DeepSpeed's C++ update reads raw pointers, which a DTensor wrapper does not have (DeepSpeedCPUAdam given
+        DTensors as they are crashes the process, deepspeed 0.19.8): each step passes the local shards instead. The moments are DTensors laid out like their parameter, so DCP saves and reshards them
         exactly like torch AdamW's."""
 
         def __init__(self, params, lr: float, betas, eps: float, weight_decay: float):
