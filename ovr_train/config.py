@@ -188,8 +188,12 @@ class OptimCfg:
     """Final learning rate as a fraction of lr (cosine)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0: no clipping, the norm is still logged)."""
+    offload: str = "none"
+    """Optimizer offload (SFT and RL): "none" (AdamW on the device) or "cpu" (ZeRO-Offload: fp32 parameter shards,
+    gradients and Adam moments in host memory, stepped by DeepSpeed's CPU Adam; the GPU holds gathered bf16 units)."""
 
     def __post_init__(self):
+        _one_of("optim.offload", self.offload, ("none", "cpu"))
         _check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", self.betas,
                "must be two floats in [0, 1)")

@@ -14,7 +14,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 
 @dataclass
@@ -39,8 +39,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(dcfg) -> DistInfo:
-    """Join (or create, for a single process) the process group and build the FSDP mesh (DistCfg `dcfg`)."""
+def init_distributed(dcfg, cpu_collectives: bool = False) -> DistInfo:
+    """Join (or create, for a single process) the process group and build the FSDP mesh (DistCfg `dcfg`).
+    cpu_collectives (optimizer offload): on NCCL, add a gloo backend for collectives on CPU tensors (the gradient
+    norm of CPU shards, gathering them for export), which NCCL cannot run."""
     if "RANK" not in os.environ:  # plain `python -m ...`: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
@@ -50,6 +52,9 @@ def init_distributed(dcfg) -> DistInfo:
     backend = dcfg.backend if dcfg.backend != "auto" else ("nccl" if cuda else "gloo")
     if backend == "nccl" and not cuda:
         raise ValueError("dist.backend=nccl needs CUDA; use gloo on CPU")
+    nccl = backend == "nccl"
+    if nccl and cpu_collectives:
+        backend = "cpu:gloo,cuda:nccl"
     if cuda:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -59,7 +64,7 @@ def init_distributed(dcfg) -> DistInfo:
         torch.set_num_threads(dcfg.cpu_threads or max(1, (os.cpu_count() or 1) // local_world))
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=dcfg.timeout_s),
-                                device_id=device if backend == "nccl" else None)
+                                device_id=device if nccl else None)
     if world % dcfg.hsdp_replicas:
         raise ValueError(f"dist.hsdp_replicas={dcfg.hsdp_replicas} must divide the world size {world}")
     if dcfg.hsdp_replicas > 1:
@@ -88,16 +93,21 @@ def fsdp_units(model) -> list:
     return [("visual", model.visual)] + [(f"layers.{i}", layer) for i, layer in enumerate(model.layers)]
 
 
-def apply_fsdp(model, mesh, param_dtype: torch.dtype, reshard_after_forward: bool = True):
+def apply_fsdp(model, mesh, param_dtype: torch.dtype, reshard_after_forward: bool = True, cpu_offload: bool = False):
     """fully_shard the ViT, each decoder layer, then the root (T3). Gradients reduce in fp32.
 
     Parameters must be fp32 (the sharded master copy the optimizer updates); `param_dtype` is what forward
-    gathers and computes in. Works on meta parameters (shard first, then `to_empty` + load)."""
+    gathers and computes in. Works on meta parameters (shard first, then `to_empty` + load). With cpu_offload the
+    parameter and gradient shards live in host memory (FSDP2 copies them to the device to gather, and the reduced
+    gradients back): the parameters must then be materialised on the CPU."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    # Pinned host memory makes the copies asynchronous (the reduced gradients' copy out is non-blocking only into
+    # pinned memory: torch 2.13 torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py:711); pinning needs CUDA.
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     for _, unit in fsdp_units(model):
-        fully_shard(unit, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        fully_shard(unit, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward, offload_policy=offload)
     # The root's parameters (embeddings, norm, LM head) are needed again right at the start of backward.
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False, offload_policy=offload)
     return model
 
 

@@ -96,7 +96,8 @@ def check_inputs(stage: str, cfg: Config, config_file) -> None:
 def memory_estimate(cfg: Config, counts: dict, unit_sizes: list, world: int, layer_act_bytes: float) -> dict:
     """Rough per-GPU memory (GiB) under FSDP2 with bf16 compute: sharded fp32 master params, fp32 grads and AdamW
     moments (trainable only), the largest gathered units in bf16 (current + prefetched), the root's gathered
-    parameters, and activations of one micro-batch of `data.token_budget` tokens."""
+    parameters, and activations of one micro-batch of `data.token_budget` tokens. With optim.offload=cpu the
+    shards, gradients and moments move to host memory ("host_per_rank", not in "total")."""
     gib = 2**30
     shard = world // cfg.dist.hsdp_replicas
     param_b = 4 * counts["total"] / shard
@@ -110,6 +111,13 @@ def memory_estimate(cfg: Config, counts: dict, unit_sizes: list, world: int, lay
         act_b = tokens * h * 2 * layers + tokens * layer_act_bytes
     else:
         act_b = tokens * layer_act_bytes * layers
+    if cfg.optim.offload == "cpu":  # shards and moments in host memory; on the GPU only the unit in flight's
+        # fp32 shard (copied in to gather) and its fp32 reduced gradient shard (before the copy out)
+        staging_b = 2 * 4 * largest[0] / shard
+        total = staging_b + gathered_b + act_b
+        return {"offload_staging_fp32": staging_b / gib, "gathered_bf16": gathered_b / gib,
+                "activations": act_b / gib, "total": total / gib,
+                "host_per_rank": (param_b + grad_b + adam_b) / gib}
     total = param_b + grad_b + adam_b + gathered_b + act_b  # the fused head builds no (T, V) logits: no term
     return {"params_fp32_shard": param_b / gib, "grads_fp32_shard": grad_b / gib, "adamw_shard": adam_b / gib,
             "gathered_bf16": gathered_b / gib, "activations": act_b / gib, "total": total / gib}
@@ -241,7 +249,7 @@ def dry_run(cfg: Config, stage: str = "sft"):
     print(f"memory per GPU (estimate, micro-batch {cfg.data.token_budget} tokens, activation checkpointing "
           f"{'on' if cfg.model.activation_checkpointing else 'off'}):")
     for key, value in est.items():
-        print(f"  {key:>18}: {value:8.2f} GiB")
+        print(f"  {key:>20}: {value:8.2f} GiB{' (host memory, not GPU)' if key == 'host_per_rank' else ''}")
     verdict = "fits" if est["total"] < 0.9 * cfg.run.gpu_memory_gib else "does NOT fit"
     print(f"  -> {verdict} in {cfg.run.gpu_memory_gib:.0f} GiB (keep ~10% for the allocator and NCCL buffers)")
     if stage == "rl":
@@ -274,7 +282,7 @@ def main(argv=None):
         return
     from ovr_train.dist import init_distributed, shutdown
 
-    info = init_distributed(cfg.dist)
+    info = init_distributed(cfg.dist, cpu_collectives=cfg.optim.offload == "cpu")
     try:
         if args.stage in ("base", "sft"):
             from ovr_train.sft import train_sft

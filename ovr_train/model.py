@@ -202,12 +202,21 @@ def build_sharded_model(cfg, info, ids: dict, tokenizer_size: int, value_head: b
 
     model = build_model(cfg.model, ids, tokenizer_size, value_head=value_head)
     on_meta = next(model.parameters()).device.type == "meta"
+    offload = cfg.optim.offload == "cpu"
+    # With optimizer offload the fp32 shards stay in host memory: FSDP2 raises otherwise at its first forward
+    # (torch 2.13 torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py:1041 _validate_cpu_offload_params).
+    # Buffers (rotary tables) are not sharded and go to the compute device.
+    home = torch.device("cpu") if offload else info.device
     if not on_meta:
-        model.to(info.device)
-    apply_fsdp(model, info.mesh, compute_dtype(cfg.model, info.device), cfg.dist.reshard_after_forward)
+        model.to(home)
+    apply_fsdp(model, info.mesh, compute_dtype(cfg.model, info.device), cfg.dist.reshard_after_forward, offload)
     if on_meta:
-        model.to_empty(device=info.device)
-        load_hf_weights(model, cfg.model.path, info.device, info.is_main)
+        model.to_empty(device=home)
+        load_hf_weights(model, cfg.model.path, home, info.is_main)
+    if offload:
+        for module in model.modules():
+            for name, buf in module.named_buffers(recurse=False):
+                module._buffers[name] = buf.to(info.device)
     return model
 
 

@@ -39,6 +39,7 @@ from ovr_train.config import dump_config, longest_response
 from ovr_train.data import IGNORE, Encoded, StepSampler, collate, filler, image_processor, mrope_position_ids
 from ovr_train.dist import all_reduce, broadcast_object, clip_grad_norm, compute_dtype
 from ovr_train.metrics import MetricsLogger, plot_curves, read_metrics
+from ovr_train.optim import build_optimizer
 from ovr_train.prompts import PromptFormat, build_prompt, prompt_length
 from ovr_train.rollout import rollout
 from ovr_train.runlock import lock_run_dir
@@ -238,8 +239,8 @@ def train_rl(cfg, info) -> Path:
     nets = [("policy", policy, rcfg.policy_lr)] + ([("critic", critic, rcfg.critic_lr)] if use_critic else [])
     optims, scheds = {}, {}
     for name, net, lr in nets:
-        optims[name] = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr,
-                                         betas=tuple(rcfg.betas), weight_decay=rcfg.weight_decay, foreach=True)
+        optims[name] = build_optimizer([p for p in net.parameters() if p.requires_grad], cfg.optim.offload, lr,
+                                       rcfg.betas, rcfg.weight_decay)
         scheds[name] = torch.optim.lr_scheduler.LambdaLR(  # linear warmup, then constant (RECIPE.md)
             optims[name], lambda s: min(1.0, (s + 1) / (rcfg.warmup_steps + 1)))
     engine = rollout(rcfg.rollout_engine, init_from, tok, ids, device, cfg.rollout, image_proc.pixels,

@@ -27,6 +27,7 @@ from ovr_train.data import StepSampler, collate, filler, image_processor, step_p
 from ovr_train.dist import DistInfo, all_reduce, barrier, clip_grad_norm, compute_dtype
 from ovr_train.metrics import MetricsLogger, Throughput, peak_memory_gib, plot_curves
 from ovr_train.model import build_sharded_model, flops_per_token, param_counts
+from ovr_train.optim import build_optimizer
 from ovr_train.runlock import lock_run_dir
 from ovr_train.store import open_store
 from ovr_train.synth_images import ensure_perception_corpus
@@ -141,8 +142,8 @@ def train_sft(cfg: Config, info: DistInfo, stage: str = "sft") -> Path:
     torch.manual_seed(cfg.run.seed)
     model = build_sharded_model(cfg, info, ids, len(tok))
     params = [p for p in model.parameters() if p.requires_grad]
-    optim = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                              weight_decay=cfg.optim.weight_decay, foreach=True)
+    optim = build_optimizer(params, cfg.optim.offload, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay,
+                            cfg.optim.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg.optim, total_steps))
     if info.is_main:
         counts = param_counts(model)
