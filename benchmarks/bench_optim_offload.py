@@ -10,8 +10,8 @@ tiny SFT step with offload on and off. CPU benchmarks; on a GPU machine they mea
    DeepSpeed's AVX C++). Baselines on the same tensors: `torch.optim.AdamW(foreach=True)` (the no-offload path)
    and `AdamW(fused=True)` (torch's fused CPU kernel). Each optimizer gets its own state; extra_info has
    `params`, ns_per_param and `speedup_vs_<baseline>`.
-2. `test_sft_step_tiny_offload`: the embedded tiny SFT run (1 rank, `python -m ovr_train.launch --stage sft`,
-   8 sequences per step, 6 steps, no checkpoints) with `--optim.offload=cpu` (measured: the whole run, startup
+2. `test_sft_step_offload[tiny]` / `[100m]`: the embedded SFT run (1 rank, `python -m ovr_train.launch --stage sft`,
+   8 sequences per step, 6 steps, no checkpoints) on the tiny default and on a ~100M-parameter LLM (SFT_MODELS) with `--optim.offload=cpu` (measured: the whole run, startup
    included) vs `none` (baseline, timed the same way); extra_info has the median `step_time_s` of steps 2-6 from
    metrics.jsonl (step 1 includes warm-up) over two runs of each, and their ratio. The DeepSpeed op is built (or loaded from the
    cache) before timing.
@@ -74,11 +74,17 @@ def test_optim_step_cpu(cpu_bench, name, world):
     cpu_bench.rate("params_per_s", n)
 
 
-def _sft_step_times(tmp_path, offload: str) -> list:
+# SFT model sizes: the embedded tiny default, and a ~100M-parameter LLM (H 768, 12 layers, MLP 3072, 12 heads / 4 KV
+# heads of 64; mRoPE sections summing to 32) with the tiny ViT
+SFT_MODELS = {"tiny": [], "100m": ["--model.hidden_size=768", "--model.num_layers=12", "--model.intermediate_size=3072",
+                                   "--model.num_heads=12", "--model.num_kv_heads=4", "--model.mrope_section=[8,12,12]"]}
+
+
+def _sft_step_times(tmp_path, offload: str, model: str = "tiny") -> list:
     out = tmp_path / f"{offload}{len(list(tmp_path.glob(offload + '*')))}"  # a fresh run directory: never a resume
     cmd = [sys.executable, "-m", "ovr_train.launch", "--stage", "sft", f"--run.out_dir={out}", "--sft.steps=6",
            "--sft.batch_size=8", "--data.synth_num_train=400", "--data.synth_num_eval=40", "--checkpoint.every=0",
-           "--checkpoint.export_hf=false", f"--optim.offload={offload}"]
+           "--checkpoint.export_hf=false", f"--optim.offload={offload}", *SFT_MODELS[model]]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OVR_CACHE=str(tmp_path / "cache"))
     env.pop("RANK", None)
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
@@ -87,11 +93,12 @@ def _sft_step_times(tmp_path, offload: str) -> list:
     return [r["step_time_s"] for r in rows[1:]]
 
 
-def test_sft_step_tiny_offload(cpu_bench, tmp_path):
+@pytest.mark.parametrize("model", sorted(SFT_MODELS))
+def test_sft_step_offload(cpu_bench, tmp_path, model):
     load_cpu_adam_op()
     _sft_step_times(tmp_path, "none")  # builds the tokenizer and corpus cache once, outside the timings
     steps = {"none": [], "cpu": []}
-    run = lambda offload: steps[offload].extend(_sft_step_times(tmp_path, offload))
+    run = lambda offload: steps[offload].extend(_sft_step_times(tmp_path, offload, model))
     # interleaved, two runs each: this shared machine's load drifts by several x within a minute
     base = cpu_bench.time_baseline("offload_none_run", run, "none", rounds=2, warmup_rounds=0)
     cpu_bench(run, "cpu", rounds=2, warmup_rounds=0)  # measured: whole 6-step runs with offload (startup too)
@@ -99,5 +106,6 @@ def test_sft_step_tiny_offload(cpu_bench, tmp_path):
     off, on = statistics.median(steps["none"]), statistics.median(steps["cpu"])
     cpu_bench.extra_info.update(step_ms_offload_cpu=round(on * 1e3, 2), step_ms_offload_none=round(off * 1e3, 2),
                                 step_slowdown_offload=round(on / off, 4))
-    print(f"tiny SFT step (median of steps 2-6, 2 runs): offload=none {off * 1e3:.1f} ms, offload=cpu "
+    cpu_bench.extra_info.update(model=model)
+    print(f"{model} SFT step (median of steps 2-6, 2 runs): offload=none {off * 1e3:.1f} ms, offload=cpu "
           f"{on * 1e3:.1f} ms ({on / off:.2f}x)")
