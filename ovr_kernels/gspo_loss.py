@@ -35,6 +35,7 @@ from ovr_kernels.ppo_loss import (
     fake_loss_outputs,
     masked_mean_finalize,
     partial_grid,
+    register_loss_autograd,
     split_normalizer,
 )
 
@@ -246,26 +247,7 @@ def _(grad_loss, logprobs_T, old_logprobs_T, advantages_T, mask_T, ref_logprobs_
     return torch.empty_like(logprobs_T), logprobs_T.new_empty(num_ent, dtype=entropy_dtype or logprobs_T.dtype)
 
 
-def _setup_context(ctx, inputs, output):
-    logprobs_T, old_T, adv_T, mask_T, ref_T, entropy_T, cu_seqlens, _norm_tensor, _norm_value, *opts = inputs
-    _, out_C, part_PC = output
-    ctx.save_for_backward(logprobs_T, old_T, adv_T, mask_T, ref_T, cu_seqlens, part_PC, out_C)
-    ctx.opts = tuple(opts)  # seq_mean, clip_low, clip_high, kl_coef, kl_type, entropy_coef
-    ctx.entropy_dtype = entropy_T.dtype if entropy_T is not None else None
-    ctx.mark_non_differentiable(out_C, part_PC)
-
-
-def _backward(ctx, grad_loss, _grad_out_C, _grad_part_PC):
-    """Gradients to logprobs and entropy only."""
-    logprobs_T, old_T, adv_T, mask_T, ref_T, cu_seqlens, part_PC, out_C = ctx.saved_tensors
-    ent_dtype = ctx.entropy_dtype if ctx.needs_input_grad[5] else None
-    grad_logp_T, grad_ent_T = _gspo_loss_bwd_op(grad_loss, logprobs_T, old_T, adv_T, mask_T, ref_T, cu_seqlens,
-                                                part_PC, out_C, *ctx.opts, ent_dtype)
-    return ((grad_logp_T if ctx.needs_input_grad[0] else None, None, None, None, None,
-             grad_ent_T if ent_dtype is not None else None) + (None,) * 9)
-
-
-_gspo_loss_op.register_autograd(_backward, setup_context=_setup_context)
+register_loss_autograd(_gspo_loss_op, _gspo_loss_bwd_op)
 
 
 # ----------------------------------------------------------------------------------------------------------------
