@@ -288,7 +288,7 @@ def trl_rl_worker(s: dict, inp: dict, work: Path) -> dict:
     from ovr_train.evaluate import gold_spec, load_eval_set, score_eval
 
     torch.set_num_threads(s["threads"])
-    items = load_eval_set(inp["prompts"], instruction="")
+    items = load_eval_set(inp["prompts"])  # no answer instruction: tiny.yaml sets data.answer_instruction ""
     rows = []
     for it in items:
         (_, parts), = it.messages
