@@ -48,6 +48,13 @@ def backend(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture
+def triton_backend(request, monkeypatch):
+    """OVR_BACKEND=triton for one test: the Triton kernels (under the interpreter without a GPU)."""
+    skip_if_no_interpreter(request)
+    monkeypatch.setenv("OVR_BACKEND", "triton")
+
+
 def skip_if_no_interpreter(request):
     """Tests that force Triton on CPU tensors need the interpreter, which is off on a machine with a GPU (the
     compiled kernels run there instead, and the `gpu` tests check them): skip rather than raise."""

@@ -23,11 +23,6 @@ ESTIMATORS = [
 ]
 
 
-@pytest.fixture
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("OVR_BACKEND", "triton")
-
-
 def make_scores(num_groups, group_size, dtype):
     """Binary rewards plus a little noise, with a constant group first (std 0) and a mean shift (cancellation)."""
     scores = (torch.rand(num_groups, group_size) > 0.5).float() + 0.1 * torch.randn(num_groups, group_size) + 3.0

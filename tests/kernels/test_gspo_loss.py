@@ -17,11 +17,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 METRICS = ("pg_loss", "clip_frac", "approx_kl", "ratio_mean", "ratio_max", "kl", "entropy")
 
 
-@pytest.fixture
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("OVR_BACKEND", "triton")
-
-
 def cu(lengths):
     return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=DEVICE)
 

@@ -15,11 +15,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 METRICS = ("pg_loss", "clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "ratio_max", "kl", "entropy")
 
 
-@pytest.fixture
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("OVR_BACKEND", "triton")
-
-
 def make_inputs(T, dtype, mask_kind="bool", masked_frac=0.3):
     """Random per-token inputs; old log-probs spread so that a good share of ratios fall outside the clip range."""
     logp = -(torch.randn(T).abs() * 1.5)

@@ -15,11 +15,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 METRICS = ("vf_clip_frac", "vf_mse")
 
 
-@pytest.fixture
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("OVR_BACKEND", "triton")
-
-
 def make_inputs(T, dtype, mask_kind="bool"):
     values = torch.randn(T)
     inputs = {"values": values, "old_values": values + torch.randn(T) * 0.3, "returns": torch.randn(T)}

@@ -9,18 +9,12 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close_3way, max_err, skip_if_no_interpreter
+from conftest import assert_close_3way, max_err
 
 from ovr_kernels import varlen_attention
 from ovr_kernels.reference import varlen_attention_ref
 
 va = importlib.import_module("ovr_kernels.varlen_attention")  # the module (the package exports the function)
-
-
-@pytest.fixture
-def triton_backend(request, monkeypatch):
-    skip_if_no_interpreter(request)
-    monkeypatch.setenv("OVR_BACKEND", "triton")
 
 
 def _cu(lengths):
