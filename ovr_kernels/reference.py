@@ -119,6 +119,18 @@ def aggregate_ref(loss_T, mask_T, normalizer=None, cu_seqlens=None):
     return (num_B / cnt_B.clamp_min(1.0)).sum() / denom
 
 
+def _with_kl_and_entropy(pg_T, logprobs_T, ref_logprobs_T, kl_coef, kl_type, entropy_T, entropy_coef):
+    """Per-token loss pg + kl_coef * KL(ref) - entropy_coef * H, each term only where its input is given; returns
+    (loss_T, kl_T or None)."""
+    loss_T, kl_T = pg_T, None
+    if ref_logprobs_T is not None:
+        kl_T = kl_penalty_ref(logprobs_T, ref_logprobs_T, kl_type)
+        loss_T = loss_T + kl_coef * kl_T
+    if entropy_T is not None:
+        loss_T = loss_T - entropy_coef * entropy_T
+    return loss_T, kl_T
+
+
 def ppo_loss_ref(logprobs_T, old_logprobs_T, advantages_T, mask_T, clip_low=0.2, clip_high=0.2, dual_clip=None,
                  normalizer=None, ref_logprobs_T=None, kl_coef=0.0, kl_type="k3", entropy_T=None, entropy_coef=0.0,
                  cu_seqlens=None, log_ratio_clamp=20.0):
@@ -144,13 +156,7 @@ def ppo_loss_ref(logprobs_T, old_logprobs_T, advantages_T, mask_T, clip_low=0.2,
         pg3 = -advantages_T * dual_clip
         dual_active = (advantages_T < 0) & (pg3 < pg)
         pg = torch.where(dual_active, pg3, pg)  # a where, not a minimum: at a tie the gradient is pg's, not half
-    loss_T = pg
-    kl_T = None
-    if ref_logprobs_T is not None:
-        kl_T = kl_penalty_ref(logprobs_T, ref_logprobs_T, kl_type)
-        loss_T = loss_T + kl_coef * kl_T
-    if entropy_T is not None:
-        loss_T = loss_T - entropy_coef * entropy_T
+    loss_T, kl_T = _with_kl_and_entropy(pg, logprobs_T, ref_logprobs_T, kl_coef, kl_type, entropy_T, entropy_coef)
     loss = aggregate_ref(loss_T, mask_T, normalizer, cu_seqlens)
     with torch.no_grad():
         m = mask_T.to(ratio.dtype)
@@ -193,13 +199,7 @@ def gspo_loss_ref(logprobs_T, old_logprobs_T, advantages_T, mask_T, cu_seqlens, 
     pg1 = -advantages_T * ratio
     pg2 = -advantages_T * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     pg = torch.where(pg2 > pg1, pg2, pg1)  # a where: at a tie the gradient is the unclipped branch's
-    loss_T = pg
-    kl_T = None
-    if ref_logprobs_T is not None:
-        kl_T = kl_penalty_ref(logprobs_T, ref_logprobs_T, kl_type)
-        loss_T = loss_T + kl_coef * kl_T
-    if entropy_T is not None:
-        loss_T = loss_T - entropy_coef * entropy_T
+    loss_T, kl_T = _with_kl_and_entropy(pg, logprobs_T, ref_logprobs_T, kl_coef, kl_type, entropy_T, entropy_coef)
     loss = aggregate_ref(loss_T, mask_T, normalizer, cu_seqlens if seq_mean else None)
     with torch.no_grad():
         m = mask_T.to(ratio.dtype)
