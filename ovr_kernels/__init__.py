@@ -18,7 +18,7 @@ from ovr_kernels.advantages import (
 )
 from ovr_kernels.gae import gae
 from ovr_kernels.gspo_loss import gspo_loss
-from ovr_kernels.linear_logprob import linear_logprob_entropy, linear_logprob_nograd
+from ovr_kernels.linear_logprob import check_targets, linear_logprob_entropy, linear_logprob_nograd
 from ovr_kernels.packing import (
     balanced_partition,
     cu_seqlens_from_lengths,
@@ -38,6 +38,7 @@ __all__ = [
     "backend",
     "balanced_partition",
     "broadcast_to_tokens",
+    "check_targets",
     "cu_seqlens_from_lengths",
     "drgrpo_advantages",
     "gae",

@@ -9,7 +9,9 @@ Forward (Triton): program (token block, vocabulary split) streams its split's vo
 BLOCK_T x BLOCK_V x H matrix product on tensor cores, followed by an online update of the running max m, sum of
 exponentials s = sum 2^(z2 - m), the first moment relative to the max a = sum 2^(z2 - m) (z2 - m) (entropy =
 log2 s - a / s, in bits; accumulating relative to m avoids the cancellation of lse - E[z] when logits are huge)
-and the target logit. A tiny torch epilogue merges the S partial statistics (O(S*T) floats).
+and the target logit. One small kernel merges the S partial statistics (O(S*T) floats). S comes from a cost model
+of the working set in L2 (`_num_splits`). No host sync: target values are only checked by `check_targets` (once
+per batch, by the caller) or under OVR_CHECK_TARGETS=1; an out-of-range target gives a NaN log-prob.
 Backward: d logp_target / dz_v = [v == target] - p_v and d entropy / dz_v = -p_v (log p_v + entropy), so
 dz = (g_logp ([v == target] - p) - g_ent p (log p + entropy)) / temperature. A Triton kernel recomputes each logit
 tile from the saved statistics (max, log-sum, entropy) and writes dz for one vocabulary chunk (bounded scratch, in
@@ -20,6 +22,8 @@ chunk (the memory-bound step of token-chunked implementations such as Liger's). 
 would need atomics on both gradients; cuBLAS at K = T already runs at peak, so only the recompute GEMM is ours.
 CPU (and OVR_BACKEND=reference): the same algorithm in plain PyTorch over token chunks, as exact as the reference.
 """
+
+import os
 
 import torch
 
@@ -38,6 +42,9 @@ SCRATCH_BYTES = 256 * 2**20
 CPU_CHUNK_ELEMS = 2**22
 # Keep the backward's vocabulary chunk at least this wide so its GEMMs stay efficient; tokens are chunked beyond.
 MIN_VOCAB_CHUNK = 4096
+# Forward grid: at most this many vocabulary splits; the merge kernel holds (splits x tokens) <= MERGE_TILE values.
+MAX_SPLITS = 64
+MERGE_TILE = 1024
 
 if HAS_TRITON:
 
@@ -119,6 +126,42 @@ if HAS_TRITON:
         tl.store(out + 3 * stride_stat, z_target, mask=row_ok)
 
     @triton.jit
+    def _merge_splits_kernel(
+        part_ptr, targets_ptr, logprob_ptr, entropy_ptr, max2_ptr, log2sum_ptr,  # part: (4, S, T) fp32
+        T, V, num_splits, ignore_index,
+        BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+    ):
+        """Per-split (m, s, a, z2_target) (base 2) -> logprob and entropy (natural units) and the backward's
+        stats (m, log2 s), BLOCK tokens per program, all splits of a token in one (BLOCK_S, BLOCK) tile."""
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        row_ok = rows < T
+        splits = tl.arange(0, BLOCK_S)
+        ok = (splits[:, None] < num_splits) & row_ok[None, :]
+        offs = splits[:, None].to(tl.int64) * T + rows[None, :]
+        stride_stat = num_splits.to(tl.int64) * T
+        # Padding splits read m = -1e30 (the forward's finite start) and s = 0: their weight 2^(m - m_T) is 0.
+        m = tl.load(part_ptr + offs, mask=ok, other=-1.0e30)
+        s = tl.load(part_ptr + stride_stat + offs, mask=ok, other=0.0)
+        z_target = tl.sum(tl.load(part_ptr + 3 * stride_stat + offs, mask=ok, other=0.0), axis=0)
+        m_T = tl.max(m, axis=0)
+        scale = tl.exp2(m - m_T[None, :])
+        s_T = tl.where(row_ok, tl.sum(s * scale, axis=0), 1.0)  # padding rows: no log2(0)
+        log2s = tl.log2(s_T)
+        target = tl.load(targets_ptr + rows, mask=row_ok, other=ignore_index)
+        valid = target != ignore_index
+        # An out-of-range target matches no column: NaN, not the finite log-prob of a zero logit.
+        in_vocab = (target >= 0) & (target < V)
+        logprob = tl.where(in_vocab, (z_target - m_T - log2s) * 0.6931471805599453, float("nan"))
+        tl.store(logprob_ptr + rows, tl.where(valid, logprob, 0.0), mask=row_ok)
+        if WITH_ENTROPY:
+            a = tl.load(part_ptr + 2 * stride_stat + offs, mask=ok, other=0.0)
+            a_T = tl.sum(scale * (a + s * (m - m_T[None, :])), axis=0)
+            entropy = (log2s - a_T / s_T) * 0.6931471805599453
+            tl.store(entropy_ptr + rows, tl.where(valid, entropy, 0.0), mask=row_ok)
+        tl.store(max2_ptr + rows, m_T, mask=row_ok)
+        tl.store(log2sum_ptr + rows, log2s, mask=row_ok)
+
+    @triton.jit
     def _linear_logprob_bwd_kernel(
         hidden_ptr, weight_ptr, targets_ptr, max2_ptr, log2sum_ptr, entropy_ptr, grad_logprob_ptr,
         grad_entropy_ptr, dz_ptr,
@@ -182,23 +225,35 @@ def _check_inputs(hidden_TH, weight_VH, targets_T, temperature):
     check_scalar("temperature", temperature, low=0.0, low_open=True)
 
 
-def _check_targets(targets_T, vocab_size, ignore_index):
-    """Every target is ignore_index or in [0, V). One host sync: an out-of-range id would silently read another
-    row's logit in the kernel, so it is worth the sync at this boundary."""
-    bad_T = (targets_T != ignore_index) & ((targets_T < 0) | (targets_T >= vocab_size))
-    if targets_T.numel() and bool(bad_T.any()):
+def check_targets(targets, vocab_size, ignore_index=-100):
+    """ValueError unless every target is ignore_index or in [0, vocab_size). Reads the values: on a CUDA tensor
+    that is one host sync, so callers run it once per batch (best on the CPU copy, before it moves to the GPU)."""
+    bad_T = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
+    if targets.numel() and bool(bad_T.any()):
         i = int(torch.nonzero(bad_T)[0, 0])
-        raise ValueError(f"targets[{i}]={int(targets_T[i])} is outside [0, {vocab_size}) and is not "
+        raise ValueError(f"targets[{i}]={int(targets[i])} is outside [0, {vocab_size}) and is not "
                          f"ignore_index={ignore_index}")
+
+
+def _sync_checks(x):
+    """Whether the op validates target values itself: always on CPU tensors (no device to wait for), on CUDA only
+    under OVR_CHECK_TARGETS=1 (a debug switch: the check costs a host sync per call). Unchecked, an out-of-range
+    target gives a NaN log-prob on the Triton path (never a silent number)."""
+    return x.device.type == "cpu" or os.environ.get("OVR_CHECK_TARGETS", "0") == "1"
 
 
 def _fwd_config(hidden_TH):
     """(BLOCK_T, BLOCK_V, BLOCK_K, num_warps, num_stages) of the forward kernel; BLOCK_T and BLOCK_K equal the
-    backward's so that it recomputes the forward's logits bit for bit."""
+    backward's so that it recomputes the forward's logits bit for bit (same rows, same K order; the tile width
+    does not change the chain of k-steps that forms each logit)."""
     if INTERPRET:  # few programs, big tiles: the interpreter pays per program and per loop iteration
         return 64, 128, 64, 4, 1
     if hidden_TH.dtype == torch.float32:
         return 64, 128, 32, 8, 3
+    if torch.cuda.get_device_properties(hidden_TH.device).major >= 9:
+        # Twice the logits per hidden-slab read. sm_90: 255 registers, no spills, 144 KiB shared (3 stages);
+        # on sm_80 this tile spills (ptxas), so it keeps 128 x 128.
+        return 128, 256, 64, 8, 3
     return 128, 128, 64, 8, 4
 
 
@@ -221,29 +276,42 @@ def _aligned(*tensors):
     return all(x.data_ptr() % 16 == 0 and (x.stride(0) * x.element_size()) % 16 == 0 for x in tensors)
 
 
-def _num_splits(num_t_blocks, num_v_tiles, device):
-    """Vocabulary splits: enough programs for several waves, but each split still streams many tiles."""
+def _num_splits(num_t_blocks, num_v_tiles, slab_bytes, device):
+    """Vocabulary splits S of the forward grid: the fewest that give several waves and keep the hidden slabs in
+    flight in L2, each split still streaming at least 4 vocabulary tiles.
+
+    Programs run split fastest, one per SM (their shared memory allows no second), so those in flight cover
+    min(token blocks, SMs / S) hidden slabs (BLOCK_T x H, `slab_bytes`), each re-read once per vocabulary tile for
+    the program's whole life; weight tiles only stream through (the token blocks of a split read each one at about
+    the same time). With S = 2 at T = 64k the slabs alone (60 MB) exceed an H100's 50 MB L2 and come from HBM
+    again per tile, so S grows until they fit in half of L2, leaving the rest to the weight stream. A cost model,
+    not a measurement."""
     if INTERPRET:
         return min(num_v_tiles, 2)  # exercises the split merge at test sizes
-    num_sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(num_v_tiles // 4, 32, triton.cdiv(4 * num_sms, num_t_blocks)))
+    props = torch.cuda.get_device_properties(device)
+    num_sms = props.multi_processor_count
+    cap = max(1, min(num_v_tiles // 4, MAX_SPLITS))
+    splits = min(cap, max(1, triton.cdiv(4 * num_sms, num_t_blocks)))  # ~4 waves when T is small
+    while splits < cap and min(num_t_blocks, triton.cdiv(num_sms, splits)) * slab_bytes > props.L2_cache_size // 2:
+        splits += 1
+    return splits
 
 
-def _merge_splits(part_4ST, targets_T, ignore_index, with_entropy):
-    """Merge per-split (m, s, a, z2_target) (base 2) into (logprob_T, entropy_T or None) in natural units and the
-    backward's stats (m_T, log2(s)_T) in base 2."""
-    m_ST, s_ST, a_ST, zt_ST = part_4ST.unbind(0)
-    m_T = m_ST.amax(0)
-    scale_ST = torch.exp2(m_ST - m_T)
-    s_T = (s_ST * scale_ST).sum(0)
-    log2s_T = torch.log2(s_T)
-    valid_T = targets_T != ignore_index
-    logprob_T = torch.where(valid_T, (zt_ST.sum(0) - m_T - log2s_T) * LN2, 0.0)
-    entropy_T = None
-    if with_entropy:
-        a_T = (scale_ST * (a_ST + s_ST * (m_ST - m_T))).sum(0)
-        entropy_T = torch.where(valid_T, (log2s_T - a_T / s_T) * LN2, 0.0)
-    return logprob_T, entropy_T, (m_T, log2s_T)
+def _merge_splits(part_4ST, targets_T, vocab_size, ignore_index, with_entropy):
+    """One launch: (logprob_T, entropy_T or None) in natural units and the backward's stats (m_T, log2(s)_T) in
+    base 2 from the per-split statistics."""
+    num_splits, num_tokens = part_4ST.shape[1:]
+    logprob_T, max2_T, log2sum_T = (torch.empty(num_tokens, dtype=torch.float32, device=part_4ST.device)
+                                    for _ in range(3))
+    entropy_T = torch.empty_like(logprob_T) if with_entropy else None
+    block_s = triton.next_power_of_2(num_splits)
+    block = max(16, min(MERGE_TILE // block_s, 1024))
+    _merge_splits_kernel[(triton.cdiv(num_tokens, block),)](
+        part_4ST, targets_T, logprob_T, entropy_T if with_entropy else logprob_T, max2_T, log2sum_T,
+        num_tokens, vocab_size, num_splits, ignore_index,
+        BLOCK=block, BLOCK_S=block_s, WITH_ENTROPY=with_entropy, num_warps=4,
+    )
+    return logprob_T, entropy_T, (max2_T, log2sum_T)
 
 
 def _triton_fwd(hidden_TH, weight_VH, targets_T, temperature, ignore_index, with_entropy):
@@ -253,7 +321,8 @@ def _triton_fwd(hidden_TH, weight_VH, targets_T, temperature, ignore_index, with
     block_t, block_v, block_k, num_warps, num_stages = _fwd_config(hidden_TH)
     num_t_blocks = triton.cdiv(num_tokens, block_t)
     num_v_tiles = triton.cdiv(vocab_size, block_v)
-    num_splits = _num_splits(num_t_blocks, num_v_tiles, hidden_TH.device)
+    num_splits = _num_splits(num_t_blocks, num_v_tiles, block_t * hidden_size * hidden_TH.element_size(),
+                             hidden_TH.device)
     vocab_per_split = triton.cdiv(num_v_tiles, num_splits) * block_v
     num_splits = triton.cdiv(vocab_size, vocab_per_split)  # no empty split
     part_4ST = torch.empty((4, num_splits, num_tokens), dtype=torch.float32, device=hidden_TH.device)
@@ -266,7 +335,7 @@ def _triton_fwd(hidden_TH, weight_VH, targets_T, temperature, ignore_index, with
         INPUT_PRECISION="ieee" if hidden_TH.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )
-    return _merge_splits(part_4ST, targets_T, ignore_index, with_entropy)
+    return _merge_splits(part_4ST, targets_T, vocab_size, ignore_index, with_entropy)
 
 
 def _triton_bwd(hidden_TH, weight_VH, targets_T, temperature, ignore_index, max2_T, log2sum_T, entropy_T,
@@ -292,13 +361,12 @@ def _triton_bwd(hidden_TH, weight_VH, targets_T, temperature, ignore_index, max2
     one_pass_t = chunk_t >= num_tokens
     grad_hidden_TH = torch.empty_like(hidden_TH)
     # dweight: written by one GEMM per vocabulary chunk when all tokens fit one chunk, else accumulated in fp32.
-    grad_weight_VH = torch.empty_like(weight_VH) if one_pass_t else torch.zeros_like(weight_VH, dtype=torch.float32)
+    grad_weight_VH = torch.empty_like(weight_VH) if one_pass_t else torch.empty_like(weight_VH, dtype=torch.float32)
     for t0 in range(0, num_tokens, chunk_t):
         t1 = min(t0 + chunk_t, num_tokens)
         h_TH = hidden_TH[t0:t1]
-        num_vchunks = triton.cdiv(vocab_size, chunk_v)
-        dh_TH = None if num_vchunks == 1 else torch.zeros((t1 - t0, hidden_size), dtype=torch.float32,
-                                                            device=hidden_TH.device)
+        one_pass_v = chunk_v >= vocab_size
+        dh_TH = None
         for v0 in range(0, vocab_size, chunk_v):
             v1 = min(v0 + chunk_v, vocab_size)
             w_VH = weight_VH[v0:v1]
@@ -316,17 +384,38 @@ def _triton_bwd(hidden_TH, weight_VH, targets_T, temperature, ignore_index, max2
                 num_warps=num_warps, num_stages=num_stages,
             )
             dz_tv = dz_TV[: t1 - t0, : v1 - v0]
+            # A gradient summed over chunks takes each chunk's GEMM in fp32 (no rounding to the input dtype per
+            # chunk); the first chunk writes the accumulator, later ones add to it.
             if one_pass_t:
                 torch.mm(dz_tv.t(), h_TH, out=grad_weight_VH[v0:v1])
+            elif t0 == 0:
+                _mm_fp32(dz_tv.t(), h_TH, out=grad_weight_VH[v0:v1])
             else:
-                grad_weight_VH[v0:v1] += (dz_tv.t() @ h_TH).float()
-            if dh_TH is None:
+                grad_weight_VH[v0:v1] += _mm_fp32(dz_tv.t(), h_TH)
+            if one_pass_v:
                 torch.mm(dz_tv, w_VH, out=grad_hidden_TH[t0:t1])
+            elif dh_TH is None:
+                dh_TH = _mm_fp32(dz_tv, w_VH)
             else:
-                dh_TH += (dz_tv @ w_VH).float()
+                dh_TH += _mm_fp32(dz_tv, w_VH)
         if dh_TH is not None:
-            grad_hidden_TH[t0:t1] = dh_TH.to(hidden_TH.dtype)
+            grad_hidden_TH[t0:t1] = dh_TH
     return grad_hidden_TH, grad_weight_VH.to(weight_VH.dtype)
+
+
+def _mm_fp32(a, b, out=None):
+    """a @ b as fp32 from bf16/fp16/fp32 inputs: fp32 accumulation, no rounding to the input dtype in between.
+    CUDA: cuBLAS writes fp32 directly (torch.mm's out_dtype: aten::mm.dtype / mm.dtype_out, which have no CPU kernel);
+    CPU (the interpreter tests): the same product of fp32 copies, exact for bf16/fp16 inputs."""
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    return torch.mm(a.float(), b.float(), out=out)
+
+
+def _safe_targets(targets_T, vocab_size, ignore_index):
+    """Targets as gather indices: ignored and out-of-range ids read column 0 (their log-prob is replaced)."""
+    ok_T = (targets_T != ignore_index) & (targets_T >= 0) & (targets_T < vocab_size)
+    return torch.where(ok_T, targets_T, 0).long()
 
 
 def _chunk_rows(vocab_size):
@@ -344,7 +433,7 @@ def _torch_fwd(hidden_TH, weight_VH, targets_T, temperature, ignore_index, with_
     num_tokens = hidden_TH.shape[0]
     acc_dtype = torch.float64 if hidden_TH.dtype == torch.float64 else torch.float32
     valid_T = targets_T != ignore_index
-    safe_T = torch.where(valid_T, targets_T, 0).long()
+    safe_T = _safe_targets(targets_T, weight_VH.shape[0], ignore_index)
     logprob_T = torch.zeros(num_tokens, dtype=acc_dtype, device=hidden_TH.device)
     max_T = torch.zeros_like(logprob_T)
     logsum_T = torch.zeros_like(logprob_T)
@@ -363,7 +452,8 @@ def _torch_fwd(hidden_TH, weight_VH, targets_T, temperature, ignore_index, with_
         if with_entropy:
             # -sum p log p from log p directly (not lse - E[z]): no cancellation for huge logits.
             entropy_T[t0:t1] = -(logp_TV.exp() * logp_TV).sum(-1)
-    logprob_T = torch.where(valid_T, logprob_T, 0.0)
+    in_vocab_T = (targets_T >= 0) & (targets_T < weight_VH.shape[0])
+    logprob_T = torch.where(valid_T, torch.where(in_vocab_T, logprob_T, torch.nan), 0.0)
     if with_entropy:
         entropy_T = torch.where(valid_T, entropy_T, 0.0)
     return logprob_T, entropy_T, (max_T, logsum_T)
@@ -375,8 +465,9 @@ def _torch_bwd(hidden_TH, weight_VH, targets_T, temperature, ignore_index, max_T
     num_tokens = hidden_TH.shape[0]
     acc_dtype = max_T.dtype
     valid_T = targets_T != ignore_index
-    safe_T = torch.where(valid_T, targets_T, 0).long()
+    safe_T = _safe_targets(targets_T, weight_VH.shape[0], ignore_index)
     g_logp_T = torch.where(valid_T, grad_logprob_T.to(acc_dtype), 0.0)
+    onehot_T = torch.where(safe_T == targets_T, g_logp_T, 0.0)  # an out-of-range target has no one-hot term
     g_ent_T = None if grad_entropy_T is None else torch.where(valid_T, grad_entropy_T.to(acc_dtype), 0.0)
     grad_hidden_TH = torch.empty_like(hidden_TH)
     grad_weight_VH = torch.zeros(weight_VH.shape, dtype=acc_dtype, device=weight_VH.device)
@@ -395,7 +486,7 @@ def _torch_bwd(hidden_TH, weight_VH, targets_T, temperature, ignore_index, max_T
             logp_TV += entropy_T[t0:t1, None]
             logp_TV.mul_(g_ent_T[t0:t1, None]).add_(g_logp_T[t0:t1, None]).mul_(p_TV).neg_()
             dz_TV = logp_TV
-        dz_TV.scatter_add_(1, safe_T[t0:t1, None], g_logp_T[t0:t1, None])
+        dz_TV.scatter_add_(1, safe_T[t0:t1, None], onehot_T[t0:t1, None])
         dz_TV /= temperature
         # Same precision split as the reference's autograd: dz in the input dtype times weight for dhidden;
         # dweight accumulates over chunks in fp32 (fp64 for fp64 inputs).
@@ -412,10 +503,11 @@ def linear_logprob_fwd(hidden, weight, targets, temperature, ignore_index, with_
     logit and log sum exp(z - max), base 2 on the Triton path, natural on the PyTorch path) to pass back unchanged,
     on the same backend. Entropy is skipped (None) unless `with_entropy`. Rows whose target is ignore_index give 0.
     Triton on CUDA tensors or OVR_BACKEND=triton, the token-chunked PyTorch path otherwise. Validates its inputs
-    (ValueError), including the target range (one host sync).
+    (ValueError) without reading CUDA tensors' values; target values are checked as `_sync_checks` says.
     """
     _check_inputs(hidden, weight, targets, temperature)
-    _check_targets(targets, weight.shape[0], ignore_index)
+    if _sync_checks(targets):
+        check_targets(targets, weight.shape[0], ignore_index)
     if hidden.shape[0] == 0:
         empty = hidden.new_zeros(0, dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
         entropy = empty.clone() if with_entropy else None
@@ -530,7 +622,8 @@ def linear_logprob_entropy(hidden, weight, targets, temperature=1.0, ignore_inde
     inputs on the PyTorch path); rows with target == ignore_index give 0 for both and no gradient.
     Gradients flow to hidden and weight from both outputs; targets get none. Logits are formed in the input
     dtype's matrix product with fp32 accumulation, softmax statistics in fp32. ValueError on bad shapes, dtypes,
-    devices, temperature <= 0 or a target outside [0, V) (checked with one host sync).
+    devices or temperature <= 0. A target outside [0, V) is a ValueError on CPU tensors; on CUDA tensors it gives a
+    NaN log-prob (no host sync per call): validate a batch once with `check_targets`, or set OVR_CHECK_TARGETS=1.
     CUDA -> Triton kernels; CPU -> token-chunked PyTorch (peak extra memory ~CPU_CHUNK_ELEMS fp32 values).
     """
     _check_inputs(hidden, weight, targets, temperature)
@@ -552,4 +645,6 @@ def linear_logprob_nograd(hidden, weight, targets, temperature=1.0, ignore_index
     return logprob_T, (entropy_T if with_entropy else None)
 
 
-__all__ = ["linear_logprob_bwd", "linear_logprob_entropy", "linear_logprob_fwd", "linear_logprob_nograd"]
+__all__ = [
+    "check_targets", "linear_logprob_bwd", "linear_logprob_entropy", "linear_logprob_fwd", "linear_logprob_nograd",
+]

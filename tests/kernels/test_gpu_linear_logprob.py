@@ -15,7 +15,7 @@ import torch
 from conftest import assert_close_3way, max_err
 from torch.utils.checkpoint import checkpoint
 
-from ovr_kernels import linear_logprob_entropy, ppo_loss, ppo_policy_loss_from_hidden
+from ovr_kernels import linear_logprob_entropy, linear_logprob_nograd, ppo_loss, ppo_policy_loss_from_hidden
 from ovr_kernels.ppo_loss import LOG_RATIO_CLAMP
 from ovr_kernels.reference import linear_logprob_entropy_ref, ppo_loss_ref
 
@@ -123,3 +123,27 @@ def test_fused_policy_loss_qwen_head(all_options):
     for name, got, unfused, truth in (("grad_hidden", gh, u_gh, t_gh), ("grad_weight", gw, u_gw, t_gw)):
         _grad_close(name, got, truth)
         _grad_close(f"{name} vs unfused", got, unfused.float())
+
+
+def test_no_host_sync(monkeypatch):
+    """Forward, backward and forward-only scoring never wait for the GPU (torch's sync debug mode raises on any
+    synchronising call); the OVR_CHECK_TARGETS=1 debug check does wait, which shows the probe can fail."""
+    monkeypatch.delenv("OVR_CHECK_TARGETS", raising=False)
+    hidden, weight, targets = bll.make_inputs(1000, 512, 151_665, "cuda", torch.bfloat16)
+    h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+
+    def run():
+        logprob, entropy = linear_logprob_entropy(h, w, targets)
+        (logprob.sum() + entropy.sum()).backward()
+        linear_logprob_nograd(hidden, weight, targets, with_entropy=True)
+
+    run()  # compiles the kernels outside the probe
+    torch.cuda.synchronize()
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        run()
+        monkeypatch.setenv("OVR_CHECK_TARGETS", "1")
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            run()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -252,3 +252,71 @@ def test_gpu_qwen_vocab(vocab_size):
     hidden, weight, targets = make_inputs(1000, 512, vocab_size, torch.bfloat16, num_ignored=17)
     hidden, weight, targets = hidden.cuda(), weight.cuda(), targets.cuda()
     check_against_reference(hidden, weight, targets, 0.7, ATOL[torch.bfloat16])
+
+
+def test_out_of_range_target_is_nan_without_the_value_check(backend, monkeypatch):
+    """With the value check off (CUDA tensors without OVR_CHECK_TARGETS), an out-of-range target poisons its own
+    log-prob with NaN instead of returning the log-prob of a zero logit; the other rows are unchanged."""
+    hidden, weight, targets = make_inputs(37, 48, 301, torch.float32)
+    want_logprob, want_entropy = linear_logprob_nograd(hidden, weight, targets, with_entropy=True)
+    monkeypatch.setattr(ll, "_sync_checks", lambda x: False)
+    bad = targets.clone()
+    bad[5], bad[11] = 301, -7
+    bad[12] = -100
+    logprob, entropy = linear_logprob_nograd(hidden, weight, bad, with_entropy=True)
+    assert bool(torch.isnan(logprob[[5, 11]]).all())
+    others = torch.ones(37, dtype=torch.bool)
+    others[[5, 11, 12]] = False
+    assert_close("logprob (other rows)", logprob[others], want_logprob[others], atol=0, rtol=0)
+    assert float(logprob[12]) == 0.0
+    assert_close("entropy", entropy[others], want_entropy[others], atol=0, rtol=0)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    lp, _ = linear_logprob_entropy(h, w, bad)
+    lp.sum().backward()  # the backward runs (no index error); the loss it belongs to is NaN
+    assert bool(torch.isfinite(h.grad).all())
+
+
+def test_target_value_check_switch(monkeypatch):
+    """Target values are read (a host sync on CUDA) only for CPU tensors or under OVR_CHECK_TARGETS=1;
+    `check_targets` is the caller's once-per-batch check."""
+    on_device = torch.empty(3, dtype=torch.int64, device="meta")  # stands in for a CUDA tensor: not on the CPU
+    monkeypatch.delenv("OVR_CHECK_TARGETS", raising=False)
+    assert ll._sync_checks(torch.zeros(3)) and not ll._sync_checks(on_device)
+    monkeypatch.setenv("OVR_CHECK_TARGETS", "1")
+    assert ll._sync_checks(on_device)
+    ll.check_targets(torch.tensor([0, 30, -100]), 31)
+    with pytest.raises(ValueError, match=r"targets\[1\]=31 is outside \[0, 31\) and is not ignore_index=-100"):
+        ll.check_targets(torch.tensor([0, 31, -100]), 31)
+    with pytest.raises(ValueError, match=r"targets\[0\]=-100 is outside"):
+        ll.check_targets(torch.tensor([-100, 3]), 31, ignore_index=-1)
+
+
+def _bf16_ulps(a, b):
+    """|a - b| in units of the last place of bf16 at max(|a|, |b|) (8 significant bits)."""
+    a, b = a.double(), b.double()
+    _, exp = torch.frexp(torch.maximum(a.abs(), b.abs()))
+    return ((a - b).abs() / torch.ldexp(torch.ones_like(a), exp - 8)).nan_to_num(0.0)
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_chunked_backward_accumulates_in_fp32(triton_backend, monkeypatch, with_entropy):
+    """bf16, 4 token x 8 vocabulary chunks vs one chunk: the per-chunk GEMMs sum in fp32 and round to bf16 once,
+    so the two differ by at most one bf16 ulp (summation order) on every entry of both gradients."""
+    hidden, weight, targets = make_inputs(256, 64, 1024, torch.bfloat16)
+    g_lp, g_ent = torch.randn(256), (torch.randn(256) if with_entropy else None)
+    _, _, stats = linear_logprob_fwd(hidden, weight, targets, 1.0, -100, with_entropy=with_entropy)
+    one_chunk = linear_logprob_bwd(hidden, weight, targets, 1.0, -100, stats, g_lp, g_ent)
+    monkeypatch.setattr(ll, "MIN_VOCAB_CHUNK", 128)
+    monkeypatch.setattr(ll, "SCRATCH_BYTES", 64 * 128 * 2)  # dz chunks of 64 tokens x 128 vocabulary entries
+    chunked = linear_logprob_bwd(hidden, weight, targets, 1.0, -100, stats, g_lp, g_ent)
+    for name, a, b in zip(("grad_hidden", "grad_weight"), chunked, one_chunk):
+        ulps = _bf16_ulps(a, b)
+        assert float(ulps.max()) <= 1.0, f"{name}: {float(ulps.max())} bf16 ulps between chunked and one chunk"
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_split_merge(triton_backend, monkeypatch, num_splits):
+    """The merge kernel with one split and with three (padded to a 4-row tile): same numbers as the reference."""
+    monkeypatch.setattr(ll, "_num_splits", lambda num_t_blocks, num_v_tiles, slab_bytes, device: num_splits)
+    hidden, weight, targets = make_inputs(97, 48, 301, torch.float32)  # 3 vocabulary tiles of 128
+    check_against_reference(hidden, weight, targets, 0.7, ATOL[torch.float32])

@@ -32,9 +32,22 @@ BWD_SIGNATURE = {
     "ALIGNED": "constexpr",
 }
 
+MERGE_SIGNATURE = {
+    "part_ptr": "*fp32", "targets_ptr": "*i64", "logprob_ptr": "*fp32", "entropy_ptr": "*fp32", "max2_ptr": "*fp32",
+    "log2sum_ptr": "*fp32", "T": "i32", "V": "i32", "num_splits": "i32", "ignore_index": "i32",
+    "BLOCK": "constexpr", "BLOCK_S": "constexpr", "WITH_ENTROPY": "constexpr",
+}
+KERNELS = (("_linear_logprob_fwd_kernel", FWD_SIGNATURE), ("_linear_logprob_bwd_kernel", BWD_SIGNATURE),
+           ("_merge_splits_kernel", MERGE_SIGNATURE))
+
 
 class _Props:
-    multi_processor_count = 132  # H100 SXM / H200
+    """torch.cuda.get_device_properties of an H100 SXM / H200 (sm_90), or of an A100-like sm_80 part."""
+
+    def __init__(self, arch):
+        self.major, self.minor = divmod(arch, 10)
+        self.multi_processor_count = 132
+        self.L2_cache_size = 50 * 2**20
 
 
 def launched_jobs(arch):
@@ -55,19 +68,19 @@ def launched_jobs(arch):
                 ll._triton_bwd(hidden, weight, targets, 1.0, -100, *stats[:3], stats[3], grad_entropy)
 
         with mock.patch.object(ll, "INTERPRET", False), mock.patch.object(tr, "INTERPRET", False), \
-                mock.patch.object(torch.cuda, "get_device_properties", lambda device=None: _Props()):
-            calls = capture_launches(ll, ["_linear_logprob_fwd_kernel", "_linear_logprob_bwd_kernel"], run)
-        for kernel_name, sig in (("_linear_logprob_fwd_kernel", FWD_SIGNATURE),
-                                 ("_linear_logprob_bwd_kernel", BWD_SIGNATURE)):
+                mock.patch.object(torch.cuda, "get_device_properties", lambda device=None: _Props(arch)):
+            calls = capture_launches(ll, [name for name, _ in KERNELS], run)
+        for kernel_name, sig in KERNELS:
             for launch in calls[kernel_name]:
                 j = job_from_launch(getattr(ll, kernel_name), sig, launch, arch)
                 key = json.dumps([j["constexprs"], sorted(j["divisible"]), j["signature"]], sort_keys=True)
                 if key in seen:
                     continue
                 seen.add(key)
-                flags = {k: v for k, v in j["constexprs"].items() if k in ("WITH_ENTROPY", "HAS_GRAD_ENTROPY")}
+                flags = {k: v for k, v in j["constexprs"].items()
+                         if k in ("WITH_ENTROPY", "HAS_GRAD_ENTROPY", "BLOCK_V", "BLOCK_S")}
                 ints = [k for k, t in sig.items() if t == "i32"]
-                names.append(f"{kernel_name[len('_linear_logprob_'):]} T={num_tokens} {flags} ints not /16: "
+                names.append(f"{kernel_name.removeprefix('_linear_logprob_')} T={num_tokens} {flags} ints not /16: "
                              f"{[k for k in ints if k not in j['divisible']]}")
                 jobs.append(j)
     return names, jobs
@@ -77,14 +90,44 @@ def launched_jobs(arch):
 @pytest.mark.parametrize("arch", [80, 90])
 def test_launched_kernels_compile_without_spills_on_tensor_cores(arch, triton_dir):
     names, jobs = launched_jobs(arch)
-    assert len(jobs) >= 4  # fwd with/without entropy, bwd with/without the entropy gradient
+    # fwd with/without entropy, bwd with/without the entropy gradient, the split merge with/without entropy
+    assert len(jobs) >= 6 and {j["name"] for j in jobs} == {name for name, _ in KERNELS}
     # the launch marks what is a multiple of 16 (T, V, H, strides), not the rest (e.g. ignore_index = -100)
-    assert all({"T", "V", "H", "stride_h_t", "stride_w_v"} <= set(j["divisible"]) for j in jobs)
+    assert all({"T", "V", "H", "stride_h_t", "stride_w_v"} <= set(j["divisible"]) for j in jobs
+               if j["name"] != "_merge_splits_kernel")
     assert all("ignore_index" not in j["divisible"] for j in jobs if "ignore_index" in j["signature"])
     infos = compile_many(jobs, triton_dir)
     for name, info in zip(names, infos):
         print(f"linear_logprob {name}: {info.summary()}")
-    for name, info in zip(names, infos):
+    for name, job, info in zip(names, jobs, infos):
         assert info.n_spills == 0, f"{name} sm_{arch}: {info.n_spills} B of spills\n{info.ptxas_log}"
-        assert uses_tensor_cores(info, arch), f"{name} sm_{arch}: no {'wgmma' if arch >= 90 else 'mma.sync'}"
+        if job["name"] != "_merge_splits_kernel":  # the merge is elementwise: no matrix product
+            assert uses_tensor_cores(info, arch), f"{name} sm_{arch}: no {'wgmma' if arch >= 90 else 'mma.sync'}"
         assert info.shared <= (232_448 if arch >= 90 else 166_912), f"{name} sm_{arch}: {info.shared} B shared"
+
+
+def _launched_splits(num_tokens, arch=90):
+    """num_splits and BLOCK_T of the forward launch at the Qwen head on the mocked H100 / sm_80 part."""
+    import ovr_kernels._triton as tr
+
+    hidden = torch.empty(num_tokens, HIDDEN, dtype=torch.bfloat16, device="meta")
+    weight = torch.empty(VOCAB, HIDDEN, dtype=torch.bfloat16, device="meta")
+    targets = torch.empty(num_tokens, dtype=torch.int64, device="meta")
+    with mock.patch.object(ll, "INTERPRET", False), mock.patch.object(tr, "INTERPRET", False), \
+            mock.patch.object(torch.cuda, "get_device_properties", lambda device=None: _Props(arch)):
+        calls = capture_launches(ll, ["_linear_logprob_fwd_kernel", "_merge_splits_kernel"],
+                                 lambda: ll._triton_fwd(hidden, weight, targets, 1.0, -100, True))
+    launch = calls["_linear_logprob_fwd_kernel"][0]
+    assert calls["_merge_splits_kernel"][0]["num_splits"] == launch["num_splits"]
+    return launch["num_splits"], launch["BLOCK_T"]
+
+
+@pytest.mark.parametrize("num_tokens", [4096, 16384, 32768, 65536, 262144])
+def test_hidden_slabs_in_flight_fit_in_l2(num_tokens):
+    """The programs in flight (one per SM, split fastest) hold at most half of the 50 MiB L2 in hidden slabs at
+    every T, and small T still gets ~4 waves of programs."""
+    num_splits, block_t = _launched_splits(num_tokens)
+    num_t_blocks = -(-num_tokens // block_t)
+    slabs_in_flight = min(num_t_blocks, -(-132 // num_splits))
+    assert slabs_in_flight * block_t * HIDDEN * 2 <= 25 * 2**20, f"S={num_splits}: {slabs_in_flight} slabs"
+    assert num_t_blocks * num_splits >= min(4 * 132, num_t_blocks * (VOCAB // 256 // 4))
