@@ -1,12 +1,17 @@
 """Outcome-reward advantages: GRPO / RLOO / Dr.GRPO group baselines and batch-level masked whitening.
 
 Specs: `reference.grpo_advantages_ref`, `rloo_advantages_ref`, `drgrpo_advantages_ref`, `masked_whiten_ref`
-(computed in fp32 here, written back in the input dtype). One Triton launch per call on the Triton path:
+(computed in fp32 here, written back in the input dtype). On the Triton path:
   - group advantages: each program owns BLOCK_G contiguous groups as a (BLOCK_G, BLOCK_N) tile; the estimator is a
     constexpr (one kernel, three public functions);
-  - masked whitening: a single program streams the tokens three times (mean, variance, write). Whitening needs a
-    global mean and variance before any output is written, and one program makes that one launch without a grid
-    sync or atomics; it runs once per RL step over a few M tokens, so one SM's bandwidth is enough.
+  - masked whitening needs the global mean and variance before any output is written: two launches over all SMs
+    (the PPO loss's partial-sum pattern). The first writes per-program (count, sum, M2 about the tile's mean); in
+    the second every program combines those P rows in one fixed order (Chan's parallel variance: exact, no
+    cancellation) and writes its tokens, so no one-program finalize pass sits between them. Why not the others:
+    the torch reference is ~18 small launches (reductions and elementwise ops), launch-bound at 1M tokens (an
+    estimated ~90 us against ~10-15 us for these two); a single program streaming the tokens three times reads at
+    one SM's bandwidth (estimated ~250 us). Estimates until bench_ppo_loss.py's masked_whiten row, timed against
+    the reference in the same run, has run on a GPU.
 No autograd: advantages are targets, not functions of trainable parameters.
 
 Legend: B sequences (= groups x group size), G groups, N samples per group, T packed tokens.
@@ -22,7 +27,8 @@ from ovr_kernels._triton import INTERPRET, use_triton
 
 GRPO, RLOO, DRGRPO = 0, 1, 2  # values of the ESTIMATOR constexpr
 GROUP_TILE = 2048  # groups x samples per program
-WHITEN_BLOCK = 4096  # tokens per tile of the whitening loops
+WHITEN_BLOCK = 2048  # tokens per whitening program: 1M tokens -> 512 programs, ~4 per SM
+WHITEN_PARTIALS = 1024  # partial rows each whitening program combines per step
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -54,36 +60,54 @@ def _group_advantages_kernel(scores_ptr, out_ptr, num_groups, group_size, eps, E
 
 
 @triton.jit
-def _masked_whiten_kernel(x_ptr, mask_ptr, out_ptr, T, eps, SHIFT_MEAN: tl.constexpr, BLOCK: tl.constexpr):
-    """Single program: pass 1 masked sum and count, pass 2 masked squared deviations (two-pass for accuracy),
-    pass 3 write (x - mean) * rsqrt(var + eps) (+ mean without SHIFT_MEAN), times the mask."""
-    acc_x = tl.zeros([BLOCK], tl.float32)
-    acc_n = tl.zeros([BLOCK], tl.float32)
-    for off in range(0, T, BLOCK):
-        offs = off + tl.arange(0, BLOCK)
-        m = tl.load(mask_ptr + offs, mask=offs < T, other=0).to(tl.float32)
-        x = tl.load(x_ptr + offs, mask=offs < T, other=0.0).to(tl.float32)
-        acc_x += tl.where(m != 0, x * m, 0.0)
-        acc_n += m
+def _whiten_partial_kernel(x_ptr, mask_ptr, part_ptr, T, BLOCK: tl.constexpr):
+    """part[p] = (n, sum m x, M2 = sum m (x - tile mean)^2) of this program's BLOCK tokens (two-pass inside the
+    tile, which is in registers), for the finalize's exact (Chan) combination."""
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < T
+    m = tl.load(mask_ptr + offs, mask=ok, other=0).to(tl.float32)
+    x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    n = tl.sum(m, axis=0)
+    total = tl.sum(tl.where(m != 0, x * m, 0.0), axis=0)
+    d = x - total / tl.maximum(n, 1.0)
+    m2 = tl.sum(tl.where(m != 0, d * d * m, 0.0), axis=0)
+    tl.store(part_ptr + pid * 3, n)
+    tl.store(part_ptr + pid * 3 + 1, total)
+    tl.store(part_ptr + pid * 3 + 2, m2)
+
+
+@triton.jit
+def _whiten_apply_kernel(x_ptr, mask_ptr, part_ptr, out_ptr, T, P, eps, SHIFT_MEAN: tl.constexpr,
+                         BLOCK: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Every program combines all P partial rows in the same fixed order (so all agree on mean and variance, and
+    the result is deterministic), then writes (x - mean) * rsqrt(var + eps) (+ mean without SHIFT_MEAN) times the
+    mask for its BLOCK tokens."""
+    acc_n = tl.zeros([BLOCK_P], tl.float32)
+    acc_s = tl.zeros([BLOCK_P], tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        rows = p0 + tl.arange(0, BLOCK_P)
+        acc_n += tl.load(part_ptr + rows * 3, mask=rows < P, other=0.0)
+        acc_s += tl.load(part_ptr + rows * 3 + 1, mask=rows < P, other=0.0)
     n = tl.sum(acc_n, axis=0)
-    mean = tl.sum(acc_x, axis=0) / tl.maximum(n, 1.0)
-    acc_v = tl.zeros([BLOCK], tl.float32)
-    for off in range(0, T, BLOCK):
-        offs = off + tl.arange(0, BLOCK)
-        m = tl.load(mask_ptr + offs, mask=offs < T, other=0).to(tl.float32)
-        x = tl.load(x_ptr + offs, mask=offs < T, other=0.0).to(tl.float32)
-        d = x - mean
-        acc_v += tl.where(m != 0, d * d * m, 0.0)
-    var = tl.sum(acc_v, axis=0) / tl.maximum(n - 1.0, 1.0)
+    mean = tl.sum(acc_s, axis=0) / tl.maximum(n, 1.0)
+    acc_m2 = tl.zeros([BLOCK_P], tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        rows = p0 + tl.arange(0, BLOCK_P)
+        n_p = tl.load(part_ptr + rows * 3, mask=rows < P, other=0.0)
+        mean_p = tl.load(part_ptr + rows * 3 + 1, mask=rows < P, other=0.0) / tl.maximum(n_p, 1.0)
+        d = mean_p - mean
+        acc_m2 += tl.load(part_ptr + rows * 3 + 2, mask=rows < P, other=0.0) + n_p * d * d
+    var = tl.sum(acc_m2, axis=0) / tl.maximum(n - 1.0, 1.0)
     inv_std = 1.0 / tl.sqrt(var + eps)
-    for off in range(0, T, BLOCK):
-        offs = off + tl.arange(0, BLOCK)
-        m = tl.load(mask_ptr + offs, mask=offs < T, other=0).to(tl.float32)
-        x = tl.load(x_ptr + offs, mask=offs < T, other=0.0).to(tl.float32)
-        y = (x - mean) * inv_std
-        if not SHIFT_MEAN:
-            y += mean
-        tl.store(out_ptr + offs, tl.where(m != 0, y * m, 0.0).to(out_ptr.dtype.element_ty), mask=offs < T)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < T
+    m = tl.load(mask_ptr + offs, mask=ok, other=0).to(tl.float32)
+    x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    y = (x - mean) * inv_std
+    if not SHIFT_MEAN:
+        y += mean
+    tl.store(out_ptr + offs, tl.where(m != 0, y * m, 0.0).to(out_ptr.dtype.element_ty), mask=ok)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -104,12 +128,19 @@ def group_advantages_fwd(scores_B, group_size: int, estimator: int, eps: float =
 
 
 def masked_whiten_fwd(x_T, mask_T, shift_mean: bool, eps: float):
-    """One single-program launch; returns the whitened (T,) tensor in x's dtype."""
+    """Two launches (partials, then combine-and-write); returns the whitened (T,) tensor in x's dtype."""
     T = x_T.numel()
     out_T = torch.empty_like(x_T)
+    if T == 0:
+        return out_T
     block = WHITEN_BLOCK if not INTERPRET else min(WHITEN_BLOCK, triton.next_power_of_2(max(T, 16)))
+    num_programs = triton.cdiv(T, block)
     mask_k = mask_T.view(torch.uint8) if mask_T.dtype == torch.bool else mask_T
-    _masked_whiten_kernel[(1,)](x_T, mask_k, out_T, T, eps, SHIFT_MEAN=shift_mean, BLOCK=block, num_warps=8)
+    part_P3 = torch.empty((num_programs, 3), dtype=torch.float32, device=x_T.device)
+    _whiten_partial_kernel[(num_programs,)](x_T, mask_k, part_P3, T, BLOCK=block, num_warps=4)
+    _whiten_apply_kernel[(num_programs,)](x_T, mask_k, part_P3, out_T, T, num_programs, eps, SHIFT_MEAN=shift_mean,
+                                         BLOCK=block, BLOCK_P=min(WHITEN_PARTIALS, triton.next_power_of_2(num_programs)),
+                                         num_warps=4)
     return out_T
 
 
@@ -159,7 +190,7 @@ def masked_whiten(x, mask, shift_mean=True, eps=1e-8):
     """Batch advantage normalisation: (x - mean) / sqrt(var + eps) over masked entries (unbiased variance).
 
     x: (T,) float; mask: (T,) bool or float of the same length. shift_mean=False adds the mean back (rescale only).
-    Returns (T,) in x's dtype with unmasked entries 0. One launch on the Triton path, no host sync. No autograd.
+    Returns (T,) in x's dtype with unmasked entries 0. Two launches on the Triton path, no host sync. No autograd.
     """
     check_tensor("x", x, ndim=1, dtypes=FLOAT_DTYPES, contiguous=True)
     check_tensor("mask", mask, dtypes=(torch.bool,) + FLOAT_DTYPES, device=x.device, shape=(x.shape[0],),

@@ -16,7 +16,8 @@ Backward: d logp_target / dz_v = [v == target] - p_v and d entropy / dz_v = -p_v
 dz = (g_logp ([v == target] - p) - g_ent p (log p + entropy)) / temperature. A Triton kernel recomputes each logit
 tile from the saved statistics (max, log-sum, entropy) and writes dz for one vocabulary chunk (bounded scratch, in
 the input dtype); two cuBLAS GEMMs then give dweight[chunk] = dz^T @ hidden (written once, K = T: full GEMM
-efficiency) and dhidden += dz @ weight[chunk] (fp32 accumulator). Chunking the vocabulary rather than the tokens
+efficiency) and dhidden += dz @ weight[chunk]. A gradient summed over chunks takes each chunk's GEMM with an fp32
+output (cuBLAS accumulates in fp32 anyway), so it is rounded to the input dtype once, at the end. Chunking the vocabulary rather than the tokens
 keeps dweight's reduction inside one GEMM instead of re-reading and re-writing a (V, H) fp32 accumulator per token
 chunk (the memory-bound step of token-chunked implementations such as Liger's). A fully fused dz-GEMM-GEMM kernel
 would need atomics on both gradients; cuBLAS at K = T already runs at peak, so only the recompute GEMM is ours.
@@ -74,7 +75,7 @@ if HAS_TRITON:
                 k_ok = (k0 + ks[None, :]) < H
                 h = tl.load(h_ptrs, mask=row_ok & k_ok, other=0.0)
                 w = tl.load(w_ptrs, mask=col_ok & k_ok, other=0.0)
-            if UPCAST:  # interpreter: its bf16/fp16 arithmetic is wrong, so compute in fp32 (DESIGN.md)
+            if UPCAST:  # interpreter: its bf16/fp16 arithmetic works on raw bits, so compute in fp32
                 h = h.to(tl.float32)
                 w = w.to(tl.float32)
             acc = tl.dot(h, tl.trans(w), acc, input_precision=INPUT_PRECISION)
@@ -547,7 +548,7 @@ def linear_logprob_bwd(hidden, weight, targets, temperature, ignore_index, stats
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Autograd: one torch.library custom op (works eagerly and under torch.compile; K6)
+# Autograd: one torch.library custom op (works eagerly and under torch.compile)
 # ----------------------------------------------------------------------------------------------------------------
 
 

@@ -32,7 +32,7 @@ from ovr_kernels.ppo_loss import (
 )
 
 # ----------------------------------------------------------------------------------------------------------------
-# Autograd: one torch.library custom op (eager and under torch.compile, K6); the kernels and launchers live in
+# Autograd: one torch.library custom op (eager and under torch.compile); the kernels and launchers live in
 # linear_logprob.py and ppo_loss.py; the backward formula calls their backward ops (ovr::ppo_loss_bwd,
 # ovr::linear_logprob_bwd).
 # ----------------------------------------------------------------------------------------------------------------

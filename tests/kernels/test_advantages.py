@@ -1,5 +1,5 @@
 """Group advantages (GRPO / RLOO / Dr.GRPO), masked whitening and broadcast_to_tokens: Triton kernels
-(OVR_BACKEND=triton; the interpreter on CPU) vs the same-dtype reference vs the float64 reference (S1).
+(OVR_BACKEND=triton; the interpreter on CPU) vs the same-dtype reference vs the float64 reference.
 """
 
 import pytest
@@ -76,6 +76,22 @@ def test_masked_whiten_matches_reference(triton_backend, T, mask_kind, shift_mea
     if T > 1 and shift_mean:
         m = keep.to(DEVICE)
         assert abs(float(got[m].double().mean())) < 0.02 and abs(float(got[m].double().std()) - 1.0) < 0.02
+
+
+def test_masked_whiten_many_programs(triton_backend, monkeypatch):
+    """79 programs of 64 tokens, partial rows combined 16 at a time, some programs fully masked, a large mean
+    (1e3) over a unit spread: the combined variance has no cancellation (three-way vs the float64 reference)."""
+    import ovr_kernels.advantages as adv
+
+    monkeypatch.setattr(adv, "WHITEN_BLOCK", 64)
+    monkeypatch.setattr(adv, "WHITEN_PARTIALS", 16)
+    x = (torch.randn(5003) + 1e3).to(DEVICE)
+    mask = (torch.rand(5003) > 0.5).to(DEVICE)
+    mask[128:320] = False
+    got = masked_whiten(x, mask)
+    ref = reference.masked_whiten_ref(x, mask)
+    truth = reference.masked_whiten_ref(x.double(), mask)
+    assert_close_3way("whitened", got, ref, truth, atol=1e-5)
 
 
 def test_masked_whiten_all_masked_is_finite(triton_backend):

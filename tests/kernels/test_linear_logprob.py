@@ -1,4 +1,4 @@
-"""linear_logprob_entropy: logprob, entropy, d(hidden), d(weight) vs the float64 reference (S1), on both backends:
+"""linear_logprob_entropy: logprob, entropy, d(hidden), d(weight) vs the float64 reference, on both backends:
 the token-chunked PyTorch path (CPU default) and the Triton kernels under the interpreter (OVR_BACKEND=triton).
 
 Chunk sizes are shrunk so that the PyTorch path runs several token chunks and the Triton backward several token and
@@ -163,7 +163,7 @@ def test_empty_tokens(backend):
 
 
 def test_torch_compile(backend):
-    """K6: the custom op traces with fullgraph=True and its compiled forward/backward equal eager."""
+    """The custom op traces with fullgraph=True and its compiled forward/backward equal eager."""
     torch._dynamo.reset()
     hidden, weight, targets = make_inputs(21, 32, 157, torch.float32)
     g_lp, g_ent = torch.randn(21), torch.randn(21)

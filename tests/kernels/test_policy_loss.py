@@ -1,5 +1,5 @@
 """ppo_policy_loss_from_hidden: the fused node equals the unfused composition linear_logprob_entropy -> ppo_loss
-(loss, metrics, d(hidden), d(weight)) and matches the float64 reference composition (S1), on the Triton path
+(loss, metrics, d(hidden), d(weight)) and matches the float64 reference composition, on the Triton path
 (OVR_BACKEND=triton; the interpreter on CPU) and the PyTorch path.
 """
 
@@ -130,7 +130,7 @@ def test_without_entropy(backend):
 
 @pytest.mark.parametrize("case", ["defaults", "all_options"])
 def test_torch_compile(backend, case):
-    """K6: the fused policy loss traces with fullgraph=True (Triton path: the ovr::ppo_policy_loss_fwd custom op,
+    """The fused policy loss traces with fullgraph=True (Triton path: the ovr::ppo_policy_loss_fwd custom op,
     whose backward calls ovr::ppo_loss_bwd and ovr::linear_logprob_bwd) and equals eager bit for bit."""
     torch._dynamo.reset()
     x, kwargs = _case(case)

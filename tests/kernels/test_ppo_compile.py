@@ -21,6 +21,7 @@ F32, U8, I32 = "*fp32", "*u8", "*i32"
 BLOCK_T = ppo_loss.MAX_BLOCK_T  # the GPU tile of the loss kernels (the 1M-token benchmark config)
 NUM_TOKENS, NUM_GROUPS, GROUP_SIZE = 1 << 20, 512, 16  # the benchmarks' sizes
 TOKENS = {"T": NUM_TOKENS}
+WHITEN_P = -(-NUM_TOKENS // advantages.WHITEN_BLOCK)  # whitening programs (and partial rows) at NUM_TOKENS
 
 
 def _ppo_fwd_sig():
@@ -86,9 +87,15 @@ def _configs():
                      "ESTIMATOR": "constexpr", "BLOCK_G": "constexpr", "BLOCK_N": "constexpr"},
                     {"ESTIMATOR": est, "BLOCK_G": min(advantages.GROUP_TILE // GROUP_SIZE, NUM_GROUPS),
                      "BLOCK_N": GROUP_SIZE}, 4, {"num_groups": NUM_GROUPS, "group_size": GROUP_SIZE}))
-    out.append(("masked_whiten", advantages._masked_whiten_kernel,
-                {"x_ptr": F32, "mask_ptr": U8, "out_ptr": F32, "T": "i32", "eps": "fp32", "SHIFT_MEAN": "constexpr",
-                 "BLOCK": "constexpr"}, {"SHIFT_MEAN": True, "BLOCK": advantages.WHITEN_BLOCK}, 8, TOKENS))
+    out.append(("whiten_partial", advantages._whiten_partial_kernel,
+                {"x_ptr": F32, "mask_ptr": U8, "part_ptr": F32, "T": "i32", "BLOCK": "constexpr"},
+                {"BLOCK": advantages.WHITEN_BLOCK}, 4, TOKENS))
+    out.append(("whiten_apply", advantages._whiten_apply_kernel,
+                {"x_ptr": F32, "mask_ptr": U8, "part_ptr": F32, "out_ptr": F32, "T": "i32", "P": "i32", "eps": "fp32",
+                 "SHIFT_MEAN": "constexpr", "BLOCK": "constexpr", "BLOCK_P": "constexpr"},
+                {"SHIFT_MEAN": True, "BLOCK": advantages.WHITEN_BLOCK,
+                 "BLOCK_P": min(advantages.WHITEN_PARTIALS, 1 << (WHITEN_P - 1).bit_length())}, 4,
+                {**TOKENS, "P": WHITEN_P}))
     return out
 
 
