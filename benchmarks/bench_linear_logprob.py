@@ -7,15 +7,24 @@ not counted), peak memory above the inputs, and same-run baselines:
   eager        matmul + log_softmax + gather + entropy (same outputs);
   compiled     torch.compile'd per-chunk version of eager over 1024-token chunks, checkpointed (same outputs;
                skipped with OVR_BENCH_HEAVY=0, as gpu_check.sh runs by default: its cold compile is the slowest part);
-  liger        liger-kernel's fused linear cross entropy (log-prob only, reduction="sum");
-  cce          cut-cross-entropy's linear_cross_entropy if importable (log-prob only, reduction="sum").
+  liger        liger-kernel's fused linear cross entropy (log-prob only, reduction="sum"), exact gradient;
+  cce          cut-cross-entropy's linear_cross_entropy if importable (log-prob only, reduction="sum") with its
+               default filter_eps="auto": its backward skips every logit block whose softmax values are all below
+               bf16 eps / 32 = 2^-12, an APPROXIMATE gradient (recorded as `cce_logprob_only_gradient`);
+  cce_exact    the same with filter_eps=None: exact gradient, like with like.
 The log-prob-only baselines are compared with our fwd+bwd of the log-prob alone (`ours_logprob_only_*`: the
 forward still produces the entropy, the backward skips its term), recorded separately: like with like.
+Logits: "random" (hidden ~ N(0, 1), weight ~ N(0, 1/H): logits ~ N(0, 1), entropy near log V) and "peaky"
+(weight scaled 4x, logits ~ N(0, 16), as in a trained model: mass on few tokens). cut-cross-entropy's filter skips
+most backward blocks on random logits (flat softmax, every p ~ 1/V) and far fewer on peaky ones, so its speed on
+random data overstates it; `cce_filter_skip_fraction` estimates the share of 128 x 128 (token x vocabulary) blocks
+it may skip (all p < 2^-12; its block shape is autotuned, so this is an estimate, not its count).
 CPU: peak memory of fwd+bwd vs eager at T = 4096, V = 152,064, H = 64 (fp32), each measured in a fresh
 subprocess (peak RSS above the inputs), target <= 10% of eager's.
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -30,10 +39,15 @@ HIDDEN, VOCAB = 3584, 152_064
 CHUNK = 1024
 
 
-def make_inputs(num_tokens, hidden_size, vocab_size, device, dtype):
+WEIGHT_SCALE = {"random": 1.0, "peaky": 4.0}  # logit std: 1 (flat softmax) or 4 (a trained model's peaky one)
+CCE_FILTER_EPS = 2.0**-12  # cut-cross-entropy's filter_eps="auto" for bf16: torch.finfo(torch.bfloat16).eps / 32
+
+
+def make_inputs(num_tokens, hidden_size, vocab_size, device, dtype, logits="random"):
     g = torch.Generator(device="cpu").manual_seed(0)
     hidden = torch.randn(num_tokens, hidden_size, generator=g).to(device, dtype)
-    weight = (torch.randn(vocab_size, hidden_size, generator=g) * hidden_size**-0.5).to(device, dtype)
+    weight = (torch.randn(vocab_size, hidden_size, generator=g) * (WEIGHT_SCALE[logits] * hidden_size**-0.5)).to(
+        device, dtype)
     targets = torch.randint(0, vocab_size, (num_tokens,), generator=g)
     targets[::17] = -100
     return hidden, weight, targets.to(device)
@@ -68,6 +82,22 @@ def fwd_bwd(fn, hidden, weight, targets, g_logprob, g_entropy):
     loss = (logprob * g_logprob).sum() + (entropy * g_entropy).sum() if g_entropy is not None else \
         (logprob * g_logprob).sum()
     loss.backward()
+
+
+@torch.no_grad()
+def logit_statistics(hidden, weight, block=128):
+    """(mean entropy in nats, fraction of block x block (token x vocabulary) logit blocks whose softmax values are
+    all below CCE_FILTER_EPS), over token chunks of CHUNK rows."""
+    entropy_sum, skippable, blocks = 0.0, 0, 0
+    num_tokens = hidden.shape[0] // block * block
+    for i in range(0, num_tokens, CHUNK):
+        logp = torch.log_softmax((hidden[i:i + CHUNK] @ weight.t()).float(), dim=-1)
+        entropy_sum += float(-(logp.exp() * logp).sum())
+        rows, vocab = logp.shape[0], logp.shape[1] // block * block
+        block_max = logp[:, :vocab].reshape(rows // block, block, vocab // block, block).amax(dim=(1, 3))
+        skippable += int((block_max < math.log(CCE_FILTER_EPS)).sum())
+        blocks += block_max.numel()
+    return entropy_sum / num_tokens, skippable / blocks
 
 
 def forward_only(fn, hidden, weight, targets):
@@ -140,9 +170,10 @@ def test_gpu_forward_only(gpu_bench, num_tokens):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("num_tokens", [4096, 16384])
-def test_gpu_fwd_bwd(gpu_bench, num_tokens):
-    hidden, weight, targets = make_inputs(num_tokens, HIDDEN, VOCAB, "cuda", torch.bfloat16)
+@pytest.mark.parametrize("num_tokens, logits", [(4096, "random"), (16384, "random"), (4096, "peaky")])
+def test_gpu_fwd_bwd(gpu_bench, num_tokens, logits):
+    hidden, weight, targets = make_inputs(num_tokens, HIDDEN, VOCAB, "cuda", torch.bfloat16, logits)
+    entropy_mean, skip_fraction = logit_statistics(hidden, weight)
     hidden.requires_grad_()
     weight.requires_grad_()
     g_logprob = torch.randn(num_tokens, device="cuda")
@@ -151,7 +182,9 @@ def test_gpu_fwd_bwd(gpu_bench, num_tokens):
               warmup_rounds=3)
     gpu_bench.tflops(6 * num_tokens * HIDDEN * VOCAB)
     gpu_bench.extra_info.update(
-        shape=f"T={num_tokens} H={HIDDEN} V={VOCAB} bf16", mode="fwd+bwd, grads from logprob and entropy",
+        shape=f"T={num_tokens} H={HIDDEN} V={VOCAB} bf16 {logits} logits",
+        mode="fwd+bwd, grads from logprob and entropy", logit_entropy_mean_nats=round(entropy_mean, 3),
+        cce_filter_skip_fraction=round(skip_fraction, 4),
         flops_counted="6*T*H*V (the backward's logit recompute, another 2THV, is not counted)",
         peak_extra_mib=gpu_bench.peak_extra_mib(fwd_bwd, linear_logprob_entropy, hidden, weight, targets, g_logprob,
                                                 g_entropy))
@@ -175,6 +208,8 @@ def test_gpu_fwd_bwd(gpu_bench, num_tokens):
     cce = _cce_loss()
     if cce is not None:
         baselines.append(("cce", lambda: cce(hidden, weight, targets, reduction="sum")))
+        baselines.append(("cce_exact", lambda: cce(hidden, weight, targets, reduction="sum", filter_eps=None)))
+        gpu_bench.extra_info["cce_logprob_only_gradient"] = "approximate: filter_eps=auto"
     for name, loss_fn in baselines:
         def step(loss_fn=loss_fn):
             hidden.grad = weight.grad = None

@@ -22,7 +22,8 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-RESULT_WORDS = ("tflops", "gbps", "tokens_per_s", "mfu", "peak", "ratio", "fraction", "error", "oom", "launches")
+RESULT_WORDS = ("tflops", "gbps", "tokens_per_s", "mfu", "peak", "ratio", "fraction", "error", "oom", "launches",
+                "nats")
 ENV_KEYS = ("device", "backend", "gpu_name", "torch", "triton", "cuda", "python", "git_sha", "date")
 NOT_RESULTS = {"median_ms", "cpu_threads", "has_ext", "has_cuda_ext", "timestamp", "host", *ENV_KEYS}
 
@@ -68,7 +69,9 @@ def _row(b: dict) -> str:
         m = re.fullmatch(r"(.+)_median_ms", key)
         if m and key != "median_ms":
             speedup = info.get(f"speedup_vs_{m.group(1)}")
-            baselines.append(f"{m.group(1)} {_fmt(value)} ms" + (f" ({_fmt(speedup)}x)" if speedup is not None else ""))
+            gradient = info.get(f"{m.group(1)}_gradient")  # e.g. a baseline whose gradient is approximate
+            baselines.append(f"{m.group(1)} {_fmt(value)} ms" + (f" ({_fmt(speedup)}x)" if speedup is not None else "")
+                             + (f" [{gradient}]" if gradient else ""))
     errors = [f"{k[:-6]}: n/a" for k in info if k.endswith("_error")]
     results = [f"{k} {_fmt(v)}" for k, v in info.items() if k not in NOT_RESULTS and not k.endswith("_median_ms")
                and not k.startswith("speedup_vs_") and not k.endswith("_error") and any(w in k for w in RESULT_WORDS)]
