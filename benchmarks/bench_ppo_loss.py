@@ -7,8 +7,9 @@ GPU (skips without CUDA):
     every option on (dual clip, KL k3, entropy term, sequence mean).
   value_loss 1M tokens fwd+bwd and masked_whiten / grpo_advantages at RL-step sizes, vs their references.
   fused policy loss at T = 4096, H = 3584, V = 152,064 (Qwen2.5-VL-7B head), bf16: `ppo_policy_loss_from_hidden`
-    fwd+bwd vs the unfused `linear_logprob_entropy` -> `ppo_loss` (same kernels, two autograd nodes) and vs the
-    eager reference composition (full (T, V) logits): time and peak memory above the inputs.
+    fwd+bwd (gradients formed in the forward from cuBLAS logits: three GEMMs) vs the unfused
+    `linear_logprob_entropy` -> `ppo_loss` (two autograd nodes, the backward recomputes the logits: four GEMMs) and
+    vs the eager reference composition (full (T, V) logits): time and peak memory above the inputs.
 CPU: the policy loss on a small head (T = 512, H = 128, V = 32,768, fp32): the PyTorch path (token-chunked
   log-prob + reference PPO loss) vs the eager reference with full logits: time and peak RSS growth.
 """
@@ -156,7 +157,7 @@ def policy_step(kind, x):
 def test_gpu_fused_policy_loss(gpu_bench):
     x = make_policy_inputs(POLICY_TOKENS, HIDDEN, VOCAB, "cuda", torch.bfloat16)
     gpu_bench(policy_step, "fused", x, rounds=10, warmup_rounds=3)
-    gpu_bench.tflops(6 * POLICY_TOKENS * HIDDEN * VOCAB)  # forward + two backward GEMMs (recompute not counted)
+    gpu_bench.tflops(6 * POLICY_TOKENS * HIDDEN * VOCAB)  # logits + the two gradient GEMMs
     gpu_bench.extra_info.update(shape=f"T={POLICY_TOKENS} H={HIDDEN} V={VOCAB} bf16", mode="fwd+bwd, entropy metric",
                                 fused_peak_extra_mib=gpu_bench.peak_extra_mib(policy_step, "fused", x))
     for kind in ("unfused", "eager"):

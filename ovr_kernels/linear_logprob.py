@@ -84,6 +84,31 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
+    def _online_softmax_step(z2, col_ok, cols, target, m, s, a, z_target, WITH_ENTROPY: tl.constexpr):
+        """One (rows, BLOCK_V) tile of base-2 logits z2 into the running (max m, sum s = sum 2^(z2 - m), first
+        moment a = sum 2^(z2 - m) (z2 - m), target logit); columns outside col_ok are skipped. Start from
+        m = -1e30 (finite: (m - m_new) never forms 0 * inf), s = a = z_target = 0."""
+        z2 = tl.where(col_ok, z2, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z2, axis=1))
+        alpha = tl.exp2(m - m_new)
+        e = tl.exp2(z2 - m_new[:, None])  # 0 on masked columns
+        if WITH_ENTROPY:
+            d = tl.where(col_ok, z2 - m_new[:, None], 0.0)
+            a = alpha * (a + s * (m - m_new)) + tl.sum(e * d, axis=1)
+        s = s * alpha + tl.sum(e, axis=1)
+        z_target += tl.sum(tl.where(cols[None, :] == target[:, None], z2, 0.0), axis=1)
+        return m_new, s, a, z_target
+
+    @triton.jit
+    def _softmax_results(m, s, a, z_target, target, V):
+        """(log2 s, log p(target), entropy) in natural units from the merged statistics; an out-of-range target
+        matches no column, so it gets NaN, not the finite log-prob of a zero logit."""
+        log2s = tl.log2(s)
+        in_vocab = (target >= 0) & (target < V)
+        logprob = tl.where(in_vocab, (z_target - m - log2s) * 0.6931471805599453, float("nan"))
+        return log2s, logprob, (log2s - a / s) * 0.6931471805599453
+
+    @triton.jit
     def _linear_logprob_fwd_kernel(
         hidden_ptr, weight_ptr, targets_ptr, part_ptr,  # part: (4, S, T) fp32 rows m, s, a, z2_target
         T, V, H, stride_h_t, stride_w_v, scale2, vocab_per_split, num_splits,
@@ -107,17 +132,8 @@ if HAS_TRITON:
             cols = v0 + tl.arange(0, BLOCK_V)
             acc = _logits_tile(hidden_ptr, weight_ptr, rows, cols, T, V, H, stride_h_t, stride_w_v,
                                BLOCK_T, BLOCK_V, BLOCK_K, EVEN_K, UPCAST, INPUT_PRECISION, ALIGNED)
-            col_ok = (cols < v_end)[None, :]
-            z2 = tl.where(col_ok, acc * scale2, float("-inf"))
-            m_new = tl.maximum(m, tl.max(z2, axis=1))
-            alpha = tl.exp2(m - m_new)
-            e = tl.exp2(z2 - m_new[:, None])  # 0 on masked columns
-            if WITH_ENTROPY:
-                d = tl.where(col_ok, z2 - m_new[:, None], 0.0)
-                a = alpha * (a + s * (m - m_new)) + tl.sum(e * d, axis=1)
-            s = s * alpha + tl.sum(e, axis=1)
-            z_target += tl.sum(tl.where(cols[None, :] == target[:, None], z2, 0.0), axis=1)
-            m = m_new
+            m, s, a, z_target = _online_softmax_step(acc * scale2, (cols < v_end)[None, :], cols, target, m, s, a,
+                                                    z_target, WITH_ENTROPY)
         out = part_ptr + split * T + rows
         row_ok = rows < T
         stride_stat = num_splits * T
@@ -147,17 +163,15 @@ if HAS_TRITON:
         m_T = tl.max(m, axis=0)
         scale = tl.exp2(m - m_T[None, :])
         s_T = tl.where(row_ok, tl.sum(s * scale, axis=0), 1.0)  # padding rows: no log2(0)
-        log2s = tl.log2(s_T)
-        target = tl.load(targets_ptr + rows, mask=row_ok, other=ignore_index)
-        valid = target != ignore_index
-        # An out-of-range target matches no column: NaN, not the finite log-prob of a zero logit.
-        in_vocab = (target >= 0) & (target < V)
-        logprob = tl.where(in_vocab, (z_target - m_T - log2s) * 0.6931471805599453, float("nan"))
-        tl.store(logprob_ptr + rows, tl.where(valid, logprob, 0.0), mask=row_ok)
+        a_T = s_T * 0.0
         if WITH_ENTROPY:
             a = tl.load(part_ptr + 2 * stride_stat + offs, mask=ok, other=0.0)
             a_T = tl.sum(scale * (a + s * (m - m_T[None, :])), axis=0)
-            entropy = (log2s - a_T / s_T) * 0.6931471805599453
+        target = tl.load(targets_ptr + rows, mask=row_ok, other=ignore_index)
+        valid = target != ignore_index
+        log2s, logprob, entropy = _softmax_results(m_T, s_T, a_T, z_target, target, V)
+        tl.store(logprob_ptr + rows, tl.where(valid, logprob, 0.0), mask=row_ok)
+        if WITH_ENTROPY:
             tl.store(entropy_ptr + rows, tl.where(valid, entropy, 0.0), mask=row_ok)
         tl.store(max2_ptr + rows, m_T, mask=row_ok)
         tl.store(log2sum_ptr + rows, log2s, mask=row_ok)

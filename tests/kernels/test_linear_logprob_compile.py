@@ -4,6 +4,7 @@ V = 152,064, T = 4096 and 16384 on an H100's 132 SMs): each launch is captured f
 launcher marks it), then compiled on this environment's triton and on the GPU image's 3.6.0. No register spills,
 matrix products on tensor cores (wgmma on sm_90, mma.sync on sm_80). No GPU needed (sm_compile.py)."""
 
+import importlib
 import json
 from unittest import mock
 
@@ -131,3 +132,54 @@ def test_hidden_slabs_in_flight_fit_in_l2(num_tokens):
     slabs_in_flight = min(num_t_blocks, -(-132 // num_splits))
     assert slabs_in_flight * block_t * HIDDEN * 2 <= 25 * 2**20, f"S={num_splits}: {slabs_in_flight} slabs"
     assert num_t_blocks * num_splits >= min(4 * 132, num_t_blocks * (VOCAB // 256 // 4))
+
+
+POLICY_SIGNATURE = {
+    "logits_ptr": "*fp32", "dz_ptr": "*bf16", "targets_ptr": "*i64", "logp_ptr": "*fp32", "ent_ptr": "*fp32",
+    "old_ptr": "*fp32", "adv_ptr": "*fp32", "mask_ptr": "*u8", "ref_ptr": "*fp32", "scale_ptr": "*fp32",
+    "T": "i32", "V": "i32", "stride_l": "i32", "stride_dz": "i32", "scale2": "fp32", "inv_temperature": "fp32",
+    "ignore_index": "i32", "lo": "fp32", "hi": "fp32", "dual_c": "fp32", "kl_coef": "fp32", "ent_coef": "fp32",
+    "lr_clamp": "fp32", "BLOCK_T": "constexpr", "BLOCK_V": "constexpr", "WITH_ENTROPY": "constexpr",
+    "HAS_ENTROPY_GRAD": "constexpr", "HAS_KL": "constexpr", "KL_TYPE": "constexpr", "HAS_DUAL_CLIP": "constexpr",
+}
+
+
+def policy_jobs(arch, num_tokens=4096):
+    """The fused policy loss's softmax/dz kernel as its launcher launches it at the benchmark head (bf16), with the
+    default options and with every option on; the PPO kernels it also launches are captured, not run."""
+    import ovr_kernels._triton as tr
+    import ovr_kernels.policy_loss as pl
+
+    pp = importlib.import_module("ovr_kernels.ppo_loss")  # the package's `ppo_loss` attribute is the function
+
+    meta = {"device": "meta"}
+    hidden = torch.empty(num_tokens, HIDDEN, dtype=torch.bfloat16, **meta)
+    weight = torch.empty(VOCAB, HIDDEN, dtype=torch.bfloat16, **meta)
+    targets = torch.empty(num_tokens, dtype=torch.int64, **meta)
+    per_token = [torch.empty(num_tokens, **meta) for _ in range(3)]
+    mask = torch.empty(num_tokens, dtype=torch.bool, **meta)
+    cu = torch.tensor([0, 5, num_tokens], dtype=torch.int32).to("meta")
+
+    def run():
+        old, adv, ref = per_token
+        pl._fused_fwd(hidden, weight, targets, old, adv, mask, None, None, None, 1.0, -100, True, 0.2, 0.2, None,
+                      0.0, "k3", 0.0)
+        pl._fused_fwd(hidden, weight, targets, old, adv, mask, ref, cu, None, 0.7, -100, True, 0.2, 0.28, 3.0,
+                      0.05, "k3", 0.01)
+
+    with mock.patch.object(pl, "INTERPRET", False), mock.patch.object(pp, "INTERPRET", False), \
+            mock.patch.object(tr, "INTERPRET", False):
+        calls = capture_launches(pl, ["_policy_dz_kernel"], lambda: capture_launches(
+            pp, ["_ppo_loss_fwd_kernel", "_masked_mean_finalize_kernel"], run))
+    return [job_from_launch(pl._policy_dz_kernel, POLICY_SIGNATURE, launch, arch)
+            for launch in calls["_policy_dz_kernel"]]
+
+
+@pytest.mark.parametrize("triton_dir", triton_versions())
+@pytest.mark.parametrize("arch", [80, 90])
+def test_policy_dz_kernel_compiles_without_spills(arch, triton_dir):
+    jobs = policy_jobs(arch)
+    assert len(jobs) == 2 and jobs[1]["constexprs"]["HAS_KL"] and jobs[1]["constexprs"]["HAS_ENTROPY_GRAD"]
+    for j, info in zip(jobs, compile_many(jobs, triton_dir)):
+        print(f"policy_dz {j['constexprs']}: {info.summary()}")
+        assert info.n_spills == 0, f"sm_{arch}: {info.n_spills} B of spills\n{info.ptxas_log}"

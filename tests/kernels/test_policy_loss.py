@@ -1,6 +1,6 @@
-"""ppo_policy_loss_from_hidden: the fused node equals the unfused composition linear_logprob_entropy -> ppo_loss
-(loss, metrics, d(hidden), d(weight)) and matches the float64 reference composition, on the Triton path
-(OVR_BACKEND=triton; the interpreter on CPU) and the PyTorch path.
+"""ppo_policy_loss_from_hidden: the fused node (gradients formed in its forward from the same logits) equals the
+unfused composition linear_logprob_entropy -> ppo_loss (loss, metrics, d(hidden), d(weight)) and matches the
+float64 reference composition, on the Triton path (OVR_BACKEND=triton; the interpreter on CPU) and the PyTorch path.
 """
 
 import pytest
@@ -90,7 +90,7 @@ def _case(name):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_fused_equals_unfused(backend, case):
-    """Same launchers, same numbers: the fused node only removes the autograd hop between the two ops."""
+    """Same formulas, logits formed once instead of twice: the numbers agree to fp32 rounding."""
     x, kwargs = _case(case)
     fused = run_fused(x, **kwargs)
     unfused = run_unfused(x, lambda h, w, t, temp: linear_logprob_entropy(h, w, t, temp), ppo_loss, **kwargs)
@@ -131,7 +131,7 @@ def test_without_entropy(backend):
 @pytest.mark.parametrize("case", ["defaults", "all_options"])
 def test_torch_compile(backend, case):
     """The fused policy loss traces with fullgraph=True (Triton path: the ovr::ppo_policy_loss_fwd custom op,
-    whose backward calls ovr::ppo_loss_bwd and ovr::linear_logprob_bwd) and equals eager bit for bit."""
+    whose backward scales the gradients its forward formed) and equals eager bit for bit."""
     torch._dynamo.reset()
     x, kwargs = _case(case)
     ppo_kw = _ppo_kwargs(x, kwargs)
@@ -194,3 +194,45 @@ def _bad_call(name):
 def test_bad_inputs_raise(backend, name, match):
     with pytest.raises(ValueError, match=match):
         _bad_call(name)()
+
+
+@pytest.mark.parametrize("case", ["all_options", "bf16_global"])
+def test_fused_token_chunks(triton_backend, monkeypatch, case):
+    """The Triton path over 8-token chunks (dweight summed over 13 / 10 chunks in fp32, chunk edges inside the
+    sequences of the sequence mean) equals the unfused composition and the float64 reference."""
+    import ovr_kernels.policy_loss as pl
+
+    x, kwargs = _case(case)
+    elt = x["hidden"].element_size()
+    monkeypatch.setattr(pl, "POLICY_SCRATCH_BYTES", 8 * x["weight"].shape[0] * (4 + elt))
+    got = run_fused(x, **kwargs)
+    unfused = run_unfused(x, lambda h, w, t, temp: linear_logprob_entropy(h, w, t, temp), ppo_loss, **kwargs)
+    truth = run_unfused(x, linear_logprob_entropy_ref, ppo_loss_ref, cast=torch.float64, **kwargs)
+    tol = {"atol": 1e-6, "rtol": 1e-5} if x["hidden"].dtype == torch.float32 else {"atol": 2e-3, "rtol": 1e-2}
+    assert_close("loss", got[0], unfused[0], atol=1e-6, rtol=1e-5)
+    assert_close("grad_hidden", got[2], unfused[2], **tol)
+    assert_close("grad_weight", got[3], unfused[3], **tol)
+    assert_close_3way("grad_weight (vs float64)", got[3], unfused[3], truth[3], factor=3.0, atol=1e-6)
+
+
+def test_fused_scales_by_grad_out_and_skips_gradients_without_grad(triton_backend):
+    """The forward's gradients are for grad_out = 1: a loss scaled by 3 gets 3x the gradients. Without grad mode
+    (or with no input requiring grad) the loss and metrics are the same and no gradient is formed."""
+    x, kwargs = _case("all_options")
+    ppo_kw = _ppo_kwargs(x, kwargs)
+    h, w = x["hidden"].clone().requires_grad_(), x["weight"].clone().requires_grad_()
+    loss, metrics = ppo_policy_loss_from_hidden(h, w, x["targets"], x["old_logprobs"], x["advantages"], x["mask"],
+                                                temperature=0.7, **ppo_kw)
+    gh, gw = torch.autograd.grad(loss, [h, w])
+    loss3, _ = ppo_policy_loss_from_hidden(h, w, x["targets"], x["old_logprobs"], x["advantages"], x["mask"],
+                                           temperature=0.7, **ppo_kw)
+    gh3, gw3 = torch.autograd.grad(3.0 * loss3, [h, w])
+    assert_close("grad_hidden x3", gh3, 3.0 * gh, atol=1e-7, rtol=1e-6)
+    assert_close("grad_weight x3", gw3, 3.0 * gw, atol=1e-7, rtol=1e-6)
+    with torch.no_grad():
+        loss_ng, metrics_ng = ppo_policy_loss_from_hidden(h, w, x["targets"], x["old_logprobs"], x["advantages"],
+                                                          x["mask"], temperature=0.7, **ppo_kw)
+    assert not loss_ng.requires_grad
+    assert_close("loss (no grad)", loss_ng, loss.detach(), atol=1e-6, rtol=1e-6)
+    for name in METRICS:
+        assert_close(name, metrics_ng[name], metrics[name], atol=1e-6, rtol=1e-6)
