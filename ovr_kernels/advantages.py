@@ -138,9 +138,9 @@ def masked_whiten_fwd(x_T, mask_T, shift_mean: bool, eps: float):
     mask_k = mask_T.view(torch.uint8) if mask_T.dtype == torch.bool else mask_T
     part_P3 = torch.empty((num_programs, 3), dtype=torch.float32, device=x_T.device)
     _whiten_partial_kernel[(num_programs,)](x_T, mask_k, part_P3, T, BLOCK=block, num_warps=4)
+    block_p = min(WHITEN_PARTIALS, triton.next_power_of_2(num_programs))
     _whiten_apply_kernel[(num_programs,)](x_T, mask_k, part_P3, out_T, T, num_programs, eps, SHIFT_MEAN=shift_mean,
-                                         BLOCK=block, BLOCK_P=min(WHITEN_PARTIALS, triton.next_power_of_2(num_programs)),
-                                         num_warps=4)
+                                         BLOCK=block, BLOCK_P=block_p, num_warps=4)
     return out_T
 
 

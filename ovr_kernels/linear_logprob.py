@@ -17,9 +17,9 @@ dz = (g_logp ([v == target] - p) - g_ent p (log p + entropy)) / temperature. A T
 tile from the saved statistics (max, log-sum, entropy) and writes dz for one vocabulary chunk (bounded scratch, in
 the input dtype); two cuBLAS GEMMs then give dweight[chunk] = dz^T @ hidden (written once, K = T: full GEMM
 efficiency) and dhidden += dz @ weight[chunk]. A gradient summed over chunks takes each chunk's GEMM with an fp32
-output (cuBLAS accumulates in fp32 anyway), so it is rounded to the input dtype once, at the end. Chunking the vocabulary rather than the tokens
-keeps dweight's reduction inside one GEMM instead of re-reading and re-writing a (V, H) fp32 accumulator per token
-chunk (the memory-bound step of token-chunked implementations such as Liger's). A fully fused dz-GEMM-GEMM kernel
+output (cuBLAS accumulates in fp32 anyway), so it is rounded to the input dtype once, at the end. Chunking the
+vocabulary rather than the tokens keeps dweight's reduction inside one GEMM instead of re-reading and re-writing a
+(V, H) fp32 accumulator per token chunk (the memory-bound step of token-chunked implementations such as Liger's). A fully fused dz-GEMM-GEMM kernel
 would need atomics on both gradients; cuBLAS at K = T already runs at peak, so only the recompute GEMM is ours.
 CPU (and OVR_BACKEND=reference): the same algorithm in plain PyTorch over token chunks, as exact as the reference.
 """
@@ -36,7 +36,6 @@ if HAS_TRITON:
     import triton.language as tl
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 # Scratch budgets. GPU: the backward's dz chunk (Tc x Vc, input dtype). CPU: fp32 logits of one token chunk (the
 # chunk's few temporaries stay well under 10% of the eager path's (T, V) tensors).
 SCRATCH_BYTES = 256 * 2**20
