@@ -134,7 +134,7 @@ def _fused_fwd(hidden_TH, weight_VH, targets_T, old_T, adv_T, mask_T, ref_T, cu_
     block_t = POLICY_BLOCK_T
     block_v = POLICY_BLOCK_V if not INTERPRET else 128
     chunk_t = POLICY_SCRATCH_BYTES // (vocab_size * (4 + hidden_TH.element_size())) // block_t * block_t
-    chunk_t = min(max(block_t, chunk_t), num_tokens)
+    chunk_t = min(max(block_t, chunk_t), max(num_tokens, 1))
     logits_TV = torch.empty((chunk_t, vocab_size), dtype=torch.float32, device=hidden_TH.device)
     dz_TV = torch.empty((chunk_t, vocab_size), dtype=hidden_TH.dtype, device=hidden_TH.device)
     logp_T = torch.empty(num_tokens, dtype=torch.float32, device=hidden_TH.device)
@@ -144,6 +144,8 @@ def _fused_fwd(hidden_TH, weight_VH, targets_T, old_T, adv_T, mask_T, ref_T, cu_
     one_pass = chunk_t >= num_tokens
     grad_hidden_TH = torch.empty_like(hidden_TH)
     grad_weight_VH = torch.empty_like(weight_VH, dtype=weight_VH.dtype if one_pass else torch.float32)
+    if num_tokens == 0:  # no chunk runs: no token, no gradient
+        grad_weight_VH.zero_()
     scalars = _scalars(clip_low, clip_high, dual_clip, kl_coef, entropy_coef)
     for t0 in range(0, num_tokens, chunk_t):
         t1 = min(t0 + chunk_t, num_tokens)

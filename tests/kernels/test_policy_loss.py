@@ -236,3 +236,13 @@ def test_fused_scales_by_grad_out_and_skips_gradients_without_grad(triton_backen
     assert_close("loss (no grad)", loss_ng, loss.detach(), atol=1e-6, rtol=1e-6)
     for name in METRICS:
         assert_close(name, metrics_ng[name], metrics[name], atol=1e-6, rtol=1e-6)
+
+
+def test_empty_tokens(backend):
+    h = torch.randn(0, 16, device=DEVICE, requires_grad=True)
+    w = torch.randn(31, 16, device=DEVICE, requires_grad=True)
+    empty = torch.zeros(0, device=DEVICE)
+    loss, _ = ppo_policy_loss_from_hidden(h, w, torch.zeros(0, dtype=torch.int64, device=DEVICE), empty, empty,
+                                          torch.zeros(0, dtype=torch.bool, device=DEVICE))
+    gh, gw = torch.autograd.grad(loss, [h, w])
+    assert float(loss.detach()) == 0.0 and gh.shape == (0, 16) and bool((gw == 0).all())
