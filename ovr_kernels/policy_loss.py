@@ -30,9 +30,12 @@ from ovr_kernels._checks import check_normalizer, check_scalar, check_tensor, ch
 from ovr_kernels._triton import INTERPRET, use_triton
 from ovr_kernels.linear_logprob import (
     LOG2E,
+    _check_inputs,
     _mm_fp32,
     _online_softmax_step,
     _softmax_results,
+    _sync_checks,
+    check_targets,
     linear_logprob_entropy,
     linear_logprob_nograd,
 )
@@ -257,6 +260,9 @@ def ppo_policy_loss_from_hidden(hidden, lm_head_weight, targets, old_logprobs, a
     if entropy_coef != 0.0 and not with_entropy:
         raise ValueError(f"entropy_coef={entropy_coef} needs with_entropy=True")
     temperature = check_scalar("temperature", temperature, low=0.0, low_open=True)
+    _check_inputs(hidden, lm_head_weight, targets, temperature)
+    if _sync_checks(targets):  # as linear_logprob_fwd: no host sync on CUDA tensors
+        check_targets(targets, lm_head_weight.shape[0], ignore_index)
 
     if not use_triton(hidden):
         logprob_T, entropy_T = linear_logprob_entropy(hidden, lm_head_weight, targets, temperature, ignore_index)

@@ -162,9 +162,9 @@ def test_opcheck(monkeypatch):
                           (h, w, x["targets"], x["old_logprobs"], x["advantages"], x["mask"], None, None,
                            torch.tensor(9.0, device=DEVICE), None, 1.0, -100, False, 0.2, 0.2, None, 0.0, "k3", 0.0))
 
-def _bad_call(name):
+def _bad_call(name, requires_grad):
     T, H, V = 6, 8, 10
-    h, w = torch.randn(T, H), torch.randn(V, H)
+    h, w = torch.randn(T, H, requires_grad=requires_grad), torch.randn(V, H, requires_grad=requires_grad)
     t, old, adv, m = torch.randint(0, V, (T,)), torch.randn(T), torch.randn(T), torch.ones(T, dtype=torch.bool)
     kw = {}
     if name == "hidden_1d":
@@ -181,7 +181,8 @@ def _bad_call(name):
         kw = {"entropy_no_entropy": {"entropy_coef": 0.1, "with_entropy": False},
               "temperature": {"temperature": 0.0}, "clip": {"clip_low": 1.5},
               "kl_no_ref": {"kl_coef": 0.1}}[name]
-    h, w, t, old, adv, m = (v.to(DEVICE) for v in (h, w, t, old, adv, m))
+    h, w, t, old, adv, m = (v.detach().to(DEVICE).requires_grad_(requires_grad and v.is_floating_point()
+                                                                 and v.dim() == 2) for v in (h, w, t, old, adv, m))
     return lambda: ppo_policy_loss_from_hidden(h, w, t, old, adv, m, **kw)
 
 
@@ -191,9 +192,11 @@ def _bad_call(name):
     ("entropy_no_entropy", "entropy_coef=0.1 needs with_entropy=True"), ("temperature", "temperature must be > 0"),
     ("clip", r"clip_low must be in \[0, 1\)"), ("kl_no_ref", "kl_coef=0.1 needs ref_logprobs"),
 ])
-def test_bad_inputs_raise(backend, name, match):
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no-grad", "grad"])
+def test_bad_inputs_raise(backend, name, match, requires_grad):
+    """Both the gradient path and the no-gradient path validate their inputs."""
     with pytest.raises(ValueError, match=match):
-        _bad_call(name)()
+        _bad_call(name, requires_grad)()
 
 
 @pytest.mark.parametrize("case", ["all_options", "bf16_global"])
