@@ -428,8 +428,9 @@ def _triton_bwd(hidden_TH, weight_VH, targets_T, temperature, ignore_index, max2
 
 def _mm_fp32(a, b, out=None):
     """a @ b as fp32 from bf16/fp16/fp32 inputs: fp32 accumulation, no rounding to the input dtype in between.
-    CUDA: cuBLAS writes fp32 directly (torch.mm's out_dtype: aten::mm.dtype / mm.dtype_out, which have no CPU kernel);
-    CPU (the interpreter tests): the same product of fp32 copies, exact for bf16/fp16 inputs."""
+    CUDA: cuBLAS writes fp32 directly through torch.mm's out_dtype (since torch 2.8; aten/src/ATen/native/cuda/
+    Blas.cpp `_mm_dtype_out_cuda` accepts out_dtype = the input dtype, or fp32 for fp16/bf16 inputs). CPU (the
+    interpreter tests), where aten::mm.dtype has no kernel: the same product of fp32 copies, exact for bf16/fp16."""
     if a.is_cuda:
         return torch.mm(a, b, out_dtype=torch.float32, out=out)
     return torch.mm(a.float(), b.float(), out=out)
