@@ -132,6 +132,8 @@ def _token_scale(mask_T, old_T, adv_T, cu_seqlens, normalizer):
 def _fused_fwd(hidden_TH, weight_VH, targets_T, old_T, adv_T, mask_T, ref_T, cu_seqlens, normalizer, temperature,
                ignore_index, with_entropy, clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef):
     """Loss, metrics and the gradients for grad_out = 1 in one pass over token chunks (module docstring)."""
+    if _sync_checks(targets_T):  # as linear_logprob_fwd: no host sync on CUDA tensors
+        check_targets(targets_T, weight_VH.shape[0], ignore_index)
     num_tokens, vocab_size = hidden_TH.shape[0], weight_VH.shape[0]
     hidden_TH, weight_VH, targets_T = hidden_TH.contiguous(), weight_VH.contiguous(), targets_T.contiguous()
     block_t = POLICY_BLOCK_T
@@ -261,8 +263,6 @@ def ppo_policy_loss_from_hidden(hidden, lm_head_weight, targets, old_logprobs, a
         raise ValueError(f"entropy_coef={entropy_coef} needs with_entropy=True")
     temperature = check_scalar("temperature", temperature, low=0.0, low_open=True)
     _check_inputs(hidden, lm_head_weight, targets, temperature)
-    if _sync_checks(targets):  # as linear_logprob_fwd: no host sync on CUDA tensors
-        check_targets(targets, lm_head_weight.shape[0], ignore_index)
 
     if not use_triton(hidden):
         logprob_T, entropy_T = linear_logprob_entropy(hidden, lm_head_weight, targets, temperature, ignore_index)
