@@ -126,16 +126,22 @@ def test_fused_policy_loss_qwen_head(all_options):
 
 
 def test_no_host_sync(monkeypatch):
-    """Forward, backward and forward-only scoring never wait for the GPU (torch's sync debug mode raises on any
-    synchronising call); the OVR_CHECK_TARGETS=1 debug check does wait, which shows the probe can fail."""
+    """Forward, backward and forward-only scoring, and the fused policy loss with and without gradients, never
+    wait for the GPU (torch's sync debug mode raises on any synchronising call); the OVR_CHECK_TARGETS=1 debug
+    check does wait, which shows the probe can fail."""
     monkeypatch.delenv("OVR_CHECK_TARGETS", raising=False)
-    hidden, weight, targets = bll.make_inputs(1000, 512, 151_665, "cuda", torch.bfloat16)
+    x = bppo.make_policy_inputs(1000, 512, 151_665, "cuda", torch.bfloat16)
+    hidden, weight, targets = x["hidden"], x["weight"], x["targets"]
     h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    ppo_args = (x["old_logprobs"], x["advantages"], x["mask"])
 
     def run():
         logprob, entropy = linear_logprob_entropy(h, w, targets)
         (logprob.sum() + entropy.sum()).backward()
         linear_logprob_nograd(hidden, weight, targets, with_entropy=True)
+        ppo_policy_loss_from_hidden(h, w, targets, *ppo_args, entropy_coef=0.01)[0].backward()
+        with torch.no_grad():
+            ppo_policy_loss_from_hidden(h, w, targets, *ppo_args)
 
     run()  # compiles the kernels outside the probe
     torch.cuda.synchronize()
