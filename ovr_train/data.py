@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 
 from ovr_kernels.packing import balanced_partition, token_budget_microbatches
-from ovr_train.prompts import PromptFormat
 from ovr_train.sources import canonical_row, iter_rows
 
 IGNORE = -100
@@ -42,6 +41,37 @@ _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "ass
 # ----------------------------------------------------------------------------------------------------------------
 # Reading and normalising chat samples
 # ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """What every stage adds to a conversation: a system message and the answer instruction (empty: none). One
+    format for SFT, RL and eval: a policy must be trained on the prompts it is evaluated on. `apply` puts the
+    system prompt in front of a conversation without a system turn and appends the instruction to its last user
+    turn unless that turn already mentions `\\boxed`."""
+
+    system_prompt: str = ""
+    answer_instruction: str = ""
+
+    @classmethod
+    def of(cls, dcfg) -> "PromptFormat":
+        """The format a DataCfg asks for."""
+        return cls(dcfg.system_prompt, dcfg.answer_instruction)
+
+    def apply(self, messages: list) -> list:
+        """Chat messages [(role, [str | ImageRef])] -> a new list in this format (the input is not modified)."""
+        out = [(role, list(parts)) for role, parts in messages]
+        if self.system_prompt and out and out[0][0] != "system":
+            out.insert(0, ("system", [self.system_prompt]))
+        last_user = max((i for i, (role, _) in enumerate(out) if role == "user"), default=None)
+        if self.answer_instruction and last_user is not None:
+            parts = out[last_user][1]
+            if not any(isinstance(p, str) and "\\boxed" in p for p in parts):
+                if parts and isinstance(parts[-1], str):
+                    parts[-1] = parts[-1] + "\n" + self.answer_instruction
+                else:
+                    parts.append(self.answer_instruction)
+        return out
 
 
 @dataclass
@@ -365,13 +395,13 @@ def mrope_position_ids(input_ids_L, grid_thw_N3, image_pad_id: int, merge_size: 
 def encode_messages(messages: list, tok, ids: dict, image_proc: ImageProcessor | None, *, image_root: str = "",
                     add_generation_prompt: bool = False, answer: str | None = None) -> Encoded:
     """Chat messages [(role, parts)] -> Encoded in the Qwen2.5-VL chat format (system prompt and answer instruction
-    are the caller's: prompts.PromptFormat).
+    are the caller's: PromptFormat).
 
     Loss targets cover assistant content and its `<|im_end|>`. With add_generation_prompt the sequence ends with
     `<|im_start|>assistant\\n` (a rollout prompt). Image errors raise ValueError naming the image.
 
     Token ids equal the checkpoint's chat template's (rendered, then tokenised; each image's one `<|image_pad|>`
-    expanded to its tokens) with two deliberate differences: without a system prompt (prompts.PromptFormat) a conversation that has no
+    expanded to its tokens) with two deliberate differences: without a system prompt (PromptFormat) a conversation that has no
     system turn gets none (the template adds "You are a helpful assistant."; the recipe configs set that prompt);
     and assistant content is tokenised apart from its `assistant\\n` header, exactly as the model produces it after
     a generation prompt, so content starting with whitespace ("\\n\\n...") does not merge into the header's newline.

@@ -83,7 +83,8 @@ def plot_accuracy(summary, path: Path):
     plt.close(fig)
 
 
-def plot_behaviors(summary, path: Path):
+def plot_stage_behaviors(summary, path: Path):
+    """Bars of each behaviour's rate in held-out responses per stage, text vs image sets."""
     plt = _plt()
     stages = _stages(summary)
     fig, axes = plt.subplots(1, len(BEHAVIORS), figsize=(3 * len(BEHAVIORS), 3.2), squeeze=False)
@@ -150,7 +151,7 @@ def write_report(out_dir, summary: dict) -> Path:
     records = read_metrics(out / "rl" / "metrics.jsonl")
     plot_rl_curves(records, plots / "rl_curves.png")
     plot_accuracy(summary, plots / "accuracy.png")
-    plot_behaviors(summary, plots / "behaviors.png")
+    plot_stage_behaviors(summary, plots / "behaviors.png")
     plot_wall_time(summary, plots / "wall_time.png")
 
     stages, times, ev = _stages(summary), summary["times"], summary["evals"]
