@@ -9,6 +9,8 @@ ratio rate(image responses) / rate(text responses) (the paper's BTR, computed on
 
 import math
 
+from ovr_train.metrics import pyplot
+
 ORZ_KEYWORDS = ("wait,", "recheck", "retry", "alternatively,", "however,")
 
 # behaviour -> phrases (lower case). Substring matches: keep phrases specific enough not to fire on plain prose.
@@ -82,11 +84,7 @@ def plot_behaviors(history, path, names=("reflection", "verification", "visual_r
 
     history: list of (step, rates) with rates from `behavior_rates`; path: output file. Needs matplotlib.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     steps = [s for s, _ in history]
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3), squeeze=False)
     for ax, name in zip(axes[0], names):

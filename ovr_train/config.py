@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from ovr_train.synth_images import TASKS
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
 
@@ -254,8 +256,6 @@ class BaseCfg:
         _check(self.lr > 0, "base.lr", self.lr, "must be > 0")
         _check(self.warmup_steps >= 0, "base.warmup_steps", self.warmup_steps, "must be >= 0")
         _check(self.num_train > 0, "base.num_train", self.num_train, "must be > 0")
-        from ovr_train.synth_images import TASKS
-
         _check(bool(self.tasks) and all(t in TASKS for t in self.tasks), "base.tasks", self.tasks,
                f"must be a non-empty subset of {list(TASKS)}")
 

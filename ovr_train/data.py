@@ -29,6 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
+from transformers import AutoConfig, Qwen2VLImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from ovr_kernels.packing import balanced_partition, token_budget_microbatches
 from ovr_train.sources import canonical_row, iter_rows
@@ -226,8 +229,6 @@ def iter_chat_samples(path, on_error: str = "raise", stats: DataStats | None = N
 
 def load_image(ref: ImageRef, image_root: str = ""):
     """ImageRef -> RGB PIL image; ValueError naming the source if it is missing or not a decodable image."""
-    from PIL import Image
-
     src = ref.source
     inline = src.startswith("data:image") or (len(src) > 256 and "/" not in src[:64] and not src.endswith(
         (".png", ".jpg", ".jpeg")))
@@ -254,8 +255,6 @@ class ImageProcessor:
 
     def __init__(self, min_pixels: int, max_pixels: int, patch_size: int = 14, merge_size: int = 2,
                  temporal_patch_size: int = 2, image_mean=None, image_std=None):
-        from transformers import Qwen2VLImageProcessorPil
-
         self.min_pixels, self.max_pixels, self.patch_size = min_pixels, max_pixels, patch_size
         self.merge_size, self.temporal_patch_size = merge_size, temporal_patch_size
         norm = {k: v for k, v in (("image_mean", image_mean), ("image_std", image_std)) if v is not None}
@@ -287,8 +286,6 @@ class ImageProcessor:
 
     def num_tokens_of_size(self, width: int, height: int) -> int:
         """LLM tokens of a width x height image after resizing, without computing its pixels."""
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
         h, w = smart_resize(height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels)
         return h * w // (self.patch_size * self.merge_size) ** 2
 
@@ -301,14 +298,10 @@ def image_processor(cfg, model_path: str | None = None) -> ImageProcessor:
     {shortest_edge, longest_edge}`), else transformers' Qwen2-VL defaults. Patch, merge and temporal patch sizes
     are the model's (its vision_config); a preprocessor_config.json that disagrees with them is an error. The
     normalisation (image_mean / image_std) is the file's where it names one, as any loader of the checkpoint does."""
-    from transformers import Qwen2VLImageProcessorPil
-
     path = cfg.model.path if model_path is None else str(model_path)
     default = Qwen2VLImageProcessorPil()
     pre, where = {}, "transformers' Qwen2-VL defaults"
     if path:
-        from transformers import AutoConfig
-
         vision = AutoConfig.from_pretrained(path).vision_config
         sizes = {"patch_size": vision.patch_size, "merge_size": vision.spatial_merge_size,
                  "temporal_patch_size": vision.temporal_patch_size}

@@ -13,6 +13,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -147,6 +148,4 @@ def full_state_dict(model, cpu_offload: bool = True) -> dict:
     """The full (unsharded) model state dict (collective; e.g. for the HF export or to push weights to a rollout
     engine). Keys are OvrVLM's (`hf.model...`). With cpu_offload (in CPU memory) only rank 0 gets it, the other
     ranks get an empty dict (torch's rule); without, every rank gets it on the model's device."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload))

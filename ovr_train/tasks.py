@@ -17,8 +17,6 @@ A prompt is built in the run's one `data.PromptFormat` (`build_prompt`; `prompt_
 computing pixels), and scored against `Item.gold` by `rewards.score`.
 """
 
-import base64
-import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -225,18 +223,12 @@ def synth_text_items(num: int, seed: int, split: str) -> list:
             for i, r in enumerate(rows)]
 
 
-def _png_data_url(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 def synth_image_items(num: int, seed: int, split: str, prefix: str = "image", tasks=synth_images.REASONING_TASKS,
                       image_size: int = 112) -> list:
     """Generated image questions 0 .. num-1 of a synth_images split as Items `{prefix}-{i}` (the image inline as a
-    PNG data URL, so it needs no file)."""
+    PNG data URL)."""
     rows = synth_images.make_dataset(num, seed, split, tasks=tasks, image_size=image_size)
-    return [Item(f"{prefix}-{i}", [("user", [ImageRef(_png_data_url(r["image"])), r["question"]])], r["answer"],
+    return [Item(f"{prefix}-{i}", [("user", [ImageRef(synth_images.png_data_url(r["image"])), r["question"]])], r["answer"],
                  where=f"synth_images:{split}:{r['task']}:{i}") for i, r in enumerate(rows)]
 
 

