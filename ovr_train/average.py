@@ -1,4 +1,4 @@
-"""Checkpoint averaging: the final OVR model is a uniform average of several RL checkpoints (RECIPE.md).
+"""Checkpoint averaging: the final OVR model is a uniform average of several RL checkpoints (the paper's recipe).
 
     python -m ovr_train.average CKPT1 CKPT2 ... --out DIR [--weights w1,w2,...] [--max-shard-gb 5]
 

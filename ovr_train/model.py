@@ -27,7 +27,7 @@ from ovr_kernels.hf import ATTN_NAME as OVR_ATTENTION
 from ovr_kernels.hf import packed_forward_kwargs, use_ovr_attention
 from ovr_train.dist import apply_fsdp, compute_dtype
 
-# T9: optional GPU-only speedups, resolved once (cheaply: liger itself is imported only when used, on GPU).
+# optional GPU-only speedups, resolved once (cheaply: liger itself is imported only when used, on GPU)
 HAS_LIGER = importlib.util.find_spec("liger_kernel") is not None
 
 
@@ -50,7 +50,7 @@ class OvrVLM(nn.Module):
         self.image_token_id = cfg.image_token_id
         self.merge = cfg.vision_config.spatial_merge_size
         hidden = cfg.text_config.hidden_size
-        # The critic's scalar head has no bias (RECIPE.md); the LM head is then unused but kept for weight loading.
+        # The critic's scalar head has no bias (the paper's recipe); the LM head is then unused but kept for weight loading.
         self.value_head = nn.Linear(hidden, 1, bias=False) if value_head else None
 
     @property
@@ -122,7 +122,7 @@ class OvrVLM(nn.Module):
 
 
 def hf_config(mcfg, vocab_size: int, ids: dict):
-    """A Qwen2_5_VLConfig from ModelCfg numbers (the tiny default, or RECIPE.md's 7B written out)."""
+    """A Qwen2_5_VLConfig from ModelCfg numbers (the tiny default, or the paper's 7B written out)."""
     head_dim = mcfg.hidden_size // mcfg.num_heads
     text = {"vocab_size": vocab_size, "hidden_size": mcfg.hidden_size, "intermediate_size": mcfg.intermediate_size,
             "num_hidden_layers": mcfg.num_layers, "num_attention_heads": mcfg.num_heads,
@@ -181,9 +181,10 @@ def build_model(mcfg, ids: dict, tokenizer_size: int, *, meta: bool = False, val
     if mcfg.activation_checkpointing:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if mcfg.liger and HAS_LIGER and torch.cuda.is_available():
-        # GPU only: liger's RMSNorm / SwiGLU kernels fail under the Triton interpreter (DESIGN.md); its loss
-        # patches stay off because the fused log-prob head already avoids logits. Its Qwen2.5-VL patch breaks on
-        # transformers >= 5.23 (a removed output class): then train without it rather than fail.
+        # GPU only: liger's RMSNorm / SwiGLU kernels fail under the Triton interpreter (they call `.to()` on scalar
+        # arguments, which it rejects); its loss patches stay off because the fused log-prob head already avoids
+        # logits. Its Qwen2.5-VL patch breaks on transformers >= 5.23 (a removed output class): then train without
+        # it rather than fail.
         try:  # an optional extra, ~4.5 s to import (measured): only where it is applied
             from liger_kernel.transformers import apply_liger_kernel_to_qwen2_5_vl
 

@@ -1,4 +1,4 @@
-"""Built-in multimodal task: generated images with verifiable answers (issue 10's toy OVR).
+"""Built-in multimodal task: generated images with verifiable answers (the miniature OVR's task).
 
 A scene is a few coloured shapes (circle / square / triangle in red / blue / green / yellow) or two seven-segment
 digits, drawn with PIL on a white square (112 px by default = 16 Qwen2.5-VL image tokens after the 2x2 merge).
@@ -221,7 +221,7 @@ def png_data_url(image):
 
 def perception_answer(answer):
     """The base stage's reply: no reasoning, only the answer in the same `\\boxed{}` form the cold start and the
-    verifier use (bare-word replies would leave nothing for the text-only SFT to bridge to, issue 10)."""
+    verifier use (bare-word replies would leave nothing for the text-only SFT to bridge to)."""
     return "The answer is \\boxed{" + answer + "}."
 
 

