@@ -122,7 +122,7 @@ def _content_images(content, where: str):
 
 
 def canonical_row(row: dict, where: str, sft: bool = False) -> dict:
-    """A verl / EasyR1 / HF row -> the keys `data.normalize_sample` and `evaluate.parse_row` read (see the module
+    """A verl / EasyR1 / HF row -> the keys `data.normalize_sample` and `tasks.parse_row` read (see the module
     docstring); other rows are returned unchanged. ValueError naming `where` and the field on a bad image cell."""
     if not isinstance(row, dict):
         return row
