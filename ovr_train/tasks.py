@@ -241,6 +241,11 @@ def prompt_pool(rcfg, seed: int) -> list:
     return synth_text_items(num_text, seed, "train") + synth_image_items(rcfg.num_prompts - num_text, seed, "train")
 
 
+def perception_tasks_of(tasks) -> tuple:
+    """The verifiable perception tasks among `tasks` (all but `describe`; `count_color` if none is left)."""
+    return tuple(t for t in tasks if t != "describe") or ("count_color",)
+
+
 def default_sets(num_text: int, num_images: int, seed: int = 0, num_perception: int = 0,
                  perception_tasks=()) -> dict:
     """The embedded default's held-out sets, generated like its training data but from the held-out splits:
@@ -256,11 +261,6 @@ def default_sets(num_text: int, num_images: int, seed: int = 0, num_perception: 
         sets["synth_perception"] = synth_image_items(num_perception, seed, "test", "percep",
                                                      perception_tasks_of(perception_tasks))
     return sets
-
-
-def perception_tasks_of(tasks) -> tuple:
-    """The verifiable perception tasks among `tasks` (all but `describe`; `count_color` if none is left)."""
-    return tuple(t for t in tasks if t != "describe") or ("count_color",)
 
 
 def eval_sets(ecfg, seed: int) -> dict:
