@@ -10,6 +10,7 @@ import torch
 from test_rl_step import dumps, init_dir, launch  # noqa: F401  (init_dir: the module-scoped model fixture)
 
 from ovr_train.config import RLCfg
+from ovr_train.rewards import score
 from ovr_train.rl import mismatch_weights, overlong_penalty
 
 

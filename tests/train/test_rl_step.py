@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ovr_kernels.reference import gae_ref, masked_whiten_ref
+from ovr_train.rewards import score
 
 pytestmark = pytest.mark.dist
 
