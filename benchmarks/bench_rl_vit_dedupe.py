@@ -15,11 +15,10 @@ import torch
 from PIL import Image
 
 from ovr_train.config import ModelCfg
-from ovr_train.data import ImageProcessor, ImageRef, collate
-from ovr_train.evaluate import EvalItem
+from ovr_train.data import ImageProcessor, ImageRef, PromptFormat, collate
 from ovr_train.model import build_model
-from ovr_train.prompts import PromptFormat, build_prompt
 from ovr_train.rl import rollout_sequence
+from ovr_train.tasks import Item, build_prompt
 from ovr_train.tokenizer import load_tokenizer, special_ids
 
 PROMPTS, RESPONSE = 2, 24
@@ -32,7 +31,7 @@ def _setup(tmp_path, n, device):
     prompts = []
     for g in range(PROMPTS):
         Image.effect_noise((224, 224), 30 + g).convert("RGB").save(tmp_path / f"{g}.png")
-        item = EvalItem(str(g), [("user", [ImageRef(str(tmp_path / f"{g}.png")), "How many dots are there?"])], "1")
+        item = Item(str(g), [("user", [ImageRef(str(tmp_path / f"{g}.png")), "How many dots are there?"])], "1")
         prompts.append(build_prompt(item, tok, ids, proc, PromptFormat()))
     gen = torch.Generator().manual_seed(0)
     first = max(ids.values()) + 1  # sampled tokens are ordinary ones (a sampled image pad would need an image)

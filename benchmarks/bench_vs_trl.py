@@ -19,7 +19,7 @@ What runs, each side as its own process tree (peak RSS = the largest sum of RSS 
   no KL, clip 0.2, one optimizer step per rollout batch, group z-score advantages, token-level loss normalised by
   the batch's response tokens. ovr: `python -m ovr_train.launch --stage rl --rl.algo=grpo` (HF engine); TRL:
   GRPOTrainer (loss_type="dapo", scale_rewards="group", beta=0, transformers generate). The reward is ovr's
-  verifier (`ovr_train.evaluate.score_eval`, 0 for a truncated response) on both sides.
+  verifier (`ovr_train.rewards.score`, 0 for a truncated response) on both sides.
 - SFT: the same JSONL (`steps * batch_size` rows of the generated text corpus), batch, steps, lr, ViT frozen,
   loss on assistant tokens only. ovr: `--stage sft` (packed varlen micro-batches); TRL: SFTTrainer with
   padding_free=True (the batch concatenated into one row, no pad tokens).
@@ -285,14 +285,15 @@ def trl_rl_worker(s: dict, inp: dict, work: Path) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from ovr_train.data import load_image
-    from ovr_train.evaluate import gold_spec, load_eval_set, score_eval
+    from ovr_train.rewards import score
+    from ovr_train.tasks import load_items
 
     torch.set_num_threads(s["threads"])
-    items = load_eval_set(inp["prompts"])  # no answer instruction: tiny.yaml sets data.answer_instruction ""
+    items = load_items(inp["prompts"])  # no answer instruction: tiny.yaml sets data.answer_instruction ""
     rows = []
     for it in items:
         (_, parts), = it.messages
-        rows.append({"prompt": [{"role": "user", "content": parts[-1]}], "answer": gold_spec(it),
+        rows.append({"prompt": [{"role": "user", "content": parts[-1]}], "answer": it.gold,
                      "images": [load_image(p) for p in parts[:-1]]})
     processor = _processor(inp["hf"])
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(inp["hf"], dtype=torch.float32,
@@ -304,7 +305,7 @@ def trl_rl_worker(s: dict, inp: dict, work: Path) -> dict:
     def reward(prompts, completions, completion_ids, answer, **kw):
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         timing["response_tokens"] += sum(len(c) for c in completion_ids)
-        return [score_eval(t, a, truncated=not any(x in ends for x in ids))
+        return [score(t, a, truncated=not any(x in ends for x in ids))
                 for t, a, ids in zip(texts, answer, completion_ids)]
 
     class Timed(GRPOTrainer):

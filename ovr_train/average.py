@@ -1,4 +1,4 @@
-"""Checkpoint averaging: the final OVR model is a uniform average of several RL checkpoints (RECIPE.md).
+"""Checkpoint averaging: the final OVR model is a uniform average of several RL checkpoints (the paper's recipe).
 
     python -m ovr_train.average CKPT1 CKPT2 ... --out DIR [--weights w1,w2,...] [--max-shard-gb 5]
 
@@ -79,19 +79,14 @@ def _open_hf(path: str) -> _Weights:
 
 
 def _open(path: str) -> _Weights:
-    """HF safetensors dir, or an ovr DCP dir through `ovr_train.checkpoint.open_dcp_weights` when it exists."""
+    """An HF safetensors dir; a DCP dir is refused with what to do instead."""
     if not os.path.isdir(path):
         raise ValueError(f"checkpoint {path!r} is not a directory")
     if any(os.path.isfile(os.path.join(path, f)) for f in _WEIGHT_FILES):
         return _open_hf(path)
     if os.path.isfile(os.path.join(path, ".metadata")):  # torch.distributed.checkpoint marker
-        try:
-            from ovr_train.checkpoint import open_dcp_weights
-        except ImportError as e:
-            raise ValueError(f"checkpoint {path!r} is a DCP dir but ovr_train.checkpoint offers no "
-                             f"open_dcp_weights loader ({e}); export it to HF first") from e
-        w = open_dcp_weights(path)
-        return _Weights(path, w.config, dict(w.shapes), dict(w.dtypes), w.load, getattr(w, "aux_dir", None))
+        raise ValueError(f"checkpoint {path!r} is a DCP dir: average HF exports (checkpoint.export_hf; "
+                         "`--stage eval --model.path DCP_DIR` writes one under <run>/eval/)")
     return _open_hf(path)  # raises a clear error naming the missing files
 
 

@@ -1,4 +1,4 @@
-"""Reasoning-behaviour rates in responses (RECIPE.md "Cognitive behaviours"), by keyword proxy.
+"""Reasoning-behaviour rates in responses (the paper's "cognitive behaviours"), by keyword proxy.
 
 The paper counts behaviours with an LLM judge; ORZ's cheap, reproducible proxy counts responses containing
 `wait,`, `recheck`, `retry`, `alternatively,`, `however,`. We extend it with short phrase lists per behaviour and
@@ -8,6 +8,8 @@ ratio rate(image responses) / rate(text responses) (the paper's BTR, computed on
 """
 
 import math
+
+from ovr_train.metrics import pyplot
 
 ORZ_KEYWORDS = ("wait,", "recheck", "retry", "alternatively,", "however,")
 
@@ -36,32 +38,45 @@ def detect(response):
     return {name: any(p in text for p in phrases) for name, phrases in PHRASES.items()}
 
 
-def behavior_rates(responses, is_image):
-    """Fraction of responses showing each behaviour, split by prompt kind, with the transfer ratio.
+def tally(hits, is_image):
+    """Counts that sum over ranks and batches: responses per prompt kind ("text/num", "image/num") and, per
+    behaviour, how many of them show it ("text/<name>", "image/<name>").
 
-    responses: list of str; is_image: list of bool (True when the prompt had an image), same length.
-    Returns {f"{split}/{behaviour}": rate} for split in ("all", "text", "image"), {f"transfer/{behaviour}":
-    image rate / text rate} (NaN when no text response shows it or a split is empty), and the response counts
-    "text/num" and "image/num". Rates of an empty split are NaN (not 0: "no data" is not "never").
+    hits: `detect` results, one per response; is_image: list of bool (True when the prompt had an image).
     """
-    if len(responses) != len(is_image):
-        raise ValueError(f"responses ({len(responses)}) and is_image ({len(is_image)}) differ in length")
-    hits = [detect(r) for r in responses]
-    splits = {
-        "all": hits,
-        "text": [h for h, img in zip(hits, is_image) if not img],
-        "image": [h for h, img in zip(hits, is_image) if img],
-    }
-    out = {}
-    for split, rows in splits.items():
+    if len(hits) != len(is_image):
+        raise ValueError(f"hits ({len(hits)}) and is_image ({len(is_image)}) differ in length")
+    out = {"text/num": is_image.count(False), "image/num": is_image.count(True)}
+    for split, want in (("text", False), ("image", True)):
         for name in BEHAVIORS:
-            out[f"{split}/{name}"] = sum(h[name] for h in rows) / len(rows) if rows else math.nan
+            out[f"{split}/{name}"] = sum(h[name] for h, img in zip(hits, is_image) if img == want)
+    return out
+
+
+def rates(counts):
+    """`tally` counts (summed as they may be) -> {f"{split}/{behaviour}": rate} for split in ("all", "text",
+    "image"), {f"transfer/{behaviour}": image rate / text rate} (NaN when no text response shows it or a split is
+    empty), and the response counts "text/num" and "image/num". Rates of an empty split are NaN (not 0: "no data"
+    is not "never")."""
+    num = {"text": counts["text/num"], "image": counts["image/num"]}
+    num["all"] = num["text"] + num["image"]
+    out = {}
+    for split in ("all", "text", "image"):
+        for name in BEHAVIORS:
+            shown = counts[f"text/{name}"] + counts[f"image/{name}"] if split == "all" else counts[f"{split}/{name}"]
+            out[f"{split}/{name}"] = shown / num[split] if num[split] else math.nan
     for name in BEHAVIORS:
         text_rate, image_rate = out[f"text/{name}"], out[f"image/{name}"]
         out[f"transfer/{name}"] = image_rate / text_rate if text_rate > 0 else math.nan
-    out["text/num"] = len(splits["text"])
-    out["image/num"] = len(splits["image"])
+    out["text/num"], out["image/num"] = num["text"], num["image"]
     return out
+
+
+def behavior_rates(responses, is_image):
+    """`rates` of `responses` (list of str) with `is_image` (list of bool, same length)."""
+    if len(responses) != len(is_image):
+        raise ValueError(f"responses ({len(responses)}) and is_image ({len(is_image)}) differ in length")
+    return rates(tally([detect(r) for r in responses], list(is_image)))
 
 
 def plot_behaviors(history, path, names=("reflection", "verification", "visual_reflection")):
@@ -69,11 +84,7 @@ def plot_behaviors(history, path, names=("reflection", "verification", "visual_r
 
     history: list of (step, rates) with rates from `behavior_rates`; path: output file. Needs matplotlib.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     steps = [s for s, _ in history]
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3), squeeze=False)
     for ax, name in zip(axes[0], names):

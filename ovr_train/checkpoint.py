@@ -17,6 +17,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
+from transformers import GenerationConfig
 
 from ovr_train.dist import barrier, full_state_dict
 
@@ -118,8 +119,6 @@ def export_hf(model, tokenizer, out_dir, rank: int, dtype, image_proc):
     preprocessor_config.json with the settings of `image_proc`, the trainer's data.ImageProcessor (vLLM and
     AutoProcessor load it; without it they raise). Collective: every rank must call it (the full state dict is
     gathered from the shards)."""
-    from transformers import GenerationConfig
-
     full = full_state_dict(model)
     if rank == 0:
         out = Path(out_dir)

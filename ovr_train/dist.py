@@ -1,7 +1,7 @@
 """Process group, device mesh, FSDP2 sharding and the few collectives the trainer needs.
 
 `init_distributed` works under torchrun and in a plain `python -m ovr_train.launch` (a world of 1, same code path).
-`apply_fsdp` shards the ViT as one unit, each decoder layer, then the root (embeddings, final norm, LM head; T3):
+`apply_fsdp` shards the ViT as one unit, each decoder layer, then the root (embeddings, final norm, LM head):
 bf16 parameters with fp32 gradient reduction on GPU, fp32 on CPU. HSDP (`hsdp_replicas` > 1) replicates across
 groups (e.g. nodes) and shards within each.
 """
@@ -13,6 +13,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -94,7 +95,7 @@ def fsdp_units(model) -> list:
 
 
 def apply_fsdp(model, mesh, param_dtype: torch.dtype, reshard_after_forward: bool = True, cpu_offload: bool = False):
-    """fully_shard the ViT, each decoder layer, then the root (T3). Gradients reduce in fp32.
+    """fully_shard the ViT, each decoder layer, then the root. Gradients reduce in fp32.
 
     Parameters must be fp32 (the sharded master copy the optimizer updates); `param_dtype` is what forward
     gathers and computes in. Works on meta parameters (shard first, then `to_empty` + load). With cpu_offload the
@@ -147,6 +148,4 @@ def full_state_dict(model, cpu_offload: bool = True) -> dict:
     """The full (unsharded) model state dict (collective; e.g. for the HF export or to push weights to a rollout
     engine). Keys are OvrVLM's (`hf.model...`). With cpu_offload (in CPU memory) only rank 0 gets it, the other
     ranks get an empty dict (torch's rule); without, every rank gets it on the model's device."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload))

@@ -4,294 +4,34 @@
 
 Legend: Q questions of a set, n samples per question (`eval.num_samples`), c correct samples of a question.
 
-1. `load_eval_set`: rows of JSONL / parquet files or HF datasets directories (`sources`, verl / EasyR1 columns
-   mapped) in the shapes of MathVista / MathVerse / MathVision / MATH500 / AIME exports
-   (question|problem|query|prompt, answer|gt_answer|ground_truth|final_answer|label|solution, image|images|
-   decoded_image|image_path as paths, base64 or bytes, choices|options as a list or a {letter: text} map) or chat
-   rows (`messages` / `conversations`, as in the generated corpus's eval.jsonl) -> `EvalItem`s. Malformed rows
-   raise ValueError naming file and line/row. With no files, `default_sets` generates the embedded default's
-   held-out sets (synth_text "eval" split, synth_images "test" split: disjoint from what the default pipeline
-   trains on).
-2. `evaluate_items` (in-process, rl.py calls it): n samples per question from a rollout engine, scored by
-   `score_eval` in `rewards.RewardPool` (the RL reward's verifier, same timeouts), multiple choice matched by
-   letter or by content; metrics per set: pass@1 = mean c/n, pass@k = mean of 1 - C(n-c, k)/C(n, k), mean response
-   length, truncation rate, behaviour rates (`behaviors.detect`).
-3. `evaluate(cfg)` (the stage): loads the checkpoint, shards questions over ranks, gathers on rank 0, prints a
+1. `evaluate_items` (in-process: the eval stage, the pipeline and rl.py's periodic eval): n samples per question
+   (`tasks.Item`s, from `tasks.eval_sets`) from a rollout engine, scored by `rewards.score` (the RL reward itself)
+   in a `rewards.RewardPool` with the RL reward's timeouts, multiple choice matched by letter or by content;
+   metrics per set: pass@1 = mean c/n, pass@k = mean of 1 - C(n-c, k)/C(n, k), mean response length, truncation
+   rate, behaviour rates (`behaviors`).
+2. `evaluate(cfg)` (the stage): loads the checkpoint, shards questions over ranks, gathers on rank 0, prints a
    per-set table, writes JSON and appends a results section to the run report (markdown).
-
-torch-importing modules (ovr_train.data, model, rollout) are imported inside functions: reward worker processes
-import this module to unpickle `score_eval`, and that import must stay light (0.3 s instead of ~4 s per worker).
 """
 
-import base64
-import io
 import json
 import math
-import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from ovr_train.behaviors import BEHAVIORS, detect
-from ovr_train.rewards import choice_letter, extract_boxed, is_equivalent, normalize_answer, score_response
-from ovr_train.sources import canonical_row, iter_rows
+import torch.distributed as dist
+from torch.distributed.checkpoint import FileSystemReader
 
-QUESTION_KEYS = ("question", "problem", "query", "prompt")
-ANSWER_KEYS = ("answer", "gt_answer", "ground_truth", "final_answer", "label", "solution")
-IMAGE_KEYS = ("images", "image", "decoded_image", "image_path", "image_paths")
-CHOICE_KEYS = ("choices", "options")
-ID_KEYS = ("id", "pid", "idx", "problem_id", "unique_id", "sample_index", "index")
-LETTERS = "ABCDEFGHIJ"
-
-_CHOICE_LINE_RE = re.compile(r"^\s*\(?([A-J])\s*[).:：]\s*(.+?)\s*$", re.MULTILINE)
-# base64 of the PNG, JPEG, GIF, WebP and BMP magic bytes: how a raw base64 image string starts
-_BASE64_IMAGE_MAGIC = ("iVBORw0KGgo", "/9j/", "R0lGOD", "UklGR", "Qk")
-_IMAGE_TAG_RE = re.compile(r"<image\s*\d*>", re.IGNORECASE)  # MathVision's "<image1>" placeholders
-
-
-@dataclass
-class EvalItem:
-    """One question: chat messages [(role, [str | ImageRef])] ending with the user turn, the reference answer,
-    optional multiple-choice options (option i has letter LETTERS[i]), and where it came from."""
-
-    id: str
-    messages: list
-    answer: str
-    choices: list = field(default_factory=list)
-    where: str = ""
-
-    @property
-    def has_image(self) -> bool:
-        return any(not isinstance(p, str) for _, parts in self.messages for p in parts)  # parts: str | ImageRef
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Reading benchmark files
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _first(obj: dict, keys: tuple):
-    """(key, value) of the first key present with a non-empty value, else (None, None)."""
-    for k in keys:
-        v = obj.get(k)
-        if v is not None and v != "" and v != [] and v != {}:
-            return k, v
-    return None, None
-
-
-def _is_file(path: Path) -> bool:
-    try:
-        return path.is_file()
-    except OSError:  # e.g. a base64 string is too long to be a file name
-        return False
-
-
-def _image_refs(value, where: str, base_dir: str) -> list:
-    """An image field (path, base64, data URL, {"bytes"|"path"|"url": ...}, or a list of those) -> [ImageRef]."""
-    from ovr_train.data import ImageRef
-
-    values = value if isinstance(value, list) else [value]
-    refs = []
-    for v in values:
-        if isinstance(v, dict):  # HF datasets' Image feature exported as {"bytes": base64, "path": ...}
-            v = "data:image/unknown;base64," + v["bytes"] if v.get("bytes") else v.get("path") or v.get("url") or ""
-        if not isinstance(v, str) or not v:
-            raise ValueError(f"{where}: image must be a path or base64 string, got {type(v).__name__} {v!r:.40}")
-        if not v.startswith("data:image") and not _is_file(Path(base_dir) / v):
-            if not v.startswith(_BASE64_IMAGE_MAGIC):
-                raise ValueError(f"{where}: image {v[:80]!r} does not exist (relative paths resolve against "
-                                 f"{base_dir!r})")
-            v = "data:image/unknown;base64," + v  # raw base64: a data URL leaves data.load_image no doubt
-        refs.append(ImageRef(v, base_dir))
-    return refs
-
-
-def _parse_choices(value, where: str) -> list:
-    if isinstance(value, dict):  # {"A": "3 cm", "B": ...}
-        keys = sorted(value, key=str)
-        if [str(k).strip().upper() for k in keys] != list(LETTERS[:len(keys)]):
-            raise ValueError(f"{where}: choices map keys must be the letters A, B, ... in order, got {keys}")
-        return [str(value[k]) for k in keys]
-    if isinstance(value, str):  # some exports serialise the list
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise ValueError(f"{where}: choices must be a list, got the string {value!r:.60}") from None
-    if not isinstance(value, list) or not all(isinstance(c, (str, int, float)) for c in value):
-        raise ValueError(f"{where}: choices must be a list of strings, got {value!r:.80}")
-    if len(value) > len(LETTERS):
-        raise ValueError(f"{where}: at most {len(LETTERS)} choices supported, got {len(value)}")
-    return [str(c) for c in value]
-
-
-def choices_in_question(question: str) -> list:
-    """Options listed in the question text as lines `A: ...` / `(A) ...` / `A. ...` (MathVerse puts them there),
-    if they run A, B, C, ... consecutively (at least two); else []."""
-    found = _CHOICE_LINE_RE.findall(question)
-    out = []
-    for letter, text in found:
-        if len(out) < len(LETTERS) and letter == LETTERS[len(out)]:
-            out.append(text)
-        elif letter == "A":  # a second list restarts: keep the last one
-            out = [text]
-    return out if len(out) >= 2 else []
-
-
-def _format_question(question: str, choices: list) -> str:
-    question = _IMAGE_TAG_RE.sub("", question).strip()
-    if choices and not choices_in_question(question):
-        question += "\nChoices:\n" + "\n".join(f"({LETTERS[i]}) {c}" for i, c in enumerate(choices))
-    return question
-
-
-def parse_row(obj, where: str, base_dir: str = "") -> EvalItem:
-    """One JSON row -> EvalItem (see the module docstring for accepted keys); ValueError naming `where`."""
-    if not isinstance(obj, dict):
-        # ValueError, not TypeError, for every malformed row: callers catch one type (STYLE: bad input -> ValueError)
-        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")  # noqa: TRY004
-    _, row_id = _first(obj, ID_KEYS)
-    row_id = str(row_id) if row_id is not None else where
-    if "messages" in obj or "conversations" in obj:  # chat rows: evaluate the conversation up to its last user turn
-        from ovr_train.data import normalize_sample
-
-        sample = normalize_sample(obj, where, base_dir)
-        last_user = max((i for i, (role, _) in enumerate(sample.messages) if role == "user"), default=None)
-        if last_user is None:
-            raise ValueError(f"{where}: no user message to ask")
-        answer = sample.answer
-        if answer is None:  # the reference answer is the boxed answer of the following assistant turn
-            later = [p for _, parts in sample.messages[last_user + 1:] for p in parts if isinstance(p, str)]
-            answer = extract_boxed(" ".join(later)) if later else None
-        if answer is None or str(answer).strip() == "":
-            raise ValueError(f"{where}: no reference answer ('answer' field or a boxed answer in the reply)")
-        _, choices = _first(obj, CHOICE_KEYS)
-        return EvalItem(row_id, sample.messages[:last_user + 1], str(answer).strip(),
-                        _parse_choices(choices, where) if choices is not None else [], where)
-    qkey, question = _first(obj, QUESTION_KEYS)
-    if question is None:
-        raise ValueError(f"{where}: no question (expected one of {list(QUESTION_KEYS)}); keys: {sorted(obj)}")
-    if not isinstance(question, str):
-        raise ValueError(f"{where}: {qkey} must be a string, got {type(question).__name__}")  # noqa: TRY004
-    akey, answer = _first(obj, ANSWER_KEYS)
-    if answer is None:
-        raise ValueError(f"{where}: no answer (expected one of {list(ANSWER_KEYS)}); keys: {sorted(obj)}")
-    if isinstance(answer, list) and len(answer) == 1:  # some exports wrap the answer in a list
-        answer = answer[0]
-    if not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
-        raise ValueError(f"{where}: {akey} must be a string or number, got {answer!r:.60}")  # noqa: TRY004
-    answer = str(answer).strip()
-    if akey == "solution":  # MATH-style: the answer is the solution's last boxed expression
-        answer = extract_boxed(answer)
-        if not answer:
-            raise ValueError(f"{where}: 'solution' has no \\boxed{{...}} answer and no 'answer' field is given")
-    _, choices = _first(obj, CHOICE_KEYS)
-    choices = _parse_choices(choices, where) if choices is not None else []
-    if not choices and choice_letter(answer) is not None and len(normalize_answer(answer)) <= 3:
-        choices = choices_in_question(question)  # letter answer with options in the text: match content too
-    _, images = _first(obj, IMAGE_KEYS)
-    refs = _image_refs(images, where, base_dir) if images is not None else []
-    text = _format_question(question, choices)
-    return EvalItem(row_id, [("user", refs + [text])], answer, choices, where)
-
-
-def load_eval_set(path, limit: int = 0) -> list:
-    """All rows of a benchmark JSONL / parquet file or HF datasets directory (`sources.iter_rows`, verl and EasyR1
-    columns mapped) -> [EvalItem] (first `limit` rows if > 0); ValueError naming file and line/row. Images stay
-    references (paths, base64 data URLs): they are decoded when a prompt is built. The answer instruction is not
-    added here: prompts.PromptFormat adds it when the prompt is built."""
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"eval set {str(path)!r} does not exist")
-    items, seen = [], {}
-    for where, obj in iter_rows(path):
-        if isinstance(obj, ValueError):  # a malformed JSON line
-            raise obj
-        item = parse_row(canonical_row(obj, where), where, str(path.parent))
-        if item.id in seen:
-            raise ValueError(f"{where}: duplicate id {item.id!r} (first at {seen[item.id]})")
-        seen[item.id] = where
-        items.append(item)
-        if limit and len(items) >= limit:
-            break
-    if not items:
-        raise ValueError(f"eval set {str(path)!r} has no rows")
-    return items
-
-
-def _png_data_url(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def default_sets(num_text: int, num_images: int, seed: int = 0, image_size: int = 112) -> dict:
-    """The embedded default's held-out sets, generated exactly like its training data but from the held-out splits:
-    {"synth_text": synth_text "eval" split, "synth_images": synth_images "test" split (reasoning tasks)}.
-    Their prompts are built in the run's one prompt format, as training's are."""
-    from ovr_train import synth_images, synth_text
-    from ovr_train.data import ImageRef
-
-    sets = {}
-    if num_text > 0:
-        rows = synth_text.generate_items(num_text, seed, "eval")
-        sets["synth_text"] = [EvalItem(f"text-{i}", [("user", [r["messages"][0]["content"]])], r["answer"],
-                                       where=f"synth_text:eval:{i}") for i, r in enumerate(rows)]
-    if num_images > 0:
-        rows = synth_images.make_dataset(num_images, seed, "test", image_size=image_size)
-        sets["synth_images"] = [EvalItem(f"image-{i}", [("user", [ImageRef(_png_data_url(r["image"])),
-                                                                  r["question"]])], r["answer"],
-                                         where=f"synth_images:test:{i}") for i, r in enumerate(rows)]
-    return sets
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Scoring (runs in reward worker processes)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def gold_spec(item: EvalItem) -> str:
-    """What `score_eval` needs about an item, as one string (RewardPool passes answers as strings)."""
-    return json.dumps({"answer": item.answer, "choices": item.choices}) if item.choices else item.answer
-
-
-def _gold_choice(answer: str, choices: list):
-    """Index of the correct option: the answer's letter, else the option whose content equals the answer."""
-    letter = choice_letter(answer)
-    if letter is not None and len(normalize_answer(answer)) <= 3 and LETTERS.index(letter) < len(choices):
-        return LETTERS.index(letter)
-    for i, c in enumerate(choices):
-        if normalize_answer(c) == normalize_answer(answer):
-            return i
-    for i, c in enumerate(choices):
-        if is_equivalent(c, answer):
-            return i
-    return None
-
-
-def score_multiple_choice(pred: str, answer: str, choices: list) -> bool:
-    """A multiple-choice prediction is right if it names the correct letter (`B`, `(B)`, `B. 3 cm`), or, naming
-    no letter, if its content equals the correct option's (`3 cm` for option B = `3\\,\\text{cm}`)."""
-    gold = _gold_choice(answer, choices)
-    if gold is None:  # the answer is none of the options: judge it as a free-form answer
-        return is_equivalent(pred, answer)
-    letter = choice_letter(pred)
-    if letter is not None:
-        return letter == LETTERS[gold]
-    return is_equivalent(pred, choices[gold]) or is_equivalent(pred, answer)
-
-
-def score_eval(response: str, spec: str, truncated: bool = False, format_reward: float = 0.0) -> float:
-    """1.0 if the last boxed answer of `response` is right for `spec` (from `gold_spec`), else 0.0; 0.0 when
-    truncated. Free-form items are scored by `rewards.score_response` (the RL reward itself); `format_reward`
-    is accepted for RewardPool's interface and ignored (evaluation measures correctness only)."""
-    if spec.startswith("{"):
-        gold = json.loads(spec)
-        if truncated:
-            return 0.0
-        pred = extract_boxed(response)
-        return float(bool(pred) and score_multiple_choice(pred, gold["answer"], gold["choices"]))
-    return score_response(response, spec, truncated=truncated)
-
+from ovr_train import behaviors
+from ovr_train.checkpoint import ModelState, export_hf, load_checkpoint
+from ovr_train.config import load_config
+from ovr_train.data import PromptFormat, image_processor
+from ovr_train.dist import compute_dtype, init_distributed
+from ovr_train.model import build_sharded_model
+from ovr_train.rewards import RewardPool, score
+from ovr_train.rollout import rollout
+from ovr_train.runlock import lock_run_dir
+from ovr_train.tasks import build_prompt, eval_sets
+from ovr_train.tokenizer import load_tokenizer, special_ids
 
 # ----------------------------------------------------------------------------------------------------------------
 # Metrics
@@ -326,12 +66,13 @@ def summarize(results: list, ks: list) -> dict:
     statuses = [s for r in results for s in r["status"]]
     out["verifier_timeouts"] = statuses.count("timeout")
     out["verifier_errors"] = statuses.count("error")
-    for split, keep in (("", None), ("text/", False), ("image/", True)):
-        rows = [b for r in results if keep is None or r["has_image"] == keep for b in r["behaviors"]]
-        if split and (not rows or len(rows) == len(lengths)):
-            continue  # a split equal to "all" or empty adds nothing
-        for name in BEHAVIORS:
-            out[f"{split}behavior/{name}"] = sum(b[name] for b in rows) / len(rows)
+    rates = behaviors.rates(behaviors.tally([b for r in results for b in r["behaviors"]],
+                                            [r["has_image"] for r in results for _ in r["behaviors"]]))
+    for name in behaviors.BEHAVIORS:
+        out[f"behavior/{name}"] = rates[f"all/{name}"]
+    for split in ("text", "image"):
+        if 0 < rates[f"{split}/num"] < len(lengths):  # a split equal to "all" or empty adds nothing
+            out.update({f"{split}/behavior/{name}": rates[f"{split}/{name}"] for name in behaviors.BEHAVIORS})
     return out
 
 
@@ -384,15 +125,12 @@ def run_items(engine, tok, ids: dict, items: list, *, num_samples: int, max_new_
 
     Returns one dict per item: id, where, answer, correct [0/1] * n, lengths (response tokens) * n, truncated * n,
     status (verifier 'ok' | 'timeout' | 'error') * n, behaviors [{name: bool}] * n, has_image, response (the first
-    sample, cut to `keep_chars`). `pool`: a rewards.RewardPool running `score_eval` (made here if None). `fmt`: the
-    prompts.PromptFormat (None: no system prompt, no instruction).
+    sample, cut to `keep_chars`). `pool`: a rewards.RewardPool running `rewards.score` (made here if None). `fmt`:
+    the data.PromptFormat (None: no system prompt, no instruction).
     """
-    from ovr_train.prompts import PromptFormat, build_prompt
-    from ovr_train.rewards import RewardPool
-
     fmt = fmt or PromptFormat()
     own_pool = pool is None
-    pool = RewardPool(num_workers=1, timeout_s=reward_timeout_s, score_fn=score_eval) if own_pool else pool
+    pool = RewardPool(num_workers=1, timeout_s=reward_timeout_s, score_fn=score) if own_pool else pool
     out = []
     try:
         for start in range(0, len(items), batch_size):
@@ -400,7 +138,7 @@ def run_items(engine, tok, ids: dict, items: list, *, num_samples: int, max_new_
             prompts = [build_prompt(it, tok, ids, image_proc, fmt) for it in chunk]
             samples = engine.generate(prompts, n=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
                                       top_p=top_p, seed=seed + start)
-            specs = [gold_spec(chunk[s.prompt_index]) for s in samples]
+            specs = [chunk[s.prompt_index].gold for s in samples]
             scored = pool.score([s.text for s in samples], specs, [s.truncated for s in samples])
             for j, item in enumerate(chunk):
                 mine = range(j * num_samples, (j + 1) * num_samples)  # samples are prompt-major
@@ -410,7 +148,7 @@ def run_items(engine, tok, ids: dict, items: list, *, num_samples: int, max_new_
                             "lengths": [len(samples[i].token_ids) for i in mine],
                             "truncated": [bool(samples[i].truncated) for i in mine],
                             "status": [scored.status[i] for i in mine],
-                            "behaviors": [detect(samples[i].text) for i in mine],
+                            "behaviors": [behaviors.detect(samples[i].text) for i in mine],
                             "response": samples[mine[0]].text[:keep_chars]})
     finally:
         if own_pool:
@@ -422,8 +160,6 @@ def _gather(results: list, world: int) -> list:
     """Every rank's per-question results, concatenated in rank order (all ranks get them)."""
     if world == 1:
         return results
-    import torch.distributed as dist
-
     parts = [None] * world
     dist.all_gather_object(parts, results)
     return [r for part in parts for r in part]
@@ -433,7 +169,7 @@ def evaluate_items(engine, tok, ids: dict, sets: dict, *, num_samples: int = 4, 
                    temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, image_proc=None, pool=None,
                    batch_size: int = 32, fmt=None, reward_timeout_s: float = 5.0, rank: int = 0,
                    world: int = 1, return_details: bool = False):
-    """Evaluate an already-built engine on `sets` ({name: [EvalItem]}) -> {name: summarize(...) metrics}.
+    """Evaluate an already-built engine on `sets` ({name: [tasks.Item]}) -> {name: summarize(...) metrics}.
 
     For rl.py's periodic eval as much as for the eval stage. With world > 1 every rank must call it: questions are
     sharded round-robin over ranks, each rank generates and scores its share, results are all-gathered, and every
@@ -466,15 +202,6 @@ def _is_dcp(path: Path) -> bool:
 def dcp_to_hf(path, out_dir, info) -> Path:
     """Collective: an ovr DCP checkpoint (SFT's "model" or RL's "policy" entry) -> an HF dir under `out_dir`,
     built with the run config saved in the checkpoint (config.yaml) and checkpoint.export_hf."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    from ovr_train.checkpoint import ModelState, export_hf, load_checkpoint
-    from ovr_train.config import load_config
-    from ovr_train.data import image_processor
-    from ovr_train.dist import compute_dtype
-    from ovr_train.sft import build_sharded_model
-    from ovr_train.tokenizer import load_tokenizer, special_ids
-
     path = Path(path)
     if not (path / "config.yaml").is_file():
         raise ValueError(f"model.path={str(path)!r} is a DCP checkpoint without the config.yaml it was saved with")
@@ -492,30 +219,11 @@ def dcp_to_hf(path, out_dir, info) -> Path:
     return out
 
 
-def resolve_sets(cfg) -> dict:
-    """{set name: [EvalItem]}: the files of eval.sets, or the embedded default's held-out sets (eval.limit applied).
-    Every rank reads them all: cheap, and every rank then knows every set's size."""
-    ecfg = cfg.eval
-    if not ecfg.sets:
-        sets = default_sets(ecfg.num_text, ecfg.num_images, cfg.data.synth_seed)
-        return {k: v[:ecfg.limit] for k, v in sets.items()} if ecfg.limit else sets
-    sets = {}
-    for f in (s.strip() for s in ecfg.sets.split(",") if s.strip()):
-        name = Path(f).stem
-        if name in sets:
-            raise ValueError(f"eval.sets: two files named {name!r}; rename one")
-        sets[name] = load_eval_set(f, ecfg.limit)
-    return sets
-
-
 def evaluate_with_config(cfg, engine, tok, ids: dict, sets: dict, image_proc, info) -> tuple:
     """`evaluate_items` with cfg.eval's sampling settings and a verifier pool with the RL reward's timeout; returns
     (metrics, per-question details). Collective: every rank calls it."""
-    from ovr_train.prompts import PromptFormat
-    from ovr_train.rewards import RewardPool
-
     ecfg = cfg.eval
-    with RewardPool(num_workers=ecfg.reward_workers, timeout_s=cfg.rl.reward_timeout_s, score_fn=score_eval) as pool:
+    with RewardPool(num_workers=ecfg.reward_workers, timeout_s=cfg.rl.reward_timeout_s, score_fn=score) as pool:
         return evaluate_items(
             engine, tok, ids, sets, num_samples=ecfg.num_samples, ks=ecfg.ks, max_new_tokens=ecfg.max_new_tokens,
             temperature=ecfg.temperature, top_p=ecfg.top_p, seed=ecfg.seed, image_proc=image_proc, pool=pool,
@@ -526,14 +234,7 @@ def evaluate_with_config(cfg, engine, tok, ids: dict, sets: dict, image_proc, in
 def evaluate(cfg, info=None) -> dict:
     """The eval stage: `cfg.model.path` (HF or DCP dir) on `cfg.eval.sets` (or the embedded default's held-out
     sets). Prints the per-set table, writes JSON and appends to the run report on rank 0; returns the metrics."""
-    from ovr_train.data import image_processor
-    from ovr_train.rollout import rollout
-    from ovr_train.runlock import lock_run_dir
-    from ovr_train.tokenizer import load_tokenizer, special_ids
-
     if info is None:
-        from ovr_train.dist import init_distributed
-
         info = init_distributed(cfg.dist)
     ecfg = cfg.eval
     if not cfg.model.path:
@@ -549,7 +250,7 @@ def evaluate(cfg, info=None) -> dict:
     label = ecfg.label or (model_path.name.removeprefix("hf_") if _is_dcp(Path(cfg.model.path))
                            else "-".join(Path(cfg.model.path).resolve().parts[-2:]))
 
-    sets = resolve_sets(cfg)
+    sets = eval_sets(ecfg, cfg.data.synth_seed)
     tok = load_tokenizer(str(model_path))
     ids = special_ids(tok)
     image_proc = image_processor(cfg, str(model_path))

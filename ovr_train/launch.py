@@ -17,9 +17,17 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
 from ovr_train.config import Config, dump_config, load_config, longest_response
+from ovr_train.dist import fsdp_units, init_distributed, shutdown
+from ovr_train.evaluate import evaluate
+from ovr_train.model import build_model, param_counts
+from ovr_train.pipeline import run_all
+from ovr_train.rl import train_rl
 from ovr_train.runlock import RunDirBusy, die_with_launcher
+from ovr_train.sft import train_sft
+from ovr_train.tokenizer import SPECIAL_TOKENS, load_tokenizer, special_ids
 
 
 def parse_args(argv=None):
@@ -75,8 +83,6 @@ def check_inputs(stage: str, cfg: Config, config_file) -> None:
                          "eval.every_n_steps > 0), model.path by every stage but rl (which starts from rl.init_from)")
     hf_config = Path(cfg.model.path or ".") / "config.json"
     if config_file is None and cfg.model.path and hf_config.is_file():
-        from transformers import AutoConfig
-
         tc = AutoConfig.from_pretrained(cfg.model.path).get_text_config()
         if (tc.hidden_size, tc.num_hidden_layers) != (cfg.model.hidden_size, cfg.model.num_layers):
             raise ValueError(
@@ -202,18 +208,11 @@ def print_rl_plan(cfg: Config, plan: dict, world: int) -> bool:
 
 
 def dry_run(cfg: Config, stage: str = "sft"):
-    from ovr_train.dist import fsdp_units
-    from ovr_train.model import build_model, param_counts
-
     world = int(os.environ.get("WORLD_SIZE", cfg.run.dry_run_world_size))
     if cfg.model.path:
-        from ovr_train.tokenizer import load_tokenizer, special_ids
-
         tok = load_tokenizer(cfg.model.path)
         ids, vocab = special_ids(tok), len(tok)
     else:  # the architecture alone decides the plan; special-token ids follow the tokenizer's layout
-        from ovr_train.tokenizer import SPECIAL_TOKENS
-
         qwen = cfg.model.tokenizer == "qwen"
         base = 151643 if qwen else 0  # Qwen2.5 puts them after its 151,643 ranks, the small BPE first
         pos = {t: base + i for i, t in enumerate(SPECIAL_TOKENS)}
@@ -280,25 +279,15 @@ def main(argv=None):
         if rank0:
             dry_run(cfg, args.stage)
         return
-    from ovr_train.dist import init_distributed, shutdown
-
     info = init_distributed(cfg.dist, cpu_collectives=cfg.optim.offload == "cpu")
     try:
         if args.stage in ("base", "sft"):
-            from ovr_train.sft import train_sft
-
             train_sft(cfg, info, stage=args.stage)
         if args.stage == "rl":
-            from ovr_train.rl import train_rl  # imported only when asked for
-
             train_rl(cfg, info)
         if args.stage == "all":
-            from ovr_train.pipeline import run_all
-
             run_all(cfg, info)
         if args.stage == "eval":
-            from ovr_train.evaluate import evaluate
-
             evaluate(cfg, info)
     except RunDirBusy as e:  # every rank raised it before touching a file: one plain message, no tracebacks
         if info.is_main:

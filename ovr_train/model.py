@@ -17,13 +17,17 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from transformers import AutoConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from ovr_kernels import linear_logprob_entropy
 from ovr_kernels.hf import ATTN_NAME as OVR_ATTENTION
 from ovr_kernels.hf import packed_forward_kwargs, use_ovr_attention
+from ovr_train.dist import apply_fsdp, compute_dtype
 
-# T9: optional GPU-only speedups, resolved once (cheaply: liger itself is imported only when used, on GPU).
+# optional GPU-only speedups, resolved once (cheaply: liger itself is imported only when used, on GPU)
 HAS_LIGER = importlib.util.find_spec("liger_kernel") is not None
 
 
@@ -46,7 +50,7 @@ class OvrVLM(nn.Module):
         self.image_token_id = cfg.image_token_id
         self.merge = cfg.vision_config.spatial_merge_size
         hidden = cfg.text_config.hidden_size
-        # The critic's scalar head has no bias (RECIPE.md); the LM head is then unused but kept for weight loading.
+        # The critic's scalar head has no bias (the paper's recipe); the LM head is then unused but kept for weight loading.
         self.value_head = nn.Linear(hidden, 1, bias=False) if value_head else None
 
     @property
@@ -118,9 +122,7 @@ class OvrVLM(nn.Module):
 
 
 def hf_config(mcfg, vocab_size: int, ids: dict):
-    """A Qwen2_5_VLConfig from ModelCfg numbers (the tiny default, or RECIPE.md's 7B written out)."""
-    from transformers import Qwen2_5_VLConfig
-
+    """A Qwen2_5_VLConfig from ModelCfg numbers (the tiny default, or the paper's 7B written out)."""
     head_dim = mcfg.hidden_size // mcfg.num_heads
     text = {"vocab_size": vocab_size, "hidden_size": mcfg.hidden_size, "intermediate_size": mcfg.intermediate_size,
             "num_hidden_layers": mcfg.num_layers, "num_attention_heads": mcfg.num_heads,
@@ -153,8 +155,6 @@ def build_model(mcfg, ids: dict, tokenizer_size: int, *, meta: bool = False, val
     """OvrVLM from `mcfg.path` (config only; weights come from `load_hf_weights` after sharding) or from the
     ModelCfg numbers (seeded random init; identical on every rank). meta=True allocates nothing (dry run and the
     sharded load path). The ViT is frozen when mcfg.freeze_vision; activation checkpointing when asked."""
-    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
-
     if mcfg.path:
         if not (Path(mcfg.path) / "config.json").is_file():
             raise ValueError(f"model.path={mcfg.path!r} has no config.json")
@@ -181,10 +181,11 @@ def build_model(mcfg, ids: dict, tokenizer_size: int, *, meta: bool = False, val
     if mcfg.activation_checkpointing:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if mcfg.liger and HAS_LIGER and torch.cuda.is_available():
-        # GPU only: liger's RMSNorm / SwiGLU kernels fail under the Triton interpreter (DESIGN.md); its loss
-        # patches stay off because the fused log-prob head already avoids logits. Its Qwen2.5-VL patch breaks on
-        # transformers >= 5.23 (a removed output class): then train without it rather than fail.
-        try:
+        # GPU only: liger's RMSNorm / SwiGLU kernels fail under the Triton interpreter (they call `.to()` on scalar
+        # arguments, which it rejects); its loss patches stay off because the fused log-prob head already avoids
+        # logits. Its Qwen2.5-VL patch breaks on transformers >= 5.23 (a removed output class): then train without
+        # it rather than fail.
+        try:  # an optional extra, ~4.5 s to import (measured): only where it is applied
             from liger_kernel.transformers import apply_liger_kernel_to_qwen2_5_vl
 
             apply_liger_kernel_to_qwen2_5_vl(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
@@ -198,8 +199,6 @@ def build_sharded_model(cfg, info, ids: dict, tokenizer_size: int, value_head: b
     """Build (Config `cfg`), FSDP2-shard over `info.mesh` and materialise on `info.device`: a seeded random init,
     or `cfg.model.path`'s weights loaded shard by shard (meta init; rank 0 reads, every rank gets its shards).
     value_head=True gives the RL critic (LLM weights from the checkpoint, a zero-initialised scalar head)."""
-    from ovr_train.dist import apply_fsdp, compute_dtype
-
     model = build_model(cfg.model, ids, tokenizer_size, value_head=value_head)
     on_meta = next(model.parameters()).device.type == "meta"
     offload = cfg.optim.offload == "cpu"
@@ -244,9 +243,6 @@ def reset_nonpersistent_buffers(model: nn.Module, device):
 def load_hf_weights(model: OvrVLM, path: str, device, is_rank0: bool):
     """Fill a sharded (meta -> `to_empty`) model from safetensors in `path`: rank 0 reads the files, every rank
     receives its shards (broadcast from rank 0). Missing LLM/ViT keys raise; a value head stays random (critic)."""
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
     full = {}
     if is_rank0:
         files = sorted(Path(path).glob("*.safetensors"))

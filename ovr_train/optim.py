@@ -11,6 +11,7 @@ import os
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+from torch.utils.cpp_extension import get_default_build_root
 
 
 def build_optimizer(params: list, offload: str, lr: float, betas, weight_decay: float, eps: float = 1e-8):
@@ -27,13 +28,11 @@ def build_optimizer(params: list, offload: str, lr: float, betas, weight_decay: 
 def load_cpu_adam_op():
     """DeepSpeed's cpu_adam extension, compiled into torch's extension cache on first use (a clear error when
     DeepSpeed or the C++ toolchain is missing)."""
-    try:
+    try:  # DeepSpeed is an optional extra (ovr[offload]): imported only with optim.offload=cpu
         from deepspeed.ops.op_builder import CPUAdamBuilder
     except ImportError as e:
         raise RuntimeError('optim.offload=cpu needs DeepSpeed: pip install -e ".[offload]" '
                            "(or deepspeed==0.19.8), or use --optim.offload none") from e
-    from torch.utils.cpp_extension import get_default_build_root
-
     if not dist.is_initialized() or dist.get_rank() == 0:
         root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
         print(f"[optim] loading DeepSpeed's CPU Adam op (JIT-compiled on first use, about a minute; cached under "

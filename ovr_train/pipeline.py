@@ -1,11 +1,11 @@
-"""`--stage all`: the miniature OVR pipeline (issue 10), readable top to bottom.
+"""`--stage all`: the miniature OVR pipeline, readable top to bottom.
 
     base (perception pretraining, images -> \\boxed{answer}) -> eval
     -> sft (text-only cold start from the base model, ViT frozen) -> eval
     -> rl (multimodal PPO from the cold-start model) -> eval
     -> <run.out_dir>/report.md + plots/*.png + summary.json
 
-Every stage's model is evaluated on the same held-out sets (evaluate.default_sets: synth_text "eval" split,
+Every stage's model is evaluated on the same held-out sets (tasks.default_sets: synth_text "eval" split,
 synth_images "test" split of the RL reasoning tasks; optionally the base stage's perception tasks), with the same
 sampling settings (cfg.eval), so the per-stage numbers compare like with like. Stage wall times (training and eval
 separately) go into summary.json and the report. Step counts are fixed by the config (deterministic for a seed);
@@ -14,35 +14,24 @@ configs/tiny.yaml sizes them so the whole run takes ~12 minutes on 2 quiet CPU c
 
 import copy
 import json
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
+from ovr_train import synth_images
+from ovr_train.data import image_processor
+from ovr_train.evaluate import evaluate_with_config
+from ovr_train.report import write_report
+from ovr_train.rl import train_rl
+from ovr_train.rollout import rollout
+from ovr_train.runlock import lock_run_dir
+from ovr_train.sft import train_sft
+from ovr_train.tasks import default_sets, perception_tasks_of
+from ovr_train.tokenizer import load_tokenizer, special_ids
+
 STAGES = ("base", "sft", "rl")
-
-
-def perception_set(num: int, seed: int, tasks) -> list:
-    """Held-out perception questions (synth_images "test" split of the base stage's tasks but `describe`) as
-    EvalItems."""
-    from ovr_train import synth_images
-    from ovr_train.data import ImageRef
-    from ovr_train.evaluate import EvalItem, _png_data_url
-
-    tasks = tuple(t for t in tasks if t != "describe") or ("count_color",)  # captions: no single verifiable answer
-    rows = synth_images.make_dataset(num, seed, "test", tasks=tasks)
-    return [EvalItem(f"percep-{i}", [("user", [ImageRef(_png_data_url(r["image"])), r["question"]])], r["answer"],
-                     where=f"synth_images:test:{r['task']}:{i}") for i, r in enumerate(rows)]
-
-
-def eval_sets(cfg) -> dict:
-    """{set name: [EvalItem]}: synth_text, synth_images (reasoning tasks) and, if asked, synth_perception."""
-    from ovr_train.evaluate import default_sets
-
-    sets = default_sets(cfg.eval.num_text, cfg.eval.num_images, cfg.data.synth_seed)
-    if cfg.eval.num_perception:
-        sets["synth_perception"] = perception_set(cfg.eval.num_perception, cfg.data.synth_seed, cfg.base.tasks)
-    return sets
 
 
 def _task_of(set_name: str, row: dict, tasks_of_set: dict) -> str:
@@ -71,27 +60,21 @@ def std_error(details_rows: list) -> float:
 
 
 def evaluate_model(cfg, info, model_dir, label: str) -> dict:
-    """Collective: evaluate the HF model in `model_dir` on `eval_sets(cfg)` with cfg.eval's sampling settings.
+    """Collective: evaluate the HF model in `model_dir` on the embedded default's held-out sets with cfg.eval's sampling settings.
     Returns {"metrics": {set: summarize(...)}, "stderr": {set: SE of pass@1}, "by_task": ..., "seconds"} (same on
     every rank); rank 0 writes <run.out_dir>/eval/<label>.json with the per-question results."""
-    from ovr_train import synth_images
-    from ovr_train.data import image_processor
-    from ovr_train.evaluate import evaluate_with_config
-    from ovr_train.rollout import rollout
-    from ovr_train.tokenizer import load_tokenizer, special_ids
-
     ecfg, t0 = cfg.eval, time.perf_counter()
     tok = load_tokenizer(str(model_dir))
     ids = special_ids(tok)
     image_proc = image_processor(cfg, str(model_dir))
-    sets = eval_sets(cfg)
+    sets = default_sets(ecfg.num_text, ecfg.num_images, cfg.data.synth_seed, ecfg.num_perception, cfg.base.tasks)
     engine = rollout(ecfg.engine, Path(model_dir), tok, ids, info.device, cfg.rollout,
                      image_proc.pixels, seed=ecfg.seed + info.rank,
                      max_batch_size=ecfg.batch_size * ecfg.num_samples)
     metrics, details = evaluate_with_config(cfg, engine, tok, ids, sets, image_proc, info)
     engine.close()  # free its memory before the next stage trains
     tasks_of_set = {"synth_images": list(synth_images.REASONING_TASKS),
-                    "synth_perception": [t for t in cfg.base.tasks if t != "describe"] or ["count_color"]}
+                    "synth_perception": list(perception_tasks_of(cfg.base.tasks))}
     result = {"label": label, "model": str(model_dir), "metrics": metrics,
               "stderr": {k: std_error(v) for k, v in details.items()}, "by_task": by_task(details, tasks_of_set),
               "seconds": time.perf_counter() - t0}
@@ -107,8 +90,6 @@ def evaluate_model(cfg, info, model_dir, label: str) -> dict:
 
 def command_line() -> str:
     """How this run was started, as a user would type it."""
-    import os
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     head = f"torchrun --nproc_per_node {world}" if "LOCAL_RANK" in os.environ else "python"
     return f"{head} -m ovr_train.launch " + " ".join(sys.argv[1:])
@@ -116,11 +97,6 @@ def command_line() -> str:
 
 def run_all(cfg, info) -> dict:
     """Collective: base -> eval -> sft -> eval -> rl -> eval -> report. Returns the summary (also summary.json)."""
-    from ovr_train.report import write_report
-    from ovr_train.rl import train_rl
-    from ovr_train.runlock import lock_run_dir
-    from ovr_train.sft import train_sft
-
     out = Path(cfg.run.out_dir)
     lock_run_dir(info, out, out / "eval")  # the report and the evals; each stage locks its own directory
     times, evals = {}, {}

@@ -8,11 +8,14 @@ wall_time.png (training and eval seconds per stage). Everything is read from the
 and the RL stage's metrics.jsonl; nothing here recomputes a metric.
 """
 
+import json
 import math
+import statistics
+import sys
 from pathlib import Path
 
 from ovr_train.behaviors import BEHAVIORS
-from ovr_train.metrics import read_metrics
+from ovr_train.metrics import pyplot, read_metrics
 
 SECTIONS = ("## Command", "## Wall time per stage", "## Accuracy per stage", "## Accuracy per task",
             "## Behaviour rates per stage", "## RL curves", "## Claims")
@@ -25,15 +28,6 @@ def _fmt(x, spec="{:.3f}") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else spec.format(x)
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _stages(summary) -> list:
     return [s for s in ("base", "sft", "rl") if s in summary["evals"]]
 
@@ -44,7 +38,7 @@ def _rate(summary, stage, set_name, behavior):
 
 
 def plot_rl_curves(records: list, path: Path):
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
     steps = [r["step"] for r in records]
     for key, label in (("reward_mean", "all prompts"), ("reward_image", "image prompts"),
@@ -63,7 +57,7 @@ def plot_rl_curves(records: list, path: Path):
 
 
 def plot_accuracy(summary, path: Path):
-    plt = _plt()
+    plt = pyplot()
     stages = _stages(summary)
     sets = list(summary["evals"][stages[0]]["metrics"])
     fig, ax = plt.subplots(figsize=(7, 3.6))
@@ -83,8 +77,9 @@ def plot_accuracy(summary, path: Path):
     plt.close(fig)
 
 
-def plot_behaviors(summary, path: Path):
-    plt = _plt()
+def plot_stage_behaviors(summary, path: Path):
+    """Bars of each behaviour's rate in held-out responses per stage, text vs image sets."""
+    plt = pyplot()
     stages = _stages(summary)
     fig, axes = plt.subplots(1, len(BEHAVIORS), figsize=(3 * len(BEHAVIORS), 3.2), squeeze=False)
     for ax, b in zip(axes[0], BEHAVIORS):
@@ -102,7 +97,7 @@ def plot_behaviors(summary, path: Path):
 
 
 def plot_wall_time(summary, path: Path):
-    plt = _plt()
+    plt = pyplot()
     stages = [s for s in ("base", "sft", "rl") if f"{s}_train_s" in summary["times"]]
     train = [summary["times"][f"{s}_train_s"] / 60 for s in stages]
     ev = [summary["times"].get(f"{s}_eval_s", 0.0) / 60 for s in stages]
@@ -150,7 +145,7 @@ def write_report(out_dir, summary: dict) -> Path:
     records = read_metrics(out / "rl" / "metrics.jsonl")
     plot_rl_curves(records, plots / "rl_curves.png")
     plot_accuracy(summary, plots / "accuracy.png")
-    plot_behaviors(summary, plots / "behaviors.png")
+    plot_stage_behaviors(summary, plots / "behaviors.png")
     plot_wall_time(summary, plots / "wall_time.png")
 
     stages, times, ev = _stages(summary), summary["times"], summary["evals"]
@@ -211,9 +206,6 @@ def write_report(out_dir, summary: dict) -> Path:
 def aggregate(run_dirs: list) -> str:
     """Markdown table of per-stage held-out accuracy (mean and spread over runs, e.g. seeds) and behaviour rates,
     from each run's summary.json: `python -m ovr_train.report RUN_DIR [RUN_DIR ...]`."""
-    import json
-    import statistics
-
     sums = [json.loads((Path(d) / "summary.json").read_text()) for d in run_dirs]
     stages = _stages(sums[0])
     sets = list(sums[0]["evals"][stages[0]]["metrics"])
@@ -244,6 +236,4 @@ def aggregate(run_dirs: list) -> str:
 
 
 if __name__ == "__main__":
-    import sys
-
     print(aggregate(sys.argv[1:]))

@@ -1,12 +1,14 @@
 """Rule-based rewards: the last `\\boxed{...}` answer checked against the reference, in a process pool.
 
-Pure functions first (STYLE T8): `extract_boxed`, `normalize_answer`, `choice_letter`, `is_equivalent`,
-`score_response`. Then `RewardPool`, which runs a score function in worker processes with a hard per-item timeout:
-math-verify can hang on a pathological expression (`9^{9^{9^{9}}}` never returns) and its own timeouts only work in
-a main thread (DESIGN.md), so workers call it with its timeouts disabled and the pool kills and replaces a worker
+Pure functions first: `extract_boxed`, `normalize_answer`, `choice_letter`, `is_equivalent`, and `score`, the one
+reward of RL and evaluation (free-form and multiple-choice answers, optional format reward). Then `RewardPool`, which
+runs a score function in worker processes with a hard per-item timeout: math-verify can hang on a pathological
+expression (`9^{9^{9^{9}}}` never returns) and its own timeouts only work in a main thread (it uses signal.alarm),
+so workers call it with its timeouts disabled and the pool kills and replaces a worker
 whose item runs past the deadline. Timeouts and errors are returned as such, never as a silent 0.
 """
 
+import json
 import multiprocessing as mp
 import os
 import re
@@ -15,6 +17,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
+LETTERS = "ABCDEFGHIJ"  # multiple-choice option letters: option i has letter LETTERS[i]
+_MC_PREFIX = '{"answer": '  # how gold_spec's JSON of a multiple-choice answer starts
 _LETTER_RE = re.compile(r"^\(?([A-J])\)?[.:]?$")
 _LETTER_TEXT_RE = re.compile(r"^(?:option|choice|answer)?\s*:?\s*\(?([A-J])\)?(?:[.:)]|\s|$)", re.IGNORECASE)
 
@@ -87,14 +91,51 @@ def has_format(response):
     return "<think>" not in response or "</think>" in response
 
 
-def score_response(response, answer, truncated=False, format_reward=0.0):
-    """Reward of one response: 1 if its last boxed answer matches `answer`, else 0; 0 when truncated (hit the
-    length limit) or without a box. `format_reward` > 0 adds that much for a well-formed response (off by default,
-    as in ORZ). Pure; may hang on pathological input (see `RewardPool`)."""
+def gold_spec(answer, choices=()):
+    """The gold answer of a prompt as the one string `score` takes (RewardPool passes answers as strings): the
+    answer itself, or with multiple-choice options a JSON object of both."""
+    return json.dumps({"answer": str(answer), "choices": list(choices)}) if choices else str(answer)
+
+
+def _gold_choice(answer, choices):
+    """Index of the correct option: the answer's letter, else the option whose content equals the answer."""
+    letter = choice_letter(answer)
+    if letter is not None and len(normalize_answer(answer)) <= 3 and LETTERS.index(letter) < len(choices):
+        return LETTERS.index(letter)
+    for i, c in enumerate(choices):
+        if normalize_answer(c) == normalize_answer(answer):
+            return i
+    for i, c in enumerate(choices):
+        if is_equivalent(c, answer):
+            return i
+    return None
+
+
+def score_multiple_choice(pred, answer, choices):
+    """A multiple-choice prediction is right if it names the correct letter (`B`, `(B)`, `B. 3 cm`), or, naming
+    no letter, if its content equals the correct option's (`3 cm` for option B = `3\\,\\text{cm}`)."""
+    gold = _gold_choice(answer, choices)
+    if gold is None:  # the answer is none of the options: judge it as a free-form answer
+        return is_equivalent(pred, answer)
+    letter = choice_letter(pred)
+    if letter is not None:
+        return letter == LETTERS[gold]
+    return is_equivalent(pred, choices[gold]) or is_equivalent(pred, answer)
+
+
+def score(response, gold, truncated=False, format_reward=0.0):
+    """Reward of one response, for RL and evaluation alike: 1 if its last boxed answer matches `gold` (from
+    `gold_spec`: free-form by `is_equivalent`, multiple choice by `score_multiple_choice`), else 0; 0 when truncated
+    (hit the length limit) or without a box. `format_reward` > 0 adds that much for a well-formed response (off by
+    default, as in ORZ). Pure; may hang on pathological input (see `RewardPool`)."""
     if truncated:
         return 0.0
     pred = extract_boxed(response)
-    correct = pred is not None and pred != "" and is_equivalent(pred, str(answer))
+    if gold.startswith(_MC_PREFIX):
+        spec = json.loads(gold)
+        correct = bool(pred) and score_multiple_choice(pred, spec["answer"], spec["choices"])
+    else:
+        correct = bool(pred) and is_equivalent(pred, gold)
     bonus = format_reward if format_reward and has_format(response) else 0.0
     return float(correct) + bonus
 
@@ -163,10 +204,10 @@ class RewardPool:
     replaced and is counted as a timeout (reward 0, status 'timeout').
 
     score_fn: a picklable module-level function `(response, answer, truncated=..., format_reward=...) -> float`
-    (default `score_response`). Use as a context manager or call `close()`.
+    (default `score`). Use as a context manager or call `close()`.
     """
 
-    def __init__(self, num_workers=1, timeout_s=5.0, score_fn=score_response, format_reward=0.0):
+    def __init__(self, num_workers=1, timeout_s=5.0, score_fn=score, format_reward=0.0):
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         if not timeout_s > 0:

@@ -10,7 +10,7 @@ normalisation over all ranks -> per-token loss weights (rl.mismatch correction, 
 update(s) (rl.loss: PPO or GSPO) and critic updates, losses divided by the GLOBAL number of response tokens (T4), an
 update with a NaN/inf loss or gradient skipped and counted (rl.max_bad_steps in a row abort) -> weights pushed to
 the engine -> log -> checkpoint. The prompt pool drops prompts too long for data.token_budget next to the longest
-response, and every prompt is built in the one format of prompts.py.
+response, and every prompt is built in the one format of data.PromptFormat.
 
 Legend: T response tokens of this rank (packed, micro-batch order), B sequences, G prompt groups.
 """
@@ -36,45 +36,28 @@ from ovr_kernels import (
 from ovr_train import behaviors
 from ovr_train.checkpoint import ModelState, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from ovr_train.config import dump_config, longest_response
-from ovr_train.data import IGNORE, Encoded, StepSampler, collate, filler, image_processor, mrope_position_ids
+from ovr_train.data import (
+    IGNORE,
+    Encoded,
+    PromptFormat,
+    StepSampler,
+    collate,
+    filler,
+    image_processor,
+    mrope_position_ids,
+)
 from ovr_train.dist import all_reduce, broadcast_object, clip_grad_norm, compute_dtype
+from ovr_train.evaluate import evaluate_with_config
 from ovr_train.metrics import MetricsLogger, plot_curves, read_metrics
+from ovr_train.model import build_sharded_model
 from ovr_train.optim import build_optimizer
-from ovr_train.prompts import PromptFormat, build_prompt, prompt_length
+from ovr_train.rewards import RewardPool, default_num_workers, score
 from ovr_train.rollout import rollout
 from ovr_train.runlock import lock_run_dir
+from ovr_train.tasks import build_prompt, eval_sets, fitting_prompts, prompt_length, prompt_pool
+from ovr_train.tokenizer import load_tokenizer, special_ids
 
 SFT_COMMAND = "torchrun --nproc_per_node 2 -m ovr_train.launch --stage sft"
-
-
-def prompt_pool(rcfg, seed):
-    """The RL prompts as evaluate.EvalItems: rows of rl.prompt_files, or the built-in task (generated image
-    questions from synth_images' train split, plus a `text_fraction` of synth_text problems)."""
-    from ovr_train import synth_images, synth_text
-    from ovr_train.data import ImageRef
-    from ovr_train.evaluate import EvalItem, _png_data_url, load_eval_set
-
-    if rcfg.prompt_files:
-        return [it for f in rcfg.prompt_files for it in load_eval_set(f)]
-    num_text = round(rcfg.num_prompts * rcfg.text_fraction)
-    texts = synth_text.generate_items(num_text, seed, "train") if num_text else []
-    items = [EvalItem(f"text-{i}", [("user", [r["messages"][0]["content"]])], r["answer"]) for i, r in
-             enumerate(texts)]
-    for i in range(rcfg.num_prompts - num_text):
-        r = synth_images.make_item(i, seed, "train")
-        items.append(EvalItem(f"image-{i}", [("user", [ImageRef(_png_data_url(r["image"])), r["question"]])],
-                              r["answer"]))
-    return items
-
-
-def fitting_prompts(items, lengths, limit):
-    """The prompts of at most `limit` tokens (so prompt + the longest response fits a micro-batch) and how many
-    were dropped; ValueError when none is left."""
-    kept = [it for it, n in zip(items, lengths) if n <= limit]
-    if not kept:
-        raise ValueError(f"every one of the {len(items)} RL prompts is longer than {limit} tokens (data.token_budget "
-                         f"minus the longest rl.length_curriculum entry; shortest prompt: {min(lengths)} tokens)")
-    return kept, len(items) - len(kept)
 
 
 def max_new_tokens_at(rcfg, step):
@@ -200,11 +183,6 @@ def _var(total, total_sq, count):
 
 def train_rl(cfg, info) -> Path:
     """Run (or resume) the RL stage; returns its directory (checkpoints/, metrics.jsonl, curves.png, ...)."""
-    from ovr_train.evaluate import evaluate_with_config, gold_spec, resolve_sets, score_eval
-    from ovr_train.rewards import RewardPool, default_num_workers, score_response
-    from ovr_train.sft import build_sharded_model
-    from ovr_train.tokenizer import load_tokenizer, special_ids
-
     rcfg, rank, world, device = cfg.rl, info.rank, info.world_size, info.device
     stage_dir, use_critic = Path(cfg.run.out_dir) / "rl", rcfg.algo == "ppo"
     lock_run_dir(info, stage_dir)  # before any file is touched: one live run per directory
@@ -246,9 +224,7 @@ def train_rl(cfg, info) -> Path:
     engine = rollout(rcfg.rollout_engine, init_from, tok, ids, device, cfg.rollout, image_proc.pixels,
                      seed=cfg.run.seed + rank)
     names = {n for n, _ in (engine.model if hasattr(engine, "model") else policy.hf).named_parameters()}
-    use_eval_scoring = any(it.choices for it in items) or not rcfg.format_reward
-    pool = RewardPool(default_num_workers(rcfg.reward_workers), rcfg.reward_timeout_s,
-                      score_eval if use_eval_scoring else score_response, rcfg.format_reward)
+    pool = RewardPool(default_num_workers(rcfg.reward_workers), rcfg.reward_timeout_s, score, rcfg.format_reward)
     keep = list(range(len(items)))
 
     # ---- resume (or pre-filter the prompt pool by pass rate with the initial policy) ----
@@ -267,7 +243,7 @@ def train_rl(cfg, info) -> Path:
         samples = engine.generate([build_prompt(items[i], tok, ids, image_proc, fmt) for i in mine],
                                   n=rcfg.prefilter_samples, max_new_tokens=max_new_tokens_at(rcfg, 0),
                                   temperature=rcfg.temperature, top_p=rcfg.top_p, seed=cfg.run.seed + rank)
-        scored = pool.score([s.text for s in samples], [gold_spec(items[mine[s.prompt_index]]) for s in samples],
+        scored = pool.score([s.text for s in samples], [items[mine[s.prompt_index]].gold for s in samples],
                             [s.truncated for s in samples])
         rates = torch.tensor(scored.rewards).clamp(max=1).view(len(mine), -1).mean(1).tolist()
         passed = [i for i, r in zip(mine, rates) if rcfg.prefilter_min_pass < r < rcfg.prefilter_max_pass]
@@ -278,7 +254,7 @@ def train_rl(cfg, info) -> Path:
                   f"({rcfg.prefilter_min_pass}, {rcfg.prefilter_max_pass}) over {rcfg.prefilter_samples} samples")
     if start >= rcfg.steps and info.is_main:
         print(f"[rl] nothing to do: checkpoint step {start} >= rl.steps {rcfg.steps} (raise rl.steps to train more)")
-    held_out = resolve_sets(cfg) if cfg.eval.every_n_steps else {}
+    held_out = eval_sets(cfg.eval, cfg.data.synth_seed) if cfg.eval.every_n_steps else {}
     sampler = StepSampler(len(keep), rcfg.prompts_per_step, cfg.run.seed)
     logger = MetricsLogger(stage_dir, info.is_main, resume_step=start)
 
@@ -296,7 +272,7 @@ def train_rl(cfg, info) -> Path:
         t1 = time.perf_counter()
 
         # ---- rewards (timeouts and errors are counted, never silent) ----
-        scored = pool.score([s.text for s in samples], [gold_spec(batch_items[s.prompt_index]) for s in samples],
+        scored = pool.score([s.text for s in samples], [batch_items[s.prompt_index].gold for s in samples],
                             [s.truncated for s in samples])
         scores_B = torch.tensor(scored.rewards, dtype=torch.float32)
         correct_B = scores_B >= 1.0

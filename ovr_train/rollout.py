@@ -18,15 +18,26 @@ Legend: B = sequences in a generate batch (prompts x n), L = padded length, V = 
 
 import importlib.util
 import inspect
+import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import LogitsProcessor, StoppingCriteria
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    Qwen2_5_VLForConditionalGeneration,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
-HAS_VLLM = importlib.util.find_spec("vllm") is not None  # resolved once; vllm is imported only when its engine is built
+# vllm is an optional extra and ~5 s to import (measured): imported only when its engine is built
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
 
 @dataclass
@@ -84,7 +95,7 @@ def _check_sampling(n, max_new_tokens, temperature, top_p):
 
 class _GumbelSampler(LogitsProcessor):
     """A logits processor that samples with the Gumbel-max trick and returns one-hot scores, so `generate`'s greedy
-    path picks the sample. HF's multinomial costs ~28 ms per decode step on the CPU here (DESIGN.md); this runs at
+    path picks the sample. HF's multinomial costs ~28 ms per decode step on a 2-core CPU (measured); this runs at
     greedy speed. Records log softmax(logits / T) of the full distribution at each sampled token."""
 
     def __init__(self, temperature, top_p, blocked_V, generator):
@@ -134,8 +145,6 @@ class HFEngine:
     def __init__(self, model, tokenizer, stop_token_ids, pad_token_id, blocked_token_ids=(), max_batch_size=256):
         if not stop_token_ids:
             raise ValueError("stop_token_ids must name at least one end token")
-        from transformers import GenerationConfig
-
         self.model = model.eval()
         # generate() fills every field of the config we pass that is unset from model.generation_config, i.e. the
         # checkpoint's generation_config.json (transformers/generation/utils.py:2086, 5.19): its repetition_penalty
@@ -173,8 +182,6 @@ class HFEngine:
         return samples
 
     def _generate_batch(self, jobs, max_new_tokens, temperature, top_p, stop, generator):
-        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
-
         prompt_len = max(len(p.token_ids) for _, p in jobs)
         ids_BL = torch.full((len(jobs), prompt_len), self.pad_token_id, dtype=torch.long)
         mask_BL = torch.zeros_like(ids_BL)
@@ -258,9 +265,6 @@ external_launcher executor, as they are in vLLM 0.32.0."""
 
 def check_vllm_version(version):
     """Raise RuntimeError unless vLLM `version` is in VLLM_VERSIONS (local tags such as +cu130 are ignored)."""
-    from packaging.specifiers import SpecifierSet
-    from packaging.version import InvalidVersion, Version
-
     try:
         ok = Version(version) in SpecifierSet(VLLM_VERSIONS, prereleases=True)
     except InvalidVersion:
@@ -304,8 +308,6 @@ class VLLMEngine:
     """
 
     def __init__(self, model_path, seed=0, image_pixels=None, **llm_kwargs):
-        import json
-
         try:
             import vllm
         except ImportError:
@@ -455,8 +457,6 @@ def rollout(kind, model_path, tok, ids, device, rollout_cfg, image_pixels, *, se
         if device.type == "cuda":
             llm_kwargs["enable_sleep_mode"] = True
         return VLLMEngine(model_path, seed=seed, image_pixels=image_pixels, **llm_kwargs)
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(model_path), dtype=dtype,
                                                                attn_implementation="sdpa").to(device)

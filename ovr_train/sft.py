@@ -1,4 +1,4 @@
-"""Stage 1, the linguistic cold start: `train_sft(cfg, info)` is the whole SFT loop, top to bottom (T1).
+"""Stage 1, the linguistic cold start: `train_sft(cfg, info)` is the whole SFT loop, top to bottom.
 
 The same loop runs the base stage (`train_sft(cfg, info, stage="base")`): perception pretraining on generated
 images with `\\boxed{}` answers (`base_stage_config` derives its settings from cfg.base), so the default pipeline
@@ -9,7 +9,7 @@ plan needs only its lengths index and each rank reads only its own samples. Per 
 pure function of seed and step, so resuming at a step resumes at the same place in the store) is split over ranks
 balanced by tokens and packed into token-budget micro-batches; the loss is the sum of -log p(target) over
 assistant tokens divided by the GLOBAL number of such tokens in the step (one all-reduce before the micro-batch
-loop, T4), so packing, micro-batch count and world size do not change the gradient. No host sync inside the micro-batch loop. A step whose loss or
+loop), so packing, micro-batch count and world size do not change the gradient. No host sync inside the micro-batch loop. A step whose loss or
 gradient norm is NaN/inf is skipped (no update) and reported; `sft.max_bad_steps` in a row abort the run.
 """
 

@@ -15,12 +15,14 @@ or row (`f.parquet:row 12`), without ever holding a whole file in memory:
 - EasyR1: `problem` (with `<image>` tags) and `answer` are already what the eval/RL reader takes;
 - with `sft=True`, a question column (`problem` / `question` / `prompt` / `query`) and a response column
   (`response` / `solution` / `output` / `completion`) become a user + assistant conversation.
-This module imports neither torch nor datasets at import time (reward workers import evaluate, which imports it).
 """
 
 import base64
 import json
 from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 _QUESTION_KEYS = ("problem", "question", "prompt", "query")
 _RESPONSE_KEYS = ("response", "solution", "output", "completion")
@@ -48,9 +50,6 @@ def _arrow_rows(path: Path, batches):
 
 
 def _parquet_batches(path: Path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     try:
         pf = pq.ParquetFile(path)
         yield from pf.iter_batches(batch_size=_BATCH_ROWS)
@@ -59,7 +58,7 @@ def _parquet_batches(path: Path):
 
 
 def _hf_batches(path: Path):
-    try:
+    try:  # an optional extra (ovr[datasets]), ~1 s to import (measured): only for an HF datasets directory
         from datasets import Dataset, load_from_disk
     except ImportError:
         raise ValueError(f"{path} is an HF datasets directory but `datasets` is not installed "
@@ -123,7 +122,7 @@ def _content_images(content, where: str):
 
 
 def canonical_row(row: dict, where: str, sft: bool = False) -> dict:
-    """A verl / EasyR1 / HF row -> the keys `data.normalize_sample` and `evaluate.parse_row` read (see the module
+    """A verl / EasyR1 / HF row -> the keys `data.normalize_sample` and `tasks.parse_row` read (see the module
     docstring); other rows are returned unchanged. ValueError naming `where` and the field on a bad image cell."""
     if not isinstance(row, dict):
         return row

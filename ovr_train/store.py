@@ -27,6 +27,7 @@ import collections
 import hashlib
 import json
 import mmap
+import multiprocessing
 import os
 import shutil
 import socket
@@ -50,6 +51,7 @@ from ovr_train.data import (
     no_samples_error,
 )
 from ovr_train.sources import iter_rows
+from ovr_train.synth_text import default_cache_dir
 
 FORMAT = "ovr-token-store/1"
 # Bump when data.encode_messages changes what it produces: stores built by the old encoder must not be reused.
@@ -314,8 +316,6 @@ def _encoded_chunks(files: list, workers: int, init_args: tuple):
         finally:
             _WORKER.clear()
         return
-    import multiprocessing
-
     # fork: workers inherit the tokenizer and image processor instead of unpickling them (and re-importing torch)
     with multiprocessing.get_context("fork").Pool(workers, _init_worker, init_args) as pool:
         pending = collections.deque()
@@ -384,8 +384,6 @@ def open_store(files: list, tok, ids: dict, image_proc, cfg, rank: int = 0, loca
                poll_s: float = 0.2) -> TokenStore:
     """The store of (files, tokenizer, template, options): built by this process if it is the builder (local rank 0,
     or rank 0 with cfg.store_shared_fs) and it does not exist yet, else waited for; then opened and checked."""
-    from ovr_train.synth_text import default_cache_dir
-
     parts = key_parts(files, tok, ids, image_proc, cfg)
     path = Path(cfg.store_dir) if cfg.store_dir else default_cache_dir(cfg.cache_dir) / "stores" / store_key(parts)
     failed = path.parent / f"{path.name}.failed"

@@ -1,4 +1,4 @@
-"""Built-in multimodal task: generated images with verifiable answers (issue 10's toy OVR).
+"""Built-in multimodal task: generated images with verifiable answers (the miniature OVR's task).
 
 A scene is a few coloured shapes (circle / square / triangle in red / blue / green / yellow) or two seven-segment
 digits, drawn with PIL on a white square (112 px by default = 16 Qwen2.5-VL image tokens after the 2x2 merge).
@@ -13,11 +13,17 @@ in "train" or "test" by a hash of its content, so the held-out split never share
 Digits are drawn as seven segments (no font files: identical on every machine and Pillow version).
 """
 
+import base64
 import hashlib
+import io
+import json
+import os
 import random
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
+
+from ovr_train.synth_text import default_cache_dir
 
 COLORS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (30, 160, 60), "yellow": (235, 190, 20)}
 KINDS = ("circle", "square", "triangle")
@@ -206,9 +212,16 @@ def to_messages(item):
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item["question"]}]}]
 
 
+def png_data_url(image):
+    """A generated image inline as a PNG data URL: items and corpora need no image files."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
 def perception_answer(answer):
     """The base stage's reply: no reasoning, only the answer in the same `\\boxed{}` form the cold start and the
-    verifier use (bare-word replies would leave nothing for the text-only SFT to bridge to, issue 10)."""
+    verifier use (bare-word replies would leave nothing for the text-only SFT to bridge to)."""
     return "The answer is \\boxed{" + answer + "}."
 
 
@@ -217,13 +230,6 @@ def ensure_perception_corpus(cache_dir, num, seed=0, tasks=("count_color", "coun
     """Write (once) and return the base stage's training JSONL: `num` items of the "train" split of `tasks`, each
     {"messages": [user: image + question, assistant: perception_answer], "answer", "task"}, images inline as PNG
     data URLs. Cached under <cache>/synth_images/ by every argument; written atomically (ranks may race)."""
-    import base64
-    import io
-    import json
-    import os
-
-    from ovr_train.synth_text import default_cache_dir
-
     name = f"seed{seed}_n{num}_{'-'.join(tasks)}_{image_size}px_max{max_shapes}.jsonl"
     path = default_cache_dir(cache_dir) / "synth_images" / name
     if path.exists():
@@ -233,10 +239,7 @@ def ensure_perception_corpus(cache_dir, num, seed=0, tasks=("count_color", "coun
     with open(tmp, "w") as f:
         for i in range(num):
             item = make_item(i, seed, "train", tuple(tasks), image_size, max_shapes)
-            buf = io.BytesIO()
-            item["image"].save(buf, format="PNG")
-            url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-            user = [{"type": "image", "image": url}, {"type": "text", "text": item["question"]}]
+            user = [{"type": "image", "image": png_data_url(item["image"])}, {"type": "text", "text": item["question"]}]
             f.write(json.dumps({"messages": [{"role": "user", "content": user},
                                              {"role": "assistant", "content": perception_answer(item["answer"])}],
                                 "answer": item["answer"], "task": item["task"]}) + "\n")

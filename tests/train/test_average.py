@@ -137,5 +137,10 @@ def test_bad_arguments(two_ckpts, tmp_path):
         average_checkpoints([a, str(tmp_path)], str(tmp_path / "o"))
     with pytest.raises(ValueError, match="is one of the inputs"):
         average_checkpoints([a, b], a)
+    dcp = tmp_path / "step_00000010"
+    dcp.mkdir()
+    (dcp / ".metadata").write_bytes(b"")
+    with pytest.raises(ValueError, match="is a DCP dir: average HF exports"):
+        average_checkpoints([a, str(dcp)], str(tmp_path / "o"))
     with pytest.raises(SystemExit, match="not a comma-separated list"):
         main([a, b, "--out", str(tmp_path / "o"), "--weights", "1,x"])

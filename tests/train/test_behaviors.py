@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from ovr_train.behaviors import BEHAVIORS, behavior_rates, detect, plot_behaviors
+from ovr_train.behaviors import BEHAVIORS, behavior_rates, detect, plot_behaviors, rates, tally
 
 
 @pytest.mark.parametrize("response, present", [
@@ -56,6 +56,21 @@ def test_rates_empty_split_is_nan_not_zero():
     assert r["image/reflection"] == 1.0
     with pytest.raises(ValueError, match="is_image"):
         behavior_rates(["a", "b"], [True])
+
+
+def test_tallies_sum_over_shards_to_the_whole():
+    """Counts add up across ranks (or batches): the rates of summed tallies are the rates of all responses."""
+    responses = ["Wait, no.", "ok", "Let me check.", "look at the image again", "fine"]
+    is_image = [False, True, False, True, True]
+    halves = [tally([detect(r) for r in responses[s]], is_image[s]) for s in (slice(0, 2), slice(2, None))]
+    summed = {k: halves[0][k] + halves[1][k] for k in halves[0]}
+    assert summed == tally([detect(r) for r in responses], is_image)
+    assert summed["text/num"] == 2 and summed["image/visual_reflection"] == 1
+    whole = behavior_rates(responses, is_image)
+    assert rates(summed).keys() == whole.keys()
+    assert all(a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(rates(summed).values(), whole.values()))
+    with pytest.raises(ValueError, match="is_image"):
+        tally([detect("a")], [True, False])
 
 
 def test_plot_writes_png(tmp_path):

@@ -10,9 +10,8 @@ import io
 import pytest
 from PIL import Image
 
-from ovr_train.data import ImageProcessor, ImageRef, encode_messages
-from ovr_train.evaluate import EvalItem
-from ovr_train.prompts import PromptFormat, build_prompt
+from ovr_train.data import ImageProcessor, ImageRef, PromptFormat, encode_messages
+from ovr_train.tasks import Item, build_prompt
 from ovr_train.tokenizer import load_tokenizer, special_ids
 
 # Qwen2.5-VL-7B-Instruct's chat_template (as the hub ships it: videos and vision ids included).
@@ -82,7 +81,7 @@ def test_samples_and_prompts_equal_the_checkpoint_template(qwen, name, template)
     # the rollout prompt (up to the last user turn): HF engine ids and the vLLM prompt text
     prompt_msgs = messages[:-1]
     want_ids, want_text = template_ids(tok, ids, image_proc, prompt_msgs, template, add_generation_prompt=True)
-    prompt = build_prompt(EvalItem("q", prompt_msgs, "x"), tok, ids, image_proc, fmt)
+    prompt = build_prompt(Item("q", prompt_msgs, "x"), tok, ids, image_proc, fmt)
     assert prompt.token_ids == want_ids
     assert prompt.text == want_text
 

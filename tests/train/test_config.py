@@ -54,7 +54,7 @@ def test_missing_file_and_parse_overrides():
 @pytest.mark.parametrize("name", ["tiny.yaml", "ovr_7b_coldstart.yaml", "ovr_7b_rl.yaml", "multinode_example.yaml"])
 def test_shipped_configs_load(name):
     cfg = load_config(str(CONFIG_DIR / name))
-    if name.startswith("ovr_7b"):  # RECIPE.md numbers
+    if name.startswith("ovr_7b"):  # the paper's numbers
         assert (cfg.model.hidden_size, cfg.model.num_layers, cfg.model.num_heads, cfg.model.num_kv_heads) == \
             (3584, 28, 28, 4)
         assert cfg.model.vocab_size == 152064 and cfg.model.vision_fullatt_blocks == [7, 15, 23, 31]

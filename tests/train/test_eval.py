@@ -1,8 +1,6 @@
-"""Evaluation: benchmark-row parsing, the scoring table (multiple choice, units, LaTeX), pass@k, aggregation,
-and an end-to-end eval of a tiny checkpoint with the HF rollout engine."""
+"""Evaluation: pass@k, aggregation and the table, and an end-to-end eval of a tiny checkpoint with the HF rollout
+engine."""
 
-import base64
-import io
 import itertools
 import json
 
@@ -10,80 +8,9 @@ import pytest
 from byte_tokenizer import byte_chat_tokenizer
 from PIL import Image
 
-from ovr_train.evaluate import (
-    EvalItem,
-    choices_in_question,
-    default_sets,
-    format_table,
-    gold_spec,
-    load_eval_set,
-    pass_at_k,
-    score_eval,
-    summarize,
-)
-from ovr_train.prompts import PromptFormat
-
-# ----------------------------------------------------------------------------------------------------------------
-# Scoring table: (response, answer, choices, expected)
-# ----------------------------------------------------------------------------------------------------------------
-
-MC = ["3 cm", "5 cm", "7 cm", "9 cm"]
-SCORING = [
-    # free form: LaTeX, units, numbers, the last box wins, no box / empty box / truncated score 0
-    ("so \\boxed{\\frac{1}{2}}", "0.5", None, 1),
-    ("\\boxed{\\dfrac{\\sqrt{3}}{2}}", "\\frac{\\sqrt3}{2}", None, 1),
-    ("\\boxed{\\frac{1}{\\sqrt{2}}}", "\\frac{\\sqrt{2}}{2}", None, 1),
-    ("\\boxed{5\\text{ cm}}", "5", None, 1),
-    ("\\boxed{5 cm}", "5", None, 1),
-    ("\\boxed{12 \\mathrm{m}^2}", "12", None, 1),
-    ("\\boxed{30^\\circ}", "30", None, 1),
-    ("\\boxed{50\\%}", "0.5", None, 1),
-    ("\\boxed{1,000}", "1000", None, 1),
-    ("\\boxed{x = 3}", "3", None, 1),
-    ("\\boxed{(x+1)^2}", "x^2+2x+1", None, 1),
-    ("first \\boxed{4}, wait, \\boxed{5}", "5", None, 1),
-    ("first \\boxed{4}, wait, \\boxed{5}", "4", None, 0),
-    ("\\boxed{6}", "5", None, 0),
-    ("the answer is 5", "5", None, 0),
-    ("\\boxed{}", "5", None, 0),
-    ("\\boxed{5", "5", None, 0),
-    # multiple choice, gold given as a letter: right by letter or by the option's content
-    ("\\boxed{B}", "B", MC, 1),
-    ("\\boxed{(B)}", "B", MC, 1),
-    ("\\boxed{\\text{(B)}}", "B", MC, 1),
-    ("\\boxed{B. 5 cm}", "B", MC, 1),
-    ("\\boxed{5 cm}", "B", MC, 1),
-    ("\\boxed{5}", "B", MC, 1),
-    ("\\boxed{5\\,\\text{cm}}", "B", MC, 1),
-    ("\\boxed{A}", "B", MC, 0),
-    ("\\boxed{3 cm}", "B", MC, 0),
-    ("\\boxed{A. 5 cm}", "B", MC, 0),  # a named letter decides, even with the right content
-    # multiple choice, gold given as the option's content (MathVista exports)
-    ("\\boxed{B}", "5 cm", MC, 1),
-    ("\\boxed{5}", "5 cm", MC, 1),
-    ("\\boxed{C}", "5 cm", MC, 0),
-    # numeric options: a number is content, a letter is a letter
-    ("\\boxed{4}", "4", ["2", "4", "6"], 1),
-    ("\\boxed{B}", "4", ["2", "4", "6"], 1),
-    ("\\boxed{2}", "4", ["2", "4", "6"], 0),
-    ("\\boxed{A}", "4", ["2", "4", "6"], 0),
-    # an answer that is none of the options is judged free-form
-    ("\\boxed{11}", "11", ["2", "4"], 1),
-]
-
-
-@pytest.mark.parametrize("response,answer,choices,expected", SCORING)
-def test_scoring_table(response, answer, choices, expected):
-    item = EvalItem("x", [("user", ["q"])], answer, choices or [])
-    assert score_eval(response, gold_spec(item)) == expected
-
-
-def test_truncated_scores_zero():
-    for choices in ([], MC):
-        spec = gold_spec(EvalItem("x", [("user", ["q"])], "B" if choices else "5", choices))
-        assert score_eval("\\boxed{B}" if choices else "\\boxed{5}", spec) == 1.0
-        assert score_eval("\\boxed{B}" if choices else "\\boxed{5}", spec, truncated=True) == 0.0
-
+from ovr_train.evaluate import format_table, pass_at_k, summarize
+from ovr_train.rewards import score
+from ovr_train.tasks import load_items
 
 # ----------------------------------------------------------------------------------------------------------------
 # pass@k
@@ -134,128 +61,6 @@ def test_summarize_and_table():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Reading benchmark files
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _png_b64(color=(255, 0, 0)):
-    buf = io.BytesIO()
-    Image.new("RGB", (28, 28), color).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def _write_jsonl(path, rows):
-    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
-    return path
-
-
-def test_load_benchmark_shapes(tmp_path):
-    (tmp_path / "images").mkdir()
-    Image.new("RGB", (28, 28)).save(tmp_path / "images" / "1.png")
-    b64 = _png_b64()
-    rows = [
-        # MathVista: choices list, answer = option content, relative image path, pid
-        {"pid": "1", "question": "Which length?", "choices": ["3 cm", "5 cm"], "answer": "5 cm",
-         "image": "images/1.png", "query": "Hint: ... Question: Which length?"},
-        # MathVerse: options inside the question, letter answer
-        {"sample_index": "7", "question": "Find x.\nChoices:\nA:3\nB:4\nC:5", "answer": "B",
-         "image": "images/1.png"},
-        # MathVision: <image1> placeholder, options list, letter answer, image as an HF Image dict with base64
-        {"id": "mv", "question": "<image1>\nHow many?", "options": ["1", "2", "3"], "answer": "C",
-         "decoded_image": {"bytes": b64, "path": None}},
-        # MATH500: problem + solution + answer
-        {"unique_id": "test/x.json", "problem": "What is $1+1$?", "solution": "So \\boxed{2}.", "answer": "2"},
-        # AIME: integer answer, no id -> file:line
-        {"problem": "Compute N.", "answer": 204},
-        # MATH-style without an answer field: the solution's boxed answer
-        {"problem": "Half of 1?", "solution": "It is $\\boxed{\\frac{1}{2}}$."},
-        # chat row (the generated corpus's eval.jsonl) with a data-URL image part
-        {"messages": [{"role": "user", "content": [{"type": "image", "image": "data:image/png;base64," + b64},
-                                                   {"type": "text", "text": "Count."}]},
-                      {"role": "assistant", "content": "<think>...</think> \\boxed{3}"}]},
-    ]
-    path = _write_jsonl(tmp_path / "bench.jsonl", rows)
-    items = load_eval_set(path)
-    assert [it.id for it in items] == ["1", "7", "mv", "test/x.json", f"{path}:5", f"{path}:6", f"{path}:7"]
-    vista, verse, vision, math500, aime, mathsol, chat = items
-    assert vista.choices == ["3 cm", "5 cm"] and vista.answer == "5 cm" and vista.has_image
-    assert "(A) 3 cm\n(B) 5 cm" in vista.messages[-1][1][-1]
-    assert verse.choices == ["3", "4", "5"] and verse.messages[-1][1][-1].count("A:3") == 1  # not listed twice
-    assert vision.choices == ["1", "2", "3"] and "<image1>" not in vision.messages[-1][1][-1]
-    assert vision.has_image and vision.messages[-1][1][0].source.startswith("data:image")
-    assert math500.answer == "2" and not math500.has_image
-    # the answer instruction is the prompt format's (added when the prompt is built), not the loader's
-    assert math500.messages[-1][1][-1] == "What is $1+1$?"
-    fmt = PromptFormat(answer_instruction="Put the final answer in \\boxed{}.")
-    assert fmt.apply(math500.messages)[-1][1][-1] == "What is $1+1$?\nPut the final answer in \\boxed{}."
-    assert aime.answer == "204" and mathsol.answer == "\\frac{1}{2}"
-    assert chat.answer == "3" and chat.has_image and [r for r, _ in chat.messages] == ["user"]
-    assert score_eval("\\boxed{4}", gold_spec(verse)) == 1.0 and score_eval("\\boxed{5}", gold_spec(verse)) == 0.0
-    assert load_eval_set(path, limit=2) == items[:2]
-
-
-def test_raw_base64_image_of_realistic_size(tmp_path):
-    import random
-
-    rnd = random.Random(0)
-    img = Image.frombytes("RGB", (200, 200), bytes(rnd.getrandbits(8) for _ in range(200 * 200 * 3)))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    b64 = base64.b64encode(buf.getvalue()).decode()  # far longer than a file name may be
-    path = _write_jsonl(tmp_path / "b64.jsonl", [{"question": "q", "answer": "1", "images": [b64]}])
-    (item,) = load_eval_set(path)
-    from ovr_train.data import load_image
-
-    assert load_image(item.messages[0][1][0]).size == (200, 200)
-
-
-def test_choices_in_question():
-    assert choices_in_question("Q?\nChoices:\n(A) 1\n(B) 2\n(C) 3") == ["1", "2", "3"]
-    assert choices_in_question("Q?\nA. red\nB. blue") == ["red", "blue"]
-    assert choices_in_question("A. only one option") == []
-    assert choices_in_question("plain question with no options") == []
-
-
-@pytest.mark.parametrize("row,message", [
-    ('{"question": "q", "answer": 1', "malformed JSON"),
-    ('{"answer": "1"}', "no question"),
-    ('{"question": "q"}', "no answer"),
-    ('{"question": "q", "answer": {"a": 1}}', "answer must be a string or number"),
-    ('{"question": "q", "answer": "1", "image": "missing.png"}', "image 'missing.png' does not exist"),
-    ('{"question": "q", "answer": "1", "choices": {"B": "x", "C": "y"}}', "choices map keys must be the letters"),
-    ('{"question": "q", "answer": "1", "choices": [[1]]}', "choices must be a list of strings"),
-    ('{"problem": "q", "solution": "no box here"}', "'solution' has no \\\\boxed"),
-    ('[1, 2]', "expected a JSON object"),
-    ('{"messages": [{"role": "assistant", "content": "hi"}]}', "no user message"),
-])
-def test_malformed_rows_name_file_and_line(tmp_path, row, message):
-    path = _write_jsonl(tmp_path / "bad.jsonl", ['{"question": "ok?", "answer": "1", "id": "a"}', "", row])
-    with pytest.raises(ValueError, match=rf"bad.jsonl:3: .*{message}"):
-        load_eval_set(path)
-
-
-def test_duplicate_ids_and_missing_file(tmp_path):
-    path = _write_jsonl(tmp_path / "dup.jsonl", ['{"id": 1, "question": "a", "answer": "1"}',
-                                                 '{"id": 1, "question": "b", "answer": "2"}'])
-    with pytest.raises(ValueError, match=r"dup.jsonl:2: duplicate id '1' \(first at .*dup.jsonl:1\)"):
-        load_eval_set(path)
-    with pytest.raises(ValueError, match="does not exist"):
-        load_eval_set(tmp_path / "nope.jsonl")
-
-
-def test_default_sets_are_held_out():
-    from ovr_train import synth_text
-
-    sets = default_sets(num_text=40, num_images=6, seed=0)
-    assert set(sets) == {"synth_text", "synth_images"}
-    train_q = {r["messages"][0]["content"] for r in synth_text.generate_items(2000, 0, "train")}
-    text_q = [it.messages[-1][1][-1] for it in sets["synth_text"]]
-    assert len(set(text_q)) == 40 and not set(text_q) & train_q
-    assert all(it.has_image and it.answer for it in sets["synth_images"])
-    assert not any(it.has_image for it in sets["synth_text"])
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Generation + scoring in worker processes, then the whole eval stage on a tiny checkpoint
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -301,11 +106,13 @@ def tiny_ckpt(tmp_path_factory):
 
 
 def _bench_file(tmp_path):
+    path = tmp_path / "mini.jsonl"
     Image.new("RGB", (112, 112), (200, 30, 30)).save(tmp_path / "red.png")
     rows = [{"id": "t1", "problem": "What is 2+3?", "answer": "5"},
             {"id": "t2", "question": "Pick the even number.", "choices": ["3", "4"], "answer": "B"},
             {"id": "i1", "question": "What colour is the image?", "image": "red.png", "answer": "red"}]
-    return _write_jsonl(tmp_path / "mini.jsonl", rows)
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
 
 
 def test_evaluate_items_scores_in_worker_pool(tiny_ckpt, tmp_path):
@@ -313,7 +120,7 @@ def test_evaluate_items_scores_in_worker_pool(tiny_ckpt, tmp_path):
     from ovr_train.tokenizer import load_tokenizer, special_ids
 
     tok = load_tokenizer(str(tiny_ckpt))
-    items = load_eval_set(_bench_file(tmp_path))
+    items = load_items(_bench_file(tmp_path))
     scripts = {  # 4 samples per question: right, wrong, truncated-right, unboxed / content-matched
         "2+3": [("\\boxed{5}", "stop"), ("\\boxed{6}", "stop"), ("\\boxed{5}", "length"), ("5", "stop")],
         "even": [("\\boxed{4}", "stop"), ("\\boxed{(B)}", "stop"), ("\\boxed{A}", "stop"), ("wait, \\boxed{B}", "stop")],
@@ -367,8 +174,8 @@ def test_eval_stage_end_to_end(tiny_ckpt, tmp_path, capsys):
     questions = saved["questions"]["mini"]
     assert [q["id"] for q in questions] == ["t1", "t2", "i1"] and [q["has_image"] for q in questions][-1]
     assert m["pass@1"] == pytest.approx(sum(sum(q["correct"]) for q in questions) / 6)
-    items = {it.id: it for it in load_eval_set(bench)}
+    items = {it.id: it for it in load_items(bench)}
     for q in questions:  # the stored first response re-scores to the stored verdict
-        assert score_eval(q["response"], gold_spec(items[q["id"]]), truncated=q["truncated"][0]) == q["correct"][0]
+        assert score(q["response"], items[q["id"]].gold, truncated=q["truncated"][0]) == q["correct"][0]
     text = report.read_text()
     assert text.startswith("# run report\n") and "## Eval: tiny" in text and "| mini |" in text

@@ -8,9 +8,10 @@ from ovr_train.rewards import (
     RewardPool,
     choice_letter,
     extract_boxed,
+    gold_spec,
     is_equivalent,
     normalize_answer,
-    score_response,
+    score,
 )
 
 # A verifier input that never returns: sympy evaluates the tower exactly (math-verify has no guard once its own
@@ -22,14 +23,14 @@ def raise_on_bad(response, answer, truncated=False, format_reward=0.0):
     """Test score function: raises for one answer (an error must be counted, not turned into a silent 0)."""
     if answer == "bad":
         raise RuntimeError("broken verifier")
-    return score_response(response, answer, truncated, format_reward)
+    return score(response, answer, truncated, format_reward)
 
 
 def sleep_on_slow(response, answer, truncated=False, format_reward=0.0):
     """Test score function: never returns for one answer (a hung worker must be killed and replaced)."""
     if answer == "slow":
         time.sleep(3600)
-    return score_response(response, answer, truncated, format_reward)
+    return score(response, answer, truncated, format_reward)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -98,8 +99,8 @@ def test_normalize_and_letters():
     ("<think>2+2 \\boxed{4}", "4", False, 0.1, 1.0),           # unclosed think: no format bonus
     ("\\boxed{4}", "4", False, 0.1, 1.1),
 ])
-def test_score_response_table(response, answer, truncated, fmt, expected):
-    assert score_response(response, answer, truncated, fmt) == pytest.approx(expected)
+def test_score_table(response, answer, truncated, fmt, expected):
+    assert score(response, answer, truncated, fmt) == pytest.approx(expected)
 
 
 def test_pool_matches_pure_function_and_counts_errors():
@@ -138,3 +139,76 @@ def test_pool_bad_arguments():
         RewardPool(timeout_s=0)
     with pytest.raises(ValueError, match="num_workers"):
         RewardPool(num_workers=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scoring table: (response, answer, choices, expected)
+# ----------------------------------------------------------------------------------------------------------------
+
+MC = ["3 cm", "5 cm", "7 cm", "9 cm"]
+SCORING = [
+    # free form: LaTeX, units, numbers, the last box wins, no box / empty box / truncated score 0
+    ("so \\boxed{\\frac{1}{2}}", "0.5", None, 1),
+    ("\\boxed{\\dfrac{\\sqrt{3}}{2}}", "\\frac{\\sqrt3}{2}", None, 1),
+    ("\\boxed{\\frac{1}{\\sqrt{2}}}", "\\frac{\\sqrt{2}}{2}", None, 1),
+    ("\\boxed{5\\text{ cm}}", "5", None, 1),
+    ("\\boxed{5 cm}", "5", None, 1),
+    ("\\boxed{12 \\mathrm{m}^2}", "12", None, 1),
+    ("\\boxed{30^\\circ}", "30", None, 1),
+    ("\\boxed{50\\%}", "0.5", None, 1),
+    ("\\boxed{1,000}", "1000", None, 1),
+    ("\\boxed{x = 3}", "3", None, 1),
+    ("\\boxed{(x+1)^2}", "x^2+2x+1", None, 1),
+    ("first \\boxed{4}, wait, \\boxed{5}", "5", None, 1),
+    ("first \\boxed{4}, wait, \\boxed{5}", "4", None, 0),
+    ("\\boxed{6}", "5", None, 0),
+    ("the answer is 5", "5", None, 0),
+    ("\\boxed{}", "5", None, 0),
+    ("\\boxed{5", "5", None, 0),
+    # multiple choice, gold given as a letter: right by letter or by the option's content
+    ("\\boxed{B}", "B", MC, 1),
+    ("\\boxed{(B)}", "B", MC, 1),
+    ("\\boxed{\\text{(B)}}", "B", MC, 1),
+    ("\\boxed{B. 5 cm}", "B", MC, 1),
+    ("\\boxed{5 cm}", "B", MC, 1),
+    ("\\boxed{5}", "B", MC, 1),
+    ("\\boxed{5\\,\\text{cm}}", "B", MC, 1),
+    ("\\boxed{A}", "B", MC, 0),
+    ("\\boxed{3 cm}", "B", MC, 0),
+    ("\\boxed{A. 5 cm}", "B", MC, 0),  # a named letter decides, even with the right content
+    # multiple choice, gold given as the option's content (MathVista exports)
+    ("\\boxed{B}", "5 cm", MC, 1),
+    ("\\boxed{5}", "5 cm", MC, 1),
+    ("\\boxed{C}", "5 cm", MC, 0),
+    # numeric options: a number is content, a letter is a letter
+    ("\\boxed{4}", "4", ["2", "4", "6"], 1),
+    ("\\boxed{B}", "4", ["2", "4", "6"], 1),
+    ("\\boxed{2}", "4", ["2", "4", "6"], 0),
+    ("\\boxed{A}", "4", ["2", "4", "6"], 0),
+    # an answer that is none of the options is judged free-form
+    ("\\boxed{11}", "11", ["2", "4"], 1),
+]
+
+
+@pytest.mark.parametrize("response,answer,choices,expected", SCORING)
+def test_scoring_table(response, answer, choices, expected):
+    assert score(response, gold_spec(answer, choices)) == expected
+
+
+def test_truncated_scores_zero():
+    for choices in ([], MC):
+        spec = gold_spec("B" if choices else "5", choices)
+        assert score("\\boxed{B}" if choices else "\\boxed{5}", spec) == 1.0
+        assert score("\\boxed{B}" if choices else "\\boxed{5}", spec, truncated=True) == 0.0
+
+
+
+def test_format_reward_counts_for_multiple_choice_too():
+    """One score for every answer kind: the format reward is added for a well-formed multiple-choice response
+    exactly as for a free-form one (it was dropped for multiple-choice prompts)."""
+    for gold in (gold_spec("B", MC), gold_spec("5")):
+        right = "<think>ok</think> \\boxed{B}" if gold.startswith("{") else "<think>ok</think> \\boxed{5}"
+        assert score(right, gold, format_reward=0.5) == 1.5
+        assert score("<think>ok</think> \\boxed{C}", gold, format_reward=0.5) == 0.5
+        assert score("<think>unclosed \\boxed{C}", gold, format_reward=0.5) == 0.0
+        assert score(right, gold, truncated=True, format_reward=0.5) == 0.0

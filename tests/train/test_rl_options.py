@@ -10,7 +10,7 @@ import torch
 from test_rl_step import dumps, init_dir, launch  # noqa: F401  (init_dir: the module-scoped model fixture)
 
 from ovr_train.config import RLCfg
-from ovr_train.rewards import score_response
+from ovr_train.rewards import score
 from ovr_train.rl import mismatch_weights, overlong_penalty
 
 
@@ -92,10 +92,10 @@ def test_rl_gspo_tis_soft_overlong_and_kl(init_dir):  # noqa: F811
             weights.append(want_w)
             num_corrected += int(want_c.sum())
             # soft overlong: the verifier's score plus the ramp over the last `cache` tokens before the limit
-            for (pi, ids, _, text, reason), score in zip(d["samples"], d["scores"].tolist()):
-                want = score_response(text, d["answers"][pi], reason == "length") + min(
+            for (pi, ids, _, text, reason), got in zip(d["samples"], d["scores"].tolist()):
+                want = score(text, d["answers"][pi], reason == "length") + min(
                     0.0, max(-1.0, (limit - cache - len(ids)) / cache))
-                assert score == pytest.approx(want, abs=1e-6)
+                assert got == pytest.approx(want, abs=1e-6)
             # the reference is the RL start point: at step 1 its log-probs are the policy's, later they differ
             if step == 1:
                 assert torch.equal(d["ref"], d["old"])

@@ -11,10 +11,9 @@ import torch
 from PIL import Image
 
 from ovr_train.config import DataCfg, ModelCfg, load_config, longest_response
-from ovr_train.data import ImageProcessor, ImageRef, collate, encode_messages
-from ovr_train.evaluate import EvalItem, load_eval_set
+from ovr_train.data import ImageProcessor, ImageRef, PromptFormat, collate, encode_messages
 from ovr_train.model import build_model
-from ovr_train.prompts import PromptFormat, build_prompt, prompt_length
+from ovr_train.tasks import Item, build_prompt, fitting_prompts, load_items, prompt_length, prompt_pool
 from ovr_train.tokenizer import load_tokenizer, special_ids
 
 SYSTEM, INSTRUCTION = "You are a careful solver.", "Put the final answer in \\boxed{}."
@@ -34,7 +33,6 @@ def _png(path, size, seed=0):
 
 
 def test_one_prompt_format_for_sft_rl_and_eval(tok, tmp_path):
-    from ovr_train.rl import prompt_pool
 
     ids = special_ids(tok)
     proc = ImageProcessor(112 * 112, 112 * 224)
@@ -46,7 +44,7 @@ def test_one_prompt_format_for_sft_rl_and_eval(tok, tmp_path):
                              f"--rl.prompt_files=[{tmp_path / 'p.jsonl'}]"])
     fmt = PromptFormat.of(cfg.data)
     rl_items = prompt_pool(cfg.rl, 0)  # what the RL stage trains on
-    eval_items = load_eval_set(tmp_path / "p.jsonl")  # what the eval stage measures
+    eval_items = load_items(tmp_path / "p.jsonl")  # what the eval stage measures
     assert [it.messages for it in rl_items] == [it.messages for it in eval_items]
     for item in rl_items:
         prompt = build_prompt(item, tok, ids, proc, fmt)
@@ -77,7 +75,7 @@ def test_prompt_length_counts_resized_images(tok, tmp_path):
     fmt = PromptFormat(SYSTEM, INSTRUCTION)
     for i, size in enumerate([(30, 500), (333, 77), (640, 480), (28, 28)]):
         refs = [ImageRef(_png(tmp_path / f"{i}.png", size, i))] * (1 + i % 2)
-        item = EvalItem(str(i), [("user", [*refs, "Which?"])], "1")
+        item = Item(str(i), [("user", [*refs, "Which?"])], "1")
         assert prompt_length(item, tok, ids, proc, fmt) == len(build_prompt(item, tok, ids, proc, fmt).token_ids)
 
 
@@ -95,7 +93,6 @@ def test_curriculum_must_leave_room_for_a_prompt():
 
 
 def test_fitting_prompts_counts_and_names_the_limit():
-    from ovr_train.rl import fitting_prompts
 
     kept, dropped = fitting_prompts(["a", "b", "c"], [10, 50, 20], 20)
     assert (kept, dropped) == (["a", "c"], 1)
@@ -112,9 +109,9 @@ def _rollout_like(tok, tmp_path, n):
 
     ids = special_ids(tok)
     proc = ImageProcessor(112 * 112, 112 * 224)
-    items = [EvalItem("a", [("user", [ImageRef(_png(tmp_path / "a.png", (224, 112))), "How many?"])], "1"),
-             EvalItem("b", [("user", ["Compute 2 + 3."])], "5"),
-             EvalItem("c", [("user", ["Which colour?", ImageRef(_png(tmp_path / "c.png", (112, 112), 3))])], "2")]
+    items = [Item("a", [("user", [ImageRef(_png(tmp_path / "a.png", (224, 112))), "How many?"])], "1"),
+             Item("b", [("user", ["Compute 2 + 3."])], "5"),
+             Item("c", [("user", ["Which colour?", ImageRef(_png(tmp_path / "c.png", (112, 112), 3))])], "2")]
     prompts = [build_prompt(it, tok, ids, proc, PromptFormat()) for it in items]
     g = torch.Generator().manual_seed(0)
     first = max(ids.values()) + 1  # ordinary tokens: a sampled image pad would need an image

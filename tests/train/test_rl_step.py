@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ovr_kernels.reference import gae_ref, masked_whiten_ref
-from ovr_train.rewards import score_response
+from ovr_train.rewards import score
 
 pytestmark = pytest.mark.dist
 
@@ -90,8 +90,8 @@ def test_rl_steps_match_references_and_resume(init_dir):
         advs, raw = [], []
         for d in ranks:
             # rewards: the verifier's scores are the pure function's
-            for (pi, _, _, text, reason), score in zip(d["samples"], d["scores"].tolist()):
-                assert score == score_response(text, d["answers"][pi], reason == "length")
+            for (pi, _, _, text, reason), got in zip(d["samples"], d["scores"].tolist()):
+                assert got == score(text, d["answers"][pi], reason == "length")
             # GAE on the real rollout: reference reverse loop over the packed responses
             adv, ret = gae_ref(d["reward"], d["values"], d["cu"], 1.0, 1.0)
             torch.testing.assert_close(d["returns"], ret, atol=1e-5, rtol=1e-5)

@@ -12,10 +12,9 @@ from PIL import Image
 
 from ovr_train.config import DataCfg, RLCfg
 from ovr_train.data import ImageRef, load_image, load_sft_samples
-from ovr_train.evaluate import load_eval_set
-from ovr_train.rl import prompt_pool
 from ovr_train.sources import iter_rows
 from ovr_train.store import open_store
+from ovr_train.tasks import load_items, prompt_pool
 from ovr_train.tokenizer import special_ids
 
 
@@ -84,12 +83,12 @@ def test_rl_and_eval_rows_verl_and_easyr1(tmp_path, fmt):
     write = _parquet if fmt == "parquet" else _hf_dir
     verl = write(tmp_path / ("verl.parquet" if fmt == "parquet" else "verl"), _verl_rl_rows(6))
     easy = write(tmp_path / ("easyr1.parquet" if fmt == "parquet" else "easyr1"), _easyr1_rows(4))
-    items = load_eval_set(verl)
+    items = load_items(verl)
     assert [it.answer for it in items] == [str(i + 1) for i in range(6)]
     assert [it.has_image for it in items] == [i % 2 == 0 for i in range(6)]
     first = items[0].messages[-1][1]
     assert isinstance(first[0], ImageRef) and first[1] == "What is 0 + 1?"
-    items = load_eval_set(easy)
+    items = load_items(easy)
     assert [it.answer for it in items] == ["0", "2", "4", "6"]
     text = items[3].messages[0][1][-1]
     assert "<image>" not in text and text == "Find x if x = 3 * 2."  # the instruction is added at prompt build
@@ -134,13 +133,13 @@ def test_bad_files_and_rows_are_named(tmp_path, tok, proc):
     bad = tmp_path / "broken.parquet"
     bad.write_bytes(b"PAR1 this is not parquet")
     with pytest.raises(ValueError, match=r"broken.parquet: unreadable parquet file"):
-        load_eval_set(bad)
+        load_items(bad)
     with pytest.raises(ValueError, match=r"broken.parquet: unreadable parquet file"):
         load_sft_samples([bad], tok, ids, proc, DataCfg())
     # a missing column names the file, the row and the columns it has
     f = _parquet(tmp_path / "noanswer.parquet", [{"problem": "1+1?", "answer": "2"}, {"problem": "2+2?"}])
     with pytest.raises(ValueError, match=r"noanswer.parquet:row 1: no answer .*keys: \['answer', 'problem'\]"):
-        load_eval_set(f)
+        load_items(f)
     # a corrupt image cell: named at build time, or skipped and counted
     rows = _sft_rows(3)
     rows[1]["images"], rows[1]["prompt"] = [{"bytes": b"\x89PNG broken", "path": None}], "<image>" + rows[1]["prompt"]
@@ -159,17 +158,17 @@ def test_bad_files_and_rows_are_named(tmp_path, tok, proc):
     # an image cell of the wrong type names the field
     f = _parquet(tmp_path / "num.parquet", [{"problem": "q", "answer": "1", "images": [3]}])
     with pytest.raises(ValueError, match=r"num.parquet:row 0: field 'images': image field must be"):
-        load_eval_set(f)
+        load_items(f)
     # a DatasetDict directory, a plain directory and an unknown extension
     from datasets import Dataset, DatasetDict
 
     DatasetDict({"train": Dataset.from_list([{"problem": "q", "answer": "1"}])}).save_to_disk(str(tmp_path / "dd"))
     with pytest.raises(ValueError, match=r"holds several splits \['train'\]: point at one of its subdirectories"):
-        load_eval_set(tmp_path / "dd")
-    assert len(load_eval_set(tmp_path / "dd" / "train")) == 1
+        load_items(tmp_path / "dd")
+    assert len(load_items(tmp_path / "dd" / "train")) == 1
     (tmp_path / "plain").mkdir()
     with pytest.raises(ValueError, match="not an HF datasets directory"):
-        load_eval_set(tmp_path / "plain")
+        load_items(tmp_path / "plain")
     (tmp_path / "x.csv").write_text("a,b\n")
     with pytest.raises(ValueError, match="unknown format"):
-        load_eval_set(tmp_path / "x.csv")
+        load_items(tmp_path / "x.csv")
