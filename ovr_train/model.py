@@ -161,6 +161,12 @@ def build_model(mcfg, ids: dict, tokenizer_size: int, *, meta: bool = False, val
         config = AutoConfig.from_pretrained(mcfg.path)
         if config.model_type != "qwen2_5_vl":
             raise ValueError(f"model.path={mcfg.path!r} is a {config.model_type!r} model, not qwen2_5_vl")
+        # Every training target is a tokenizer id, so this one check keeps the fused log-prob head's targets in
+        # range without a per-batch host sync on the GPU.
+        rows = getattr(config, "text_config", config).vocab_size
+        if rows < tokenizer_size:
+            raise ValueError(f"model.path={mcfg.path!r} has {rows} vocabulary rows, fewer than the tokenizer's "
+                             f"{tokenizer_size} tokens (a tokenizer from another model?)")
         meta = True  # weights are loaded shard by shard after fully_shard
     else:
         config = hf_config(mcfg, model_vocab_size(mcfg, tokenizer_size), ids)

@@ -7,7 +7,7 @@ from PIL import Image
 
 from ovr_train.config import DataCfg, ModelCfg
 from ovr_train.data import IGNORE, ImageProcessor, ImageRef, collate, encode_messages
-from ovr_train.model import build_model, flops_per_token, param_counts
+from ovr_train.model import build_model, flops_per_token, hf_config, param_counts
 from ovr_train.tokenizer import load_tokenizer, special_ids
 
 
@@ -105,3 +105,13 @@ def test_vision_freeze_counts_and_errors(setup):
     with pytest.raises(ValueError, match="model.path='/nonexistent' has no config.json"):
         build_model(ModelCfg(path="/nonexistent"), ids, len(tok))
     assert DataCfg().packing
+
+
+def test_checkpoint_with_fewer_vocab_rows_than_the_tokenizer_is_refused(setup, tmp_path):
+    """Targets are tokenizer ids: a model.path whose embedding has fewer rows would send out-of-range targets to
+    the fused head, so the build refuses it (one check per run instead of a host sync per batch)."""
+    tok, ids, _ = setup
+    hf_config(ModelCfg(), 64, ids).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="64 vocabulary rows, fewer than the tokenizer's"):
+        build_model(ModelCfg(path=str(tmp_path)), ids, len(tok))
+    build_model(ModelCfg(path=str(tmp_path)), ids, 64, meta=True)  # exactly enough rows: accepted
