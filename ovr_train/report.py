@@ -8,10 +8,10 @@ wall_time.png (training and eval seconds per stage). Everything is read from the
 and the RL stage's metrics.jsonl; nothing here recomputes a metric.
 """
 
+import argparse
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 
 from ovr_train.behaviors import BEHAVIORS
@@ -206,6 +206,11 @@ def write_report(out_dir, summary: dict) -> Path:
 def aggregate(run_dirs: list) -> str:
     """Markdown table of per-stage held-out accuracy (mean and spread over runs, e.g. seeds) and behaviour rates,
     from each run's summary.json: `python -m ovr_train.report RUN_DIR [RUN_DIR ...]`."""
+    if not run_dirs:
+        raise ValueError("aggregate: no run directory given")
+    missing = [str(d) for d in run_dirs if not (Path(d) / "summary.json").is_file()]
+    if missing:
+        raise ValueError(f"no summary.json (written at the end of a `--stage all` run) in: {', '.join(missing)}")
     sums = [json.loads((Path(d) / "summary.json").read_text()) for d in run_dirs]
     stages = _stages(sums[0])
     sets = list(sums[0]["evals"][stages[0]]["metrics"])
@@ -235,5 +240,18 @@ def aggregate(run_dirs: list) -> str:
     return "\n".join(md)
 
 
+def main(argv=None):
+    """CLI: print `aggregate` of the given `--stage all` run directories."""
+    parser = argparse.ArgumentParser(prog="python -m ovr_train.report", description=(
+        "Per-stage held-out accuracy and behaviour rates of one or more `--stage all` runs (e.g. seeds), mean and "
+        "spread over runs, as a Markdown table."))
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a run.out_dir holding summary.json")
+    args = parser.parse_args(argv)
+    try:
+        print(aggregate(args.run_dirs))
+    except ValueError as e:
+        parser.error(str(e))
+
+
 if __name__ == "__main__":
-    print(aggregate(sys.argv[1:]))
+    main()

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from ovr_train.config import load_config
-from ovr_train.report import PLOTS, SECTIONS
+from ovr_train.report import PLOTS, SECTIONS, aggregate, main
 from ovr_train.rewards import extract_boxed
 from ovr_train.sft import base_stage_config, resolve_sft_init
 from ovr_train.synth_images import PERCEPTION_TASKS, ensure_perception_corpus
@@ -91,6 +91,18 @@ def test_stage_all_end_to_end_and_deterministic(tmp_path):
     for stage in ("base", "sft", "rl"):
         qa, qb = (json.loads((r / "eval" / f"{stage}.json").read_text())["questions"] for r in runs)
         assert qa == qb, stage
+
+    # the two runs aggregated (the seeds table of the docs): every stage, the same numbers twice, spread 0
+    table = aggregate(runs)
+    assert all(f"| {s} |" in table for s in ("base", "sft", "rl")) and "+- 0.000" in table
+
+
+def test_report_cli_refuses_missing_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main([])
+    with pytest.raises(SystemExit):
+        main([str(tmp_path)])
+    assert f"no summary.json (written at the end of a `--stage all` run) in: {tmp_path}" in capsys.readouterr().err
 
 
 def test_perception_corpus_answers_in_boxed_form(tmp_path):
