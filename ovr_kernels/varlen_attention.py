@@ -41,6 +41,9 @@ else:  # pragma: no cover - a torch build without triton: the reference path onl
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# where the backward's dQ comes from (`_dq_mode`): the separate dQ kernel (7 GEMMs per tile pair, deterministic),
+# the dK/dV kernel with fp32 atomics (5 GEMMs), or the dK/dV kernel storing it (5 GEMMs; one kv block per segment)
+DQ_SEPARATE, DQ_ATOMIC, DQ_STORE = 0, 1, 2
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -50,6 +53,8 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 if HAS_TRITON:
     _LOG2E_K = tl.constexpr(LOG2E)  # kernels may read module globals only as constexpr
     _LN2_K = tl.constexpr(LN2)
+    _DQ_SEPARATE_K = tl.constexpr(DQ_SEPARATE)
+    _DQ_ATOMIC_K = tl.constexpr(DQ_ATOMIC)
 
     @triton.jit
     def _load_rows(base, rows, num_rows, stride_t, offs_d, UPCAST: tl.constexpr):
@@ -191,14 +196,27 @@ if HAS_TRITON:
         tl.store(delta_ptr + head * stride_delta_h + offs_t, tl.sum(o * do, 1), mask=offs_t < num_tokens)
 
     @triton.jit
-    def _bwd_dkdv_loop(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base, delta_base, stride_q_t,
-                       stride_do_t, cols, offs_m, offs_d0, offs_d1, seqlen_q, diag, lo, hi, qk_scale,
-                       MASKED: tl.constexpr, HEAD_D1: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr):
-        """Accumulate dK/dV of one kv block over q blocks [lo, hi), transposed (kv rows x q rows) like tutorial 06.
+    def _dq_out(dq_base, rows, num_rows, stride_t, offs_d, x, DQ: tl.constexpr):
+        """Write one kv block's share of dQ: added atomically to the fp32 buffer (DQ_ATOMIC) or, when this program
+        is the only one that touches these rows (DQ_STORE), stored."""
+        if DQ == _DQ_ATOMIC_K:
+            # relaxed: the sum is read by a later kernel, so no ordering between programs is needed (no fences)
+            tl.atomic_add(dq_base + rows[:, None] * stride_t + offs_d[None, :], x, mask=(rows < num_rows)[:, None],
+                          sem="relaxed")
+        else:
+            _store_rows(dq_base, rows, num_rows, stride_t, offs_d, x)
 
-        Padded q rows load q = do = delta = 0 and so add nothing; padded kv rows are never stored. Only the causal
-        diagonal needs a mask (MASKED). A row with LSE -inf sees no key, so it only appears in MASKED blocks."""
+    @triton.jit
+    def _bwd_dkdv_loop(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base, delta_base, dq_base,
+                       stride_q_t, stride_do_t, stride_dq_t, cols, offs_m, offs_d0, offs_d1, seqlen_q, diag, lo, hi,
+                       qk_scale, sm_scale, MASKED: tl.constexpr, DQ: tl.constexpr, HEAD_D1: tl.constexpr,
+                       BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """Accumulate dK/dV of one kv block over q blocks [lo, hi), transposed (kv rows x q rows) like tutorial 06;
+        unless DQ is DQ_SEPARATE, also dQ += dS K for each q block (the fifth GEMM, written out by `_dq_out`).
+
+        Padded q rows load q = do = delta = 0 and so add nothing; padded kv rows load k = v = 0 and so add nothing
+        to dQ, and are never stored. Only the causal diagonal needs a mask (MASKED). A row with LSE -inf sees no
+        key, so it only appears in MASKED blocks."""
         for start_m in range(lo, hi, BLOCK_M):
             rows = start_m + offs_m
             q0 = _load_rows(q_base, rows, seqlen_q, stride_q_t, offs_d0, UPCAST)
@@ -218,25 +236,35 @@ if HAS_TRITON:
             if HEAD_D1 > 0:
                 dv1 = tl.dot(p_t.to(do1.dtype), do1, dv1, input_precision=DOT_PRECISION)
                 dp_t = tl.dot(v1, tl.trans(do1), dp_t, input_precision=DOT_PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk0 = tl.dot(ds_t.to(q0.dtype), q0, dk0, input_precision=DOT_PRECISION)
+            ds_t = (p_t * (dp_t - delta[None, :])).to(q0.dtype)
+            dk0 = tl.dot(ds_t, q0, dk0, input_precision=DOT_PRECISION)
             if HEAD_D1 > 0:
-                dk1 = tl.dot(ds_t.to(q1.dtype), q1, dk1, input_precision=DOT_PRECISION)
+                dk1 = tl.dot(ds_t, q1, dk1, input_precision=DOT_PRECISION)
+            if DQ != _DQ_SEPARATE_K:
+                ds = tl.trans(ds_t)
+                _dq_out(dq_base, rows, seqlen_q, stride_dq_t, offs_d0,
+                        tl.dot(ds, k0, input_precision=DOT_PRECISION) * sm_scale, DQ)
+                if HEAD_D1 > 0:
+                    _dq_out(dq_base, rows, seqlen_q, stride_dq_t, offs_d1,
+                            tl.dot(ds, k1, input_precision=DOT_PRECISION) * sm_scale, DQ)
         return dk0, dk1, dv0, dv1
 
     @triton.jit
-    def _varlen_attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    def _varlen_attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr,
                                      cu_q_ptr, cu_k_ptr, seg_order_ptr,
                                      stride_q_t, stride_q_h, stride_k_t, stride_k_h, stride_v_t, stride_v_h,
                                      stride_do_t, stride_do_h, stride_dk_t, stride_dk_h, stride_dv_t, stride_dv_h,
-                                     stride_lse_h, qk_scale, sm_scale,
-                                     GROUP: tl.constexpr, ATOMIC: tl.constexpr, CAUSAL: tl.constexpr,
+                                     stride_dq_t, stride_dq_h, stride_lse_h, qk_scale, sm_scale,
+                                     GROUP: tl.constexpr, ATOMIC: tl.constexpr, DQ: tl.constexpr,
+                                     CAUSAL: tl.constexpr,
                                      HEAD_D0: tl.constexpr, HEAD_D1: tl.constexpr, BLOCK_D1: tl.constexpr,
                                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
                                      DOT_PRECISION: tl.constexpr):
         """One program per (kv block, head, segment). Deterministic (ATOMIC False): axis 1 is the kv head and the
         program sums the GROUP query heads itself, in a fixed order. ATOMIC: axis 1 is the query head and the
-        partial dK/dV is atomically added to fp32 buffers (GROUP x more programs, order-dependent rounding)."""
+        partial dK/dV is atomically added to fp32 buffers (GROUP x more programs, order-dependent rounding).
+        DQ (`_dq_mode`): DQ_SEPARATE leaves dQ to `_varlen_attn_bwd_dq_kernel`; otherwise this kernel also computes
+        dQ from the dS it already has (5 GEMMs per tile pair instead of 7) and writes it through `_dq_out`."""
         pid_n = tl.program_id(0)
         pid_h = tl.program_id(1)
         q_start, seqlen_q, k_start, seqlen_k = _segment(cu_q_ptr, cu_k_ptr, seg_order_ptr)
@@ -282,15 +310,17 @@ if HAS_TRITON:
             do_base = _head_base(do_ptr, q_start, stride_do_t, q_head, stride_do_h)
             lse_base = lse_ptr + q_head * stride_lse_h + q_start
             delta_base = delta_ptr + q_head * stride_lse_h + q_start
+            dq_base = _head_base(dq_ptr, q_start, stride_dq_t, q_head, stride_dq_h)
             if CAUSAL:
                 dk0, dk1, dv0, dv1 = _bwd_dkdv_loop(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base,
-                                                    delta_base, stride_q_t, stride_do_t, cols, offs_m, offs_d0,
-                                                    offs_d1, seqlen_q, diag, lo, mid_masked, qk_scale, True, HEAD_D1,
-                                                    BLOCK_M, UPCAST, DOT_PRECISION)
+                                                    delta_base, dq_base, stride_q_t, stride_do_t, stride_dq_t, cols,
+                                                    offs_m, offs_d0, offs_d1, seqlen_q, diag, lo, mid_masked,
+                                                    qk_scale, sm_scale, True, DQ, HEAD_D1, BLOCK_M, UPCAST,
+                                                    DOT_PRECISION)
             dk0, dk1, dv0, dv1 = _bwd_dkdv_loop(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base,
-                                                delta_base, stride_q_t, stride_do_t, cols, offs_m, offs_d0, offs_d1,
-                                                seqlen_q, diag, mid, seqlen_q, qk_scale, False, HEAD_D1, BLOCK_M,
-                                                UPCAST, DOT_PRECISION)
+                                                delta_base, dq_base, stride_q_t, stride_do_t, stride_dq_t, cols,
+                                                offs_m, offs_d0, offs_d1, seqlen_q, diag, mid, seqlen_q, qk_scale,
+                                                sm_scale, False, DQ, HEAD_D1, BLOCK_M, UPCAST, DOT_PRECISION)
         # dS was taken w.r.t. the scaled scores, so dK = scale * dS^T Q
         dk_base = _head_base(dk_ptr, k_start, stride_dk_t, kv_head, stride_dk_h)
         dv_base = _head_base(dv_ptr, k_start, stride_dv_t, kv_head, stride_dv_h)
@@ -523,22 +553,38 @@ def use_atomic_dkdv(deterministic: bool, num_q_heads: int, num_kv_heads: int, he
     return programs < _ATOMIC_BELOW_PROGRAMS_PER_SM * _num_sms(device)
 
 
+def _dq_mode(deterministic: bool, max_seqlen_k: int, block_n: int) -> int:
+    """Where dQ comes from. The rule: 5 GEMMs per (q block, kv block) pair wherever that is deterministic or
+    determinism was not asked for; the separate dQ kernel (7 GEMMs: it recomputes Q K^T and dO V^T) only on request.
+
+    - every key segment fits one kv block (ViT windows): DQ_STORE. Each (segment, q head) then has exactly one
+      dK/dV program, so it stores dQ itself: 5 GEMMs, no atomics, deterministic for free.
+    - deterministic=True: DQ_SEPARATE (bit-reproducible; ~7/5 of the MMA work of the fused path, an estimate).
+    - otherwise: DQ_ATOMIC, fp32 atomics into a zeroed buffer, then one cast (flash-attention 2's backward does
+      the same). Their order, and so the last bits of dQ, vary run to run.
+    Where GQA's query heads of a group meet on the same dK/dV rows, the sum stays deterministic (one program sums
+    the group in order) unless that grid is too small to fill the GPU (`use_atomic_dkdv`)."""
+    if max_seqlen_k <= block_n:
+        return DQ_STORE
+    return DQ_SEPARATE if deterministic else DQ_ATOMIC
+
+
 def varlen_attention_bwd(do_THD, q_THD, k_THD, v_THD, out_THD, lse_HT, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                          max_seqlen_k, causal, softmax_scale, deterministic=False, seg_order=None):
-    """Launch preprocess + dK/dV + dQ on validated inputs; returns (dq, dk, dv) contiguous, in the inputs' dtype."""
+    """Launch preprocess + dK/dV (+ dQ) [+ dQ] on validated inputs; returns (dq, dk, dv) contiguous, in the inputs'
+    dtype. deterministic: bit-reproducible gradients (`_dq_mode`, `use_atomic_dkdv`)."""
     num_tokens_q, num_q_heads, head_dim = q_THD.shape
     num_tokens_k, num_kv_heads = k_THD.shape[0], k_THD.shape[1]
     num_segments = cu_seqlens_q.numel() - 1
     group = num_q_heads // num_kv_heads
     if do_THD.stride(-1) != 1:
         do_THD = do_THD.contiguous()
-    dq = torch.empty((num_tokens_q, num_q_heads, head_dim), dtype=q_THD.dtype, device=q_THD.device)
     # keys of empty query segments get no program writes: zero-init dk/dv (rows of segments with sk > 0 and
     # sq == 0 have a zero gradient)
     dk = torch.zeros((num_tokens_k, num_kv_heads, head_dim), dtype=k_THD.dtype, device=k_THD.device)
     dv = torch.zeros((num_tokens_k, num_kv_heads, head_dim), dtype=v_THD.dtype, device=v_THD.device)
     if num_tokens_q == 0 or num_tokens_k == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
-        return dq.zero_(), dk, dv
+        return torch.zeros_like(q_THD, memory_format=torch.contiguous_format), dk, dv
     if seg_order is None:
         seg_order = _segment_order(cu_seqlens_q, cu_seqlens_k)
     d0, d1 = split_head_dim(head_dim)
@@ -552,8 +598,12 @@ def varlen_attention_bwd(do_THD, q_THD, k_THD, v_THD, out_THD, lse_HT, cu_seqlen
         do_THD.stride(1), delta.stride(0), HEAD_DIM=head_dim, BLOCK_T=_PREPROCESS_BLOCK_T,
         BLOCK_D=triton.next_power_of_2(head_dim), num_warps=_PREPROCESS_WARPS)
 
-    block_m, block_n, num_warps, num_stages = _launch_params("dkdv", head_dim, max_seqlen_k, q_THD.device,
-                                                             q_THD.dtype, causal)
+    # the fused kernel holds a dQ tile besides dK/dV: its own table entry ("dkdvq"), sized for that
+    fused_block_n = _launch_params("dkdvq", head_dim, max_seqlen_k, q_THD.device, q_THD.dtype, causal)[1]
+    dq_mode = _dq_mode(deterministic, max_seqlen_k, fused_block_n)
+    block_m, block_n, num_warps, num_stages = _launch_params("dkdv" if dq_mode == DQ_SEPARATE else "dkdvq",
+                                                             head_dim, max_seqlen_k, q_THD.device, q_THD.dtype,
+                                                             causal)
     atomic = use_atomic_dkdv(deterministic, num_q_heads, num_kv_heads, head_dim, num_tokens_k, block_n,
                              q_THD.device)
     if atomic:
@@ -561,16 +611,25 @@ def varlen_attention_bwd(do_THD, q_THD, k_THD, v_THD, out_THD, lse_HT, cu_seqlen
         dv_acc = torch.zeros(dv.shape, dtype=torch.float32, device=dv.device)
     else:
         dk_acc, dv_acc = dk, dv
+    # dK/dV programs write dQ rows only where they visit (DQ_STORE: rows that see no key are never visited), and
+    # DQ_ATOMIC adds to what is there: both start from zeros; the separate dQ kernel writes every row
+    dq_shape = (num_tokens_q, num_q_heads, head_dim)
+    if dq_mode == DQ_SEPARATE:
+        dq = torch.empty(dq_shape, dtype=q_THD.dtype, device=q_THD.device)
+    else:
+        dq = torch.zeros(dq_shape, dtype=torch.float32 if dq_mode == DQ_ATOMIC else q_THD.dtype, device=q_THD.device)
     grid = (triton.cdiv(max_seqlen_k, block_n), num_q_heads if atomic else num_kv_heads, num_segments)
     _varlen_attn_bwd_dkdv_kernel[grid](
-        q_THD, k_THD, v_THD, do_THD, lse_HT, delta, dk_acc, dv_acc, cu_seqlens_q, cu_seqlens_k, seg_order,
+        q_THD, k_THD, v_THD, do_THD, lse_HT, delta, dk_acc, dv_acc, dq, cu_seqlens_q, cu_seqlens_k, seg_order,
         q_THD.stride(0), q_THD.stride(1), k_THD.stride(0), k_THD.stride(1), v_THD.stride(0), v_THD.stride(1),
         do_THD.stride(0), do_THD.stride(1), dk_acc.stride(0), dk_acc.stride(1), dv_acc.stride(0), dv_acc.stride(1),
-        lse_HT.stride(0), qk_scale, softmax_scale, GROUP=group, ATOMIC=atomic, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=num_warps, num_stages=num_stages, **common)
+        dq.stride(0), dq.stride(1), lse_HT.stride(0), qk_scale, softmax_scale, GROUP=group, ATOMIC=atomic,
+        DQ=dq_mode, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **common)
     if atomic:
         dk.copy_(dk_acc)
         dv.copy_(dv_acc)
+    if dq_mode != DQ_SEPARATE:
+        return dq.to(q_THD.dtype), dk, dv
 
     block_m, block_n, num_warps, num_stages = _launch_params("dq", head_dim, max_seqlen_q, q_THD.device,
                                                              q_THD.dtype, causal)
