@@ -4,8 +4,12 @@ Legend: T packed tokens (Tq queries, Tk keys), Hq / Hkv query / key-value heads,
 q_THD (Tq, Hq, D), k_THD / v_THD (Tk, Hkv, D), lse_HT (Hq, Tq) fp32 natural log, cu_seqlens int32 (B+1,).
 
 Algorithm (triton tutorial 06, made ragged): base-2 online softmax with log2(e) folded into the scale; the forward
-saves LSE; the backward is a preprocess (delta = rowsum(o * do)), a dK/dV kernel (one program per kv block, looping
-over q blocks) and a dQ kernel (one program per q block, looping over kv blocks). No atomics unless asked for.
+saves LSE. The backward is a preprocess (delta = rowsum(o * do)) and a dK/dV kernel (one program per kv block,
+looping over q blocks) that by default also computes dQ = dS K from the dS it already holds, as flash-attention 2
+does: 5 GEMMs per (q block, kv block) pair (S = Q K^T, dP = dO V^T, dV += P^T dO, dK += dS^T Q, dQ += dS K). dQ rows
+get one share per kv block, summed with fp32 atomics; where every key segment fits one kv block (ViT windows) the
+single program stores its dQ. deterministic=True instead leaves dQ to a separate kernel (one program per q block,
+looping over kv blocks), which recomputes S and dP: 7 GEMMs, no atomics, bit-reproducible (`_dq_mode`).
 
 Scheduling: the grid is (cdiv(max_seqlen, BLOCK), heads, B): sized from the Python-int max_seqlen, so launching
 needs no host sync. Axis 2 walks the segments longest-first (an on-device argsort of the lengths, no sync) and axis 0
@@ -60,7 +64,7 @@ if HAS_TRITON:
     def _load_rows(base, rows, num_rows, stride_t, offs_d, UPCAST: tl.constexpr):
         """Tile base[rows, offs_d] (head dim contiguous); rows >= num_rows read as 0 (they belong to another segment)."""
         x = tl.load(base + rows[:, None] * stride_t + offs_d[None, :], mask=(rows < num_rows)[:, None], other=0.0)
-        if UPCAST:  # interpreter: bf16 arithmetic works on raw bits there (DESIGN.md), so compute in fp32
+        if UPCAST:  # interpreter: bf16 arithmetic there works on the raw bits, so compute in fp32
             x = x.to(tl.float32)
         return x
 
@@ -68,6 +72,25 @@ if HAS_TRITON:
     def _store_rows(base, rows, num_rows, stride_t, offs_d, x):
         tl.store(base + rows[:, None] * stride_t + offs_d[None, :], x.to(base.dtype.element_ty),
                  mask=(rows < num_rows)[:, None])
+
+    @triton.jit
+    def _rows_desc(base, num_rows, stride_t, col0: tl.constexpr, COLS: tl.constexpr, BLOCK: tl.constexpr):
+        """TMA descriptor of base[:num_rows, col0:col0 + COLS] (one segment of one head): tiles are clipped to the
+        segment, so rows past its end load as 0 and are not stored, with no mask. The caller checks TMA's 16-byte
+        alignment of base and stride (`_tma_ok`)."""
+        return tl.make_tensor_descriptor(base + col0, shape=[num_rows, COLS], strides=[stride_t, 1],
+                                         block_shape=[BLOCK, COLS])
+
+    @triton.jit
+    def _load_tile(desc, base, start, rows, num_rows, stride_t, offs_d, TMA: tl.constexpr, UPCAST: tl.constexpr):
+        """Rows [start, start + BLOCK) of one segment, through its TMA descriptor or as masked pointer loads."""
+        if TMA:
+            x = desc.load([start, 0])
+            if UPCAST:
+                x = x.to(tl.float32)
+        else:
+            x = _load_rows(base, rows, num_rows, stride_t, offs_d, UPCAST)
+        return x
 
     @triton.jit
     def _segment(cu_q_ptr, cu_k_ptr, seg_order_ptr):
@@ -92,18 +115,18 @@ if HAS_TRITON:
         return hi, full_end
 
     @triton.jit
-    def _fwd_kv_loop(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_k_t, stride_v_t, rows, offs_n, offs_d0,
-                     offs_d1, seqlen_k, diag, lo, hi, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                     HEAD_D1: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
+    def _fwd_kv_loop(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, k_desc0, k_desc1, v_desc0, v_desc1, stride_k_t,
+                     stride_v_t, rows, offs_n, offs_d0, offs_d1, seqlen_k, diag, lo, hi, qk_scale,
+                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_D1: tl.constexpr, BLOCK_N: tl.constexpr,
+                     TMA: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
         """Online softmax over kv blocks [lo, hi). MASKED blocks apply the ragged end and the causal diagonal."""
         for start_n in range(lo, hi, BLOCK_N):
             cols = start_n + offs_n
-            k0 = _load_rows(k_base, cols, seqlen_k, stride_k_t, offs_d0, UPCAST)
-            v0 = _load_rows(v_base, cols, seqlen_k, stride_v_t, offs_d0, UPCAST)
+            k0 = _load_tile(k_desc0, k_base, start_n, cols, seqlen_k, stride_k_t, offs_d0, TMA, UPCAST)
+            v0 = _load_tile(v_desc0, v_base, start_n, cols, seqlen_k, stride_v_t, offs_d0, TMA, UPCAST)
             qk = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
             if HEAD_D1 > 0:
-                k1 = _load_rows(k_base, cols, seqlen_k, stride_k_t, offs_d1, UPCAST)
+                k1 = _load_tile(k_desc1, k_base, start_n, cols, seqlen_k, stride_k_t, offs_d1, TMA, UPCAST)
                 qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PRECISION)
             qk = qk * qk_scale  # log2 units: exp2(qk) = exp(scale * q.k)
             if MASKED:
@@ -121,7 +144,7 @@ if HAS_TRITON:
             l_i = l_i * alpha + tl.sum(p, 1)
             acc0 = tl.dot(p.to(v0.dtype), v0, acc0 * alpha[:, None], input_precision=DOT_PRECISION)
             if HEAD_D1 > 0:
-                v1 = _load_rows(v_base, cols, seqlen_k, stride_v_t, offs_d1, UPCAST)
+                v1 = _load_tile(v_desc1, v_base, start_n, cols, seqlen_k, stride_v_t, offs_d1, TMA, UPCAST)
                 acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
             m_i = m_new
         return acc0, acc1, m_i, l_i
@@ -132,7 +155,10 @@ if HAS_TRITON:
                                 stride_o_t, stride_o_h, stride_lse_h, qk_scale,
                                 GROUP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_D0: tl.constexpr,
                                 HEAD_D1: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_M: tl.constexpr,
-                                BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                                BLOCK_N: tl.constexpr, TMA: tl.constexpr, UPCAST: tl.constexpr,
+                                DOT_PRECISION: tl.constexpr):
+        """One program per (q block, q head, segment). TMA: q, k, v, o tiles move through per-segment tensor
+        descriptors (`_rows_desc`) instead of masked pointer loads and stores."""
         pid_m = tl.program_id(0)
         head = tl.program_id(1)
         q_start, seqlen_q, k_start, seqlen_k = _segment(cu_q_ptr, cu_k_ptr, seg_order_ptr)
@@ -149,9 +175,25 @@ if HAS_TRITON:
         q_base = _head_base(q_ptr, q_start, stride_q_t, head, stride_q_h)
         k_base = _head_base(k_ptr, k_start, stride_k_t, kv_head, stride_k_h)
         v_base = _head_base(v_ptr, k_start, stride_v_t, kv_head, stride_v_h)
-        q0 = _load_rows(q_base, rows, seqlen_q, stride_q_t, offs_d0, UPCAST)
+        o_base = _head_base(o_ptr, q_start, stride_o_t, head, stride_o_h)
+        # descriptors where TMA is on, else the base pointers as placeholders (never read); likewise the D1 parts
+        q_desc0, q_desc1, o_desc0, o_desc1 = q_base, q_base, o_base, o_base
+        k_desc0, k_desc1, v_desc0, v_desc1 = k_base, k_base, v_base, v_base
+        if TMA:
+            # a segment without keys reads none (empty kv loops); one row keeps its descriptors well formed
+            kv_rows = tl.maximum(seqlen_k, 1)
+            q_desc0 = _rows_desc(q_base, seqlen_q, stride_q_t, 0, HEAD_D0, BLOCK_M)
+            o_desc0 = _rows_desc(o_base, seqlen_q, stride_o_t, 0, HEAD_D0, BLOCK_M)
+            k_desc0 = _rows_desc(k_base, kv_rows, stride_k_t, 0, HEAD_D0, BLOCK_N)
+            v_desc0 = _rows_desc(v_base, kv_rows, stride_v_t, 0, HEAD_D0, BLOCK_N)
+            if HEAD_D1 > 0:
+                q_desc1 = _rows_desc(q_base, seqlen_q, stride_q_t, HEAD_D0, BLOCK_D1, BLOCK_M)
+                o_desc1 = _rows_desc(o_base, seqlen_q, stride_o_t, HEAD_D0, BLOCK_D1, BLOCK_M)
+                k_desc1 = _rows_desc(k_base, kv_rows, stride_k_t, HEAD_D0, BLOCK_D1, BLOCK_N)
+                v_desc1 = _rows_desc(v_base, kv_rows, stride_v_t, HEAD_D0, BLOCK_D1, BLOCK_N)
+        q0 = _load_tile(q_desc0, q_base, start_m, rows, seqlen_q, stride_q_t, offs_d0, TMA, UPCAST)
         if HEAD_D1 > 0:
-            q1 = _load_rows(q_base, rows, seqlen_q, stride_q_t, offs_d1, UPCAST)
+            q1 = _load_tile(q_desc1, q_base, start_m, rows, seqlen_q, stride_q_t, offs_d1, TMA, UPCAST)
         else:  # placeholder, never read (the D1 branches are compiled out)
             q1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=q0.dtype)
         acc0 = tl.zeros([BLOCK_M, HEAD_D0], dtype=tl.float32)
@@ -164,18 +206,24 @@ if HAS_TRITON:
         else:
             hi = seqlen_k
             full_end = seqlen_k // BLOCK_N * BLOCK_N
-        acc0, acc1, m_i, l_i = _fwd_kv_loop(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_k_t, stride_v_t,
-                                            rows, offs_n, offs_d0, offs_d1, seqlen_k, diag, 0, full_end, qk_scale,
-                                            False, CAUSAL, HEAD_D1, BLOCK_N, UPCAST, DOT_PRECISION)
-        acc0, acc1, m_i, l_i = _fwd_kv_loop(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_k_t, stride_v_t,
-                                            rows, offs_n, offs_d0, offs_d1, seqlen_k, diag, full_end, hi, qk_scale,
-                                            True, CAUSAL, HEAD_D1, BLOCK_N, UPCAST, DOT_PRECISION)
+        acc0, acc1, m_i, l_i = _fwd_kv_loop(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, k_desc0, k_desc1, v_desc0,
+                                            v_desc1, stride_k_t, stride_v_t, rows, offs_n, offs_d0, offs_d1,
+                                            seqlen_k, diag, 0, full_end, qk_scale, False, CAUSAL, HEAD_D1, BLOCK_N,
+                                            TMA, UPCAST, DOT_PRECISION)
+        acc0, acc1, m_i, l_i = _fwd_kv_loop(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, k_desc0, k_desc1, v_desc0,
+                                            v_desc1, stride_k_t, stride_v_t, rows, offs_n, offs_d0, offs_d1,
+                                            seqlen_k, diag, full_end, hi, qk_scale, True, CAUSAL, HEAD_D1, BLOCK_N,
+                                            TMA, UPCAST, DOT_PRECISION)
         # rows that saw no key: l = 0 -> output 0, LSE -inf
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-        o_base = _head_base(o_ptr, q_start, stride_o_t, head, stride_o_h)
-        _store_rows(o_base, rows, seqlen_q, stride_o_t, offs_d0, acc0 / l_safe[:, None])
-        if HEAD_D1 > 0:
-            _store_rows(o_base, rows, seqlen_q, stride_o_t, offs_d1, acc1 / l_safe[:, None])
+        if TMA:
+            o_desc0.store([start_m, 0], (acc0 / l_safe[:, None]).to(o_ptr.dtype.element_ty))
+            if HEAD_D1 > 0:
+                o_desc1.store([start_m, 0], (acc1 / l_safe[:, None]).to(o_ptr.dtype.element_ty))
+        else:
+            _store_rows(o_base, rows, seqlen_q, stride_o_t, offs_d0, acc0 / l_safe[:, None])
+            if HEAD_D1 > 0:
+                _store_rows(o_base, rows, seqlen_q, stride_o_t, offs_d1, acc1 / l_safe[:, None])
         lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * _LN2_K)
         tl.store(lse_ptr + head * stride_lse_h + q_start + rows, lse, mask=rows < seqlen_q)
 
@@ -425,12 +473,15 @@ if HAS_TRITON:
 
 # Block configs (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel come from a committed table,
 # attention_configs.json, keyed by architecture family (90: H100/H200, 80: A100), dtype, head dim, causal and short
-# segments (max_seqlen <= 64: ViT windows, where a 128-row tile would be mostly padding). The table names where its
-# entries came from: benchmarks/autotune.py writes measured winners on a GPU; until then it holds hand-chosen
-# defaults (triton tutorial 06's starting points, then the largest tiles that compile without register spills at
-# the launched specialisation, tests/kernels/test_varlen_attention_compile.py). dK/dV keeps k, v, dk, dv of BLOCK_N kv
-# rows resident while BLOCK_M q rows stream, hence 8 warps at D = 128. fp32 inputs (ieee dots, no tensor cores) have
-# their own small-tile entries: the bf16 tiles spill tens of KB with fp32 operands.
+# segments (max_seqlen <= 64: ViT windows, where a 128-row tile would be mostly padding). Kernels: "fwd", "dkdvq"
+# (the dK/dV kernel computing dQ too: the default backward), "dkdv" and "dq" (the deterministic backward). The table
+# names where its entries came from: benchmarks/autotune.py writes measured winners on a GPU; until then it holds
+# hand-chosen defaults (triton tutorial 06's starting points, then the largest tiles that compile without register
+# spills at the launched specialisation on both supported tritons, tests/kernels/test_varlen_attention_compile.py).
+# dK/dV keeps k, v, dk, dv of BLOCK_N kv rows resident while BLOCK_M q rows stream: on sm_90 128 kv rows in 8 warps
+# give each warpgroup 64 rows (m64 wgmma tiles) where the registers allow it (D <= 80; at D = 128 only with 16 q rows
+# per step). Short segments use 64 x 64 tiles: one kv block and one q block per window. fp32 inputs (ieee dots, no
+# tensor cores) have their own small-tile entries: the bf16 tiles spill tens of KB with fp32 operands.
 _TABLE_PATH = Path(__file__).with_name("attention_configs.json")
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 # fp32 at D = 128 spills on sm_80 and sm_90 even with 32 x 32 tiles (2 KB on sm_90): such calls are rejected
@@ -472,7 +523,7 @@ def tuning_table() -> dict:
 
 def block_config(kernel: str, head_dim: int, max_seqlen: int, arch: int, dtype: torch.dtype = torch.bfloat16,
                  causal: bool = False) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for kernel "fwd" | "dkdv" | "dq" on sm_`arch` from the tuning table.
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for kernel "fwd" | "dkdvq" | "dkdv" | "dq" on sm_`arch` from the tuning table.
 
     A key the table lacks falls back, in order: the smallest tabled head dim >= head_dim, the other causal flag,
     long segments for short ones, bf16 for fp16 (same element size); never to another element size (fp32 operands
@@ -509,6 +560,33 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _tma_ok(device: torch.device, *tensors: torch.Tensor) -> bool:
+    """Whether the forward moves its tiles with TMA: on sm_90+ (and in the interpreter, so that the tests run the
+    path sm_90 launches), for 16-bit inputs, when every tensor's base address and token / head strides are 16-byte
+    aligned, as a TMA descriptor requires (a view of a fused qkv projection may not be: it then takes the pointer
+    path). sm_80 has no TMA: triton would lower the descriptors to the same pointer loads. fp32 (ieee dots on the
+    FMA units) with TMA tiles compiles to ~14 KB of local memory on sm_90, so fp32 keeps the pointer loads."""
+    if not INTERPRET and torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    return all(x.dtype in (torch.bfloat16, torch.float16) and x.data_ptr() % 16 == 0
+               and all(x.stride(i) * x.element_size() % 16 == 0 for i in (0, 1)) for x in tensors)
+
+
+def _scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_scratch_allocator():
+    """Descriptors made inside a kernel live in a per-launch global scratch buffer that triton's launcher takes from
+    the allocator set by `triton.set_allocator` (triton/backends/nvidia/driver.py, CudaLauncher.__call__: line 324
+    in 3.7.1, 710 in 3.6.0); the default allocator raises. Set a torch-backed one unless the caller set their own
+    (triton/runtime/_allocation.py line 26: a ContextVar defaulting to NullAllocator, in both versions)."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+
+
 def varlen_attention_fwd(q_THD, k_THD, v_THD, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
                          softmax_scale, seg_order=None):
     """Launch the forward kernel on validated inputs; returns (out_THD contiguous, lse_HT fp32)."""
@@ -524,13 +602,16 @@ def varlen_attention_fwd(q_THD, k_THD, v_THD, cu_seqlens_q, cu_seqlens_k, max_se
     d0, d1 = split_head_dim(head_dim)
     block_m, block_n, num_warps, num_stages = _launch_params("fwd", head_dim, max_seqlen_q, q_THD.device,
                                                              q_THD.dtype, causal)
+    tma = _tma_ok(q_THD.device, q_THD, k_THD, v_THD, out)
+    if tma and not INTERPRET:
+        _ensure_scratch_allocator()
     grid = (triton.cdiv(max_seqlen_q, block_m), num_q_heads, num_segments)
     _varlen_attn_fwd_kernel[grid](
         q_THD, k_THD, v_THD, out, lse, cu_seqlens_q, cu_seqlens_k, seg_order,
         q_THD.stride(0), q_THD.stride(1), k_THD.stride(0), k_THD.stride(1), v_THD.stride(0), v_THD.stride(1),
         out.stride(0), out.stride(1), lse.stride(0), softmax_scale * LOG2E,
         GROUP=num_q_heads // num_kv_heads, CAUSAL=causal, HEAD_D0=d0, HEAD_D1=d1, BLOCK_D1=max(d1, 16),
-        BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(q_THD.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, TMA=tma, UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(q_THD.dtype),
         num_warps=num_warps, num_stages=num_stages)
     return out, lse
 
@@ -792,9 +873,12 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
             sees keys j <= i + sk - sq (flash-attn >= 2.1). A query that sees no key (sk < sq) gets output 0.
         softmax_scale: scaling of q k^T before the softmax; default 1 / sqrt(headdim).
         return_lse: also return the row log-sum-exp.
-        deterministic: make the backward bit-reproducible. The default backward is deterministic too unless the
-            model uses GQA and the dK/dV grid is too small to fill the GPU, where it then sums the query heads of a
-            group with fp32 atomics (`use_atomic_dkdv`).
+        deterministic: make the backward bit-reproducible: dQ from a separate kernel (7 GEMMs per tile pair
+            instead of 5) and dK/dV summed in a fixed order. The default backward computes dQ inside the dK/dV
+            kernel and sums its per-kv-block shares with fp32 atomics (last-bit differences run to run), except
+            where every key segment fits one kv block (then it is deterministic too); with GQA it also sums a
+            group's query heads into dK/dV with atomics when the dK/dV grid is too small to fill the GPU
+            (`_dq_mode`, `use_atomic_dkdv`).
         check_cu_seqlens_values: check the cu_seqlens values (monotone, ending at total, max_seqlen large enough).
             On CUDA this copies them to the host (one sync per call); metadata built by a trusted packer can skip it.
 

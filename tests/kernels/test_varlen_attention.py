@@ -95,6 +95,32 @@ def test_matches_reference_fwd_bwd(triton_backend, lens_q, lens_k, hq, hkv, d, c
         assert_close_3way(name, g, rg, tg, factor=3.0, atol=atol)
 
 
+def test_forward_pointer_path_for_unaligned_views(triton_backend):
+    """A q/k/v view whose token stride is not 16-byte aligned (a fused projection with odd padding) cannot use TMA
+    descriptors: the forward takes masked pointer loads instead, with the same results; aligned inputs take TMA."""
+    lens, hq, hkv, d = [1, 70, 0, 33], 4, 2, 80
+    q, k, v, cu_q, cu_k = _inputs(lens, lens, hq, hkv, d, torch.bfloat16)
+    assert va._tma_ok(q.device, q, k, v) and not va._tma_ok(q.device, q.float(), k.float(), v.float())
+    packed = torch.randn(q.shape[0], (hq + 2 * hkv) * d + 1, dtype=q.dtype)  # one extra column: 2 * 641 bytes
+    qkv = packed[:, :-1].view(q.shape[0], hq + 2 * hkv, d)
+    qkv[:, :hq], qkv[:, hq:hq + hkv], qkv[:, hq + hkv:] = q, k, v
+    qs, ks, vs = qkv[:, :hq], qkv[:, hq:hq + hkv], qkv[:, hq + hkv:]
+    assert not va._tma_ok(qs.device, qs, ks, vs)
+    do = torch.randn(q.shape, dtype=torch.float64)
+
+    def kernel(q, k, v):
+        return varlen_attention(q, k, v, cu_q, cu_k, 70, 70, causal=True, return_lse=True)
+
+    def ref(q, k, v):
+        return varlen_attention_ref(q, k, v, cu_q, cu_k, causal=True, return_lse=True)
+
+    got, aligned = _run(kernel, qs, ks, vs, do), _run(kernel, q, k, v, do)
+    truth = _run(ref, q.double(), k.double(), v.double(), do)
+    assert_close_3way("out", got[0], aligned[0], truth[0], factor=2.0, atol=1e-3)
+    for g, a, t in zip(got[2], aligned[2], truth[2]):
+        assert_close_3way("grad", g, a, t, factor=3.0, atol=1e-3)
+
+
 @pytest.mark.parametrize("lens_q, lens_k", [([9, 4], [3, 0]), ([140, 4], [70, 0])], ids=["store-dq", "atomic-dq"])
 def test_rows_without_keys_are_zero(triton_backend, lens_q, lens_k):
     # causal with sk < sq: the first sq - sk queries see no key; a segment with sk = 0 sees nothing at all
