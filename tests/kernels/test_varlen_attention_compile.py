@@ -18,9 +18,8 @@ from unittest import mock
 
 import pytest
 import torch
-from sm_compile import capture_launches, compile_many, job_from_launch, triton_versions, uses_tensor_cores
-
 import triton.language as tl
+from sm_compile import capture_launches, compile_many, job_from_launch, triton_versions, uses_tensor_cores
 
 va = importlib.import_module("ovr_kernels.varlen_attention")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
