@@ -255,6 +255,18 @@ if HAS_TRITON:
             _store_rows(dq_base, rows, num_rows, stride_t, offs_d, x)
 
     @triton.jit
+    def _ds_k(ds_t, k, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """dS K (q rows x head dim) of one kv block from dS^T (kv rows x q rows). On tensor cores with fewer than 64
+        q rows it is computed as (K^T dS^T)^T, so that the product's M dimension is the head dim: sm_90's wgmma
+        needs M >= 64 per warpgroup, and with M = BLOCK_M triton falls back to mma.sync for it (the compile gate's
+        PTX). fp32's ieee dots run on the FMA units, where the plain form needs fewer registers."""
+        if BLOCK_M < 64 and DOT_PRECISION != "ieee":
+            x = tl.trans(tl.dot(tl.trans(k), ds_t, input_precision=DOT_PRECISION))
+        else:
+            x = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION)
+        return x
+
+    @triton.jit
     def _bwd_dkdv_loop(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base, delta_base, dq_base,
                        stride_q_t, stride_do_t, stride_dq_t, cols, offs_m, offs_d0, offs_d1, seqlen_q, diag, lo, hi,
                        qk_scale, sm_scale, MASKED: tl.constexpr, DQ: tl.constexpr, HEAD_D1: tl.constexpr,
@@ -289,12 +301,11 @@ if HAS_TRITON:
             if HEAD_D1 > 0:
                 dk1 = tl.dot(ds_t, q1, dk1, input_precision=DOT_PRECISION)
             if DQ != _DQ_SEPARATE_K:
-                ds = tl.trans(ds_t)
                 _dq_out(dq_base, rows, seqlen_q, stride_dq_t, offs_d0,
-                        tl.dot(ds, k0, input_precision=DOT_PRECISION) * sm_scale, DQ)
+                        _ds_k(ds_t, k0, BLOCK_M, DOT_PRECISION) * sm_scale, DQ)
                 if HEAD_D1 > 0:
                     _dq_out(dq_base, rows, seqlen_q, stride_dq_t, offs_d1,
-                            tl.dot(ds, k1, input_precision=DOT_PRECISION) * sm_scale, DQ)
+                            _ds_k(ds_t, k1, BLOCK_M, DOT_PRECISION) * sm_scale, DQ)
         return dk0, dk1, dv0, dv1
 
     @triton.jit
@@ -523,7 +534,8 @@ def tuning_table() -> dict:
 
 def block_config(kernel: str, head_dim: int, max_seqlen: int, arch: int, dtype: torch.dtype = torch.bfloat16,
                  causal: bool = False) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for kernel "fwd" | "dkdvq" | "dkdv" | "dq" on sm_`arch` from the tuning table.
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for kernel "fwd" | "dkdvq" | "dkdv" | "dq" on sm_`arch` from the
+    tuning table.
 
     A key the table lacks falls back, in order: the smallest tabled head dim >= head_dim, the other causal flag,
     long segments for short ones, bf16 for fp16 (same element size); never to another element size (fp32 operands

@@ -193,7 +193,7 @@ def test_window_backward_stores_dq_without_atomics(triton_backend):
 def test_default_backward_matches_deterministic(triton_backend):
     """The fused atomic dQ and the separate dQ kernel agree to fp32 rounding (GQA, causal, a segment of 3 kv blocks)."""
     lens, hq, hkv = [150, 1, 40], 4, 2
-    q, k, v, cu_q, cu_k = _inputs(lens, lens, hq, hkv, 80, torch.float32)
+    q, k, v, cu_q, cu_k = _inputs(lens, lens, hq, hkv, 80, torch.bfloat16)  # 16-bit: the tensor-core layout
     do = torch.randn(q.shape, dtype=torch.float64)
     assert _dq_mode_of(lens, False) == va.DQ_ATOMIC
 
@@ -205,6 +205,27 @@ def test_default_backward_matches_deterministic(triton_backend):
     assert torch.equal(fused[0], separate[0])
     for a, b in zip(fused[2], separate[2]):
         assert max_err(a, b) < 1e-5
+
+
+def test_fused_dq_with_few_q_rows(triton_backend, monkeypatch):
+    """With fewer than 64 q rows per step the fused kernel computes dS K transposed (the layout sm_90's tensor cores
+    need); the interpreter's usual 64-row tiles do not reach that branch, so run it with 32-row ones."""
+    monkeypatch.setattr(va, "_INTERPRET_CONFIG", (32, 64, 4, 1))
+    lens, hq, hkv = [70, 1, 0, 45], 4, 2
+    q, k, v, cu_q, cu_k = _inputs(lens, lens, hq, hkv, 80, torch.bfloat16)  # 16-bit: the tensor-core layout
+    do = torch.randn(q.shape, dtype=torch.float64)
+    assert _dq_mode_of(lens, False) == va.DQ_ATOMIC
+
+    def kernel(q, k, v):
+        return varlen_attention(q, k, v, cu_q, cu_k, 70, 70, causal=True, return_lse=True)
+
+    def ref(q, k, v):
+        return varlen_attention_ref(q, k, v, cu_q, cu_k, causal=True, return_lse=True)
+
+    got, reference = _run(kernel, q, k, v, do), _run(ref, q, k, v, do)
+    truth = _run(ref, q.double(), k.double(), v.double(), do)
+    for g, r, t in zip(got[2], reference[2], truth[2]):
+        assert_close_3way("grad", g, r, t, factor=3.0, atol=1e-3)
 
 
 def test_packed_matches_padded(triton_backend):
