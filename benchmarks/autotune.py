@@ -5,8 +5,9 @@
 
 For each (arch, dtype, head_dim, causal, short segments) key of the benchmark shapes, each kernel's candidates
 (BLOCK_M, BLOCK_N, num_warps, num_stages) are timed at that shape (triton.testing.do_bench, median; the forward
-alone for "fwd", the whole backward for "dkdv" and "dq" with the other kernels at their table configs), in order of
-how likely they are to win, until the time budget is spent; progress is printed per candidate. A candidate that
+alone for "fwd"; the whole backward with the other kernels at their table configs for the rest: the default
+backward for "dkdvq" (the fused dK/dV + dQ kernel), deterministic=True for "dkdv" and "dq", which only it launches;
+segments of <= 64 tokens launch only "fwd" and "dkdvq"), in order of how likely they are to win, until the time budget is spent; progress is printed per candidate. A candidate that
 fails to launch (shared memory, registers) is recorded and skipped. The table's entry for a key gets a kernel's
 winner only when every candidate of that kernel was timed, with a "source" naming device, torch / triton versions
 and date; other entries keep theirs. Winners that spill registers are not filtered here: run the compile gate
@@ -35,13 +36,16 @@ TABLE = ROOT / "ovr_kernels" / "attention_configs.json"
 # (benchmark shape name, dtype): the keys worth tuning, headline first
 KEYS = [("text", torch.bfloat16), ("vit_full", torch.bfloat16), ("windows", torch.bfloat16)]
 CANDIDATES = {  # most likely winners first (the budget may stop the sweep part-way)
-    "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 2),
+    "fwd": [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 2),
             (128, 64, 8, 2)],
-    "dkdv": [(32, 64, 8, 2), (64, 64, 8, 2), (64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 8, 1), (32, 64, 4, 2)],
+    "dkdvq": [(64, 128, 8, 2), (16, 128, 8, 2), (32, 64, 8, 1), (32, 128, 8, 1), (64, 64, 4, 2), (32, 64, 8, 2),
+              (16, 128, 8, 1)],
+    "dkdv": [(32, 64, 8, 2), (64, 64, 8, 2), (64, 128, 8, 2), (32, 128, 8, 2), (32, 128, 8, 1), (64, 64, 8, 1),
+             (32, 64, 4, 2)],
     "dq": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
 }
-TINY_CANDIDATES = {"fwd": [(64, 64, 4, 1), (32, 32, 4, 1)], "dkdv": [(64, 64, 4, 1), (32, 32, 4, 1)],
-                   "dq": [(64, 64, 4, 1), (32, 32, 4, 1)]}
+TINY_CANDIDATES = {kernel: [(64, 64, 4, 1), (32, 32, 4, 1)] for kernel in ("fwd", "dkdvq", "dkdv", "dq")}
+SHORT_KERNELS = ("fwd", "dkdvq")  # what launches when every segment is <= 64 tokens
 
 
 def table_key(arch: int, dtype: torch.dtype, head_dim: int, causal: bool, short: bool) -> str:
@@ -89,10 +93,11 @@ def _forward(q, k, v, cu, max_len, causal):
         varlen_attention(q, k, v, cu, cu, max_len, max_len, causal=causal, check_cu_seqlens_values=False)
 
 
-def _forward_backward(q, k, v, do, cu, max_len, causal):
+def _forward_backward(q, k, v, do, cu, max_len, causal, deterministic):
     from ovr_kernels import varlen_attention
 
-    out = varlen_attention(q, k, v, cu, cu, max_len, max_len, causal=causal, check_cu_seqlens_values=False)
+    out = varlen_attention(q, k, v, cu, cu, max_len, max_len, causal=causal, check_cu_seqlens_values=False,
+                           deterministic=deterministic)
     torch.autograd.grad(out, (q, k, v), do)
 
 
@@ -104,7 +109,7 @@ def sweep(budget_s: float, tiny: bool, deadline: float):
     timer = _timer(tiny)
     candidates = TINY_CANDIDATES if tiny else CANDIDATES
     inputs = [(dtype, _inputs(shape, tiny)) for shape, dtype in KEYS]
-    total = sum(len(c) for _, x in inputs for kernel, c in candidates.items() if kernel == "fwd" or x[2] > 64)
+    total = sum(len(c) for _, x in inputs for kernel, c in candidates.items() if kernel in SHORT_KERNELS or x[2] > 64)
     records, winners, done = [], {}, 0
     real_block_config = va.block_config
     for dtype, (lengths, cu, max_len, q, k, v, causal) in inputs:
@@ -115,10 +120,12 @@ def sweep(budget_s: float, tiny: bool, deadline: float):
         do = torch.randn_like(q)
         args = (cu, max_len, causal)
         runs = {"fwd": functools.partial(_forward, q, k, v, *args),
-                "bwd": functools.partial(_forward_backward, qg, kg, vg, do, *args)}
+                "dkdvq": functools.partial(_forward_backward, qg, kg, vg, do, *args, False),
+                "dkdv": functools.partial(_forward_backward, qg, kg, vg, do, *args, True)}
+        runs["dq"] = runs["dkdv"]
         for kernel, cands in candidates.items():
-            if kernel != "fwd" and max_len <= 64:
-                continue  # short segments tune the forward only (the backward tiles do not depend on length)
+            if kernel not in SHORT_KERNELS and max_len <= 64:
+                continue  # not launched when every segment fits one kv block (the fused kernel stores dQ)
             timed = []
             for cfg in cands:
                 done += 1
@@ -134,7 +141,7 @@ def sweep(budget_s: float, tiny: bool, deadline: float):
                     mock.patch.object(va, "block_config", chosen)
                 try:
                     with patch:
-                        ms = timer(runs["fwd" if kernel == "fwd" else "bwd"])
+                        ms = timer(runs[kernel])
                 except Exception as e:  # noqa: BLE001 - out of resources etc.: record, try the next one
                     ms = None
                     print(f"[{done}/{total}] {key} {kernel} {cfg}: failed ({type(e).__name__}: {str(e)[:120]})",

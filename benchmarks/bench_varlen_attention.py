@@ -1,8 +1,11 @@
 """varlen_attention on an H100: fwd and fwd+bwd, bf16, vs baselines timed in the same run (GPU only; skips here).
 
-Shapes (issue 3): (a) text: 16k tokens packed from lengths 512..8192, 28 q / 4 kv heads, D = 128, causal;
+Shapes: (a) text: 16k tokens packed from lengths 512..8192, 28 q / 4 kv heads, D = 128, causal;
 (b) ViT windows: 16k patches in windows of <= 64 (some shorter, some empty), 16 heads, D = 80, non-causal;
 (c) ViT full attention: images of 1k-4k patches, 16 heads, D = 80, non-causal.
+Passes (ids): fwd; fwd_bwd (the default backward: dQ from the dK/dV kernel, 5 GEMMs, fp32 atomics on long segments);
+fwd_bwd_det (deterministic=True: the separate dQ kernel, 7 GEMMs). Each backward pass also times the other backward
+mode as the baseline `ovr_fused` / `ovr_deterministic`, so the two compare in one run.
 Providers: ovr (measured by pytest-benchmark); baselines via `time_baseline`: torch SDPA per segment with the flash
 and cuDNN backends, FlexAttention with a document mask, torch.nn.attention.varlen when present, flash-attn's
 flash_attn_varlen_func when installed. A baseline that fails (unsupported head dim, missing backend) is recorded as
@@ -155,29 +158,42 @@ def _time_baselines(bench, lengths, cu, max_len, q, k, v, causal, backward):
         bench.ratio_vs("best_baseline", best)
 
 
-@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd_bwd"])
+def _ovr_step(q, k, v, cu, max_len, causal, do, deterministic):
+    qg, kg, vg = (x.detach().clone().requires_grad_() for x in (q, k, v))
+
+    def step():
+        out = varlen_attention(qg, kg, vg, cu, cu, max_len, max_len, causal=causal, check_cu_seqlens_values=False,
+                               deterministic=deterministic)
+        torch.autograd.grad(out, (qg, kg, vg), do)
+    return step
+
+
+@pytest.mark.parametrize("backward", [None, "fused", "deterministic"], ids=["fwd", "fwd_bwd", "fwd_bwd_det"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_varlen_attention(gpu_bench, shape, backward):
     lengths, cu, max_len, q, k, v, causal = _inputs(shape)
     hq, hkv, d, _ = SHAPES[shape]
     if backward:
-        qg, kg, vg = (x.detach().clone().requires_grad_() for x in (q, k, v))
         do = torch.randn_like(q)
-
-        def op():
-            out = varlen_attention(qg, kg, vg, cu, cu, max_len, max_len, causal=causal, check_cu_seqlens_values=False)
-            torch.autograd.grad(out, (qg, kg, vg), do)
+        op = _ovr_step(q, k, v, cu, max_len, causal, do, backward == "deterministic")
     else:
         def op():
             with torch.no_grad():
                 varlen_attention(q, k, v, cu, cu, max_len, max_len, causal=causal, check_cu_seqlens_values=False)
     gpu_bench(op, rounds=20, warmup_rounds=3)
     gpu_bench.extra_info.update(shape=shape, num_segments=len(lengths), max_seqlen=max_len, heads=f"{hq}/{hkv}",
-                                head_dim=d, causal=causal, pass_="fwd+bwd" if backward else "fwd")
+                                head_dim=d, causal=causal, pass_="fwd+bwd" if backward else "fwd",
+                                backward=backward or "")
     flops = _flops(lengths, hq, d, causal) * (3.5 if backward else 1.0)
     gpu_bench.tflops(flops)
     if shape == "windows":
         elem = q.element_size()
         per_pass = (2 * q.numel() + 2 * k.numel()) * elem  # q, o + k, v
         gpu_bench.gbps(per_pass * (3 if backward else 1))
-    _time_baselines(gpu_bench, lengths, cu, max_len, q, k, v, causal, backward)
+    if backward:  # the other backward mode of this kernel, in the same run
+        other = "deterministic" if backward == "fused" else "fused"
+        seconds = gpu_bench.time_baseline(f"ovr_{other}", _ovr_step(q, k, v, cu, max_len, causal, do,
+                                                                    other == "deterministic"),
+                                          rounds=5, warmup_rounds=2)
+        gpu_bench.ratio_vs(f"ovr_{other}", seconds)
+    _time_baselines(gpu_bench, lengths, cu, max_len, q, k, v, causal, backward is not None)

@@ -4,8 +4,12 @@ Legend: T packed tokens (Tq queries, Tk keys), Hq / Hkv query / key-value heads,
 q_THD (Tq, Hq, D), k_THD / v_THD (Tk, Hkv, D), lse_HT (Hq, Tq) fp32 natural log, cu_seqlens int32 (B+1,).
 
 Algorithm (triton tutorial 06, made ragged): base-2 online softmax with log2(e) folded into the scale; the forward
-saves LSE; the backward is a preprocess (delta = rowsum(o * do)), a dK/dV kernel (one program per kv block, looping
-over q blocks) and a dQ kernel (one program per q block, looping over kv blocks). No atomics unless asked for.
+saves LSE. The backward is a preprocess (delta = rowsum(o * do)) and a dK/dV kernel (one program per kv block,
+looping over q blocks) that by default also computes dQ = dS K from the dS it already holds, as flash-attention 2
+does: 5 GEMMs per (q block, kv block) pair (S = Q K^T, dP = dO V^T, dV += P^T dO, dK += dS^T Q, dQ += dS K). dQ rows
+get one share per kv block, summed with fp32 atomics; where every key segment fits one kv block (ViT windows) the
+single program stores its dQ. deterministic=True instead leaves dQ to a separate kernel (one program per q block,
+looping over kv blocks), which recomputes S and dP: 7 GEMMs, no atomics, bit-reproducible (`_dq_mode`).
 
 Scheduling: the grid is (cdiv(max_seqlen, BLOCK), heads, B): sized from the Python-int max_seqlen, so launching
 needs no host sync. Axis 2 walks the segments longest-first (an on-device argsort of the lengths, no sync) and axis 0
@@ -41,6 +45,9 @@ else:  # pragma: no cover - a torch build without triton: the reference path onl
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# where the backward's dQ comes from (`_dq_mode`): the separate dQ kernel (7 GEMMs per tile pair, deterministic),
+# the dK/dV kernel with fp32 atomics (5 GEMMs), or the dK/dV kernel storing it (5 GEMMs; one kv block per segment)
+DQ_SEPARATE, DQ_ATOMIC, DQ_STORE = 0, 1, 2
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -50,12 +57,14 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 if HAS_TRITON:
     _LOG2E_K = tl.constexpr(LOG2E)  # kernels may read module globals only as constexpr
     _LN2_K = tl.constexpr(LN2)
+    _DQ_SEPARATE_K = tl.constexpr(DQ_SEPARATE)
+    _DQ_ATOMIC_K = tl.constexpr(DQ_ATOMIC)
 
     @triton.jit
     def _load_rows(base, rows, num_rows, stride_t, offs_d, UPCAST: tl.constexpr):
         """Tile base[rows, offs_d] (head dim contiguous); rows >= num_rows read as 0 (they belong to another segment)."""
         x = tl.load(base + rows[:, None] * stride_t + offs_d[None, :], mask=(rows < num_rows)[:, None], other=0.0)
-        if UPCAST:  # interpreter: bf16 arithmetic works on raw bits there (DESIGN.md), so compute in fp32
+        if UPCAST:  # interpreter: bf16 arithmetic there works on the raw bits, so compute in fp32
             x = x.to(tl.float32)
         return x
 
@@ -63,6 +72,25 @@ if HAS_TRITON:
     def _store_rows(base, rows, num_rows, stride_t, offs_d, x):
         tl.store(base + rows[:, None] * stride_t + offs_d[None, :], x.to(base.dtype.element_ty),
                  mask=(rows < num_rows)[:, None])
+
+    @triton.jit
+    def _rows_desc(base, num_rows, stride_t, col0: tl.constexpr, COLS: tl.constexpr, BLOCK: tl.constexpr):
+        """TMA descriptor of base[:num_rows, col0:col0 + COLS] (one segment of one head): tiles are clipped to the
+        segment, so rows past its end load as 0 and are not stored, with no mask. The caller checks TMA's 16-byte
+        alignment of base and stride (`_tma_ok`)."""
+        return tl.make_tensor_descriptor(base + col0, shape=[num_rows, COLS], strides=[stride_t, 1],
+                                         block_shape=[BLOCK, COLS])
+
+    @triton.jit
+    def _load_tile(desc, base, start, rows, num_rows, stride_t, offs_d, TMA: tl.constexpr, UPCAST: tl.constexpr):
+        """Rows [start, start + BLOCK) of one segment, through its TMA descriptor or as masked pointer loads."""
+        if TMA:
+            x = desc.load([start, 0])
+            if UPCAST:
+                x = x.to(tl.float32)
+        else:
+            x = _load_rows(base, rows, num_rows, stride_t, offs_d, UPCAST)
+        return x
 
     @triton.jit
     def _segment(cu_q_ptr, cu_k_ptr, seg_order_ptr):
@@ -87,18 +115,18 @@ if HAS_TRITON:
         return hi, full_end
 
     @triton.jit
-    def _fwd_kv_loop(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_k_t, stride_v_t, rows, offs_n, offs_d0,
-                     offs_d1, seqlen_k, diag, lo, hi, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                     HEAD_D1: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
+    def _fwd_kv_loop(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, k_desc0, k_desc1, v_desc0, v_desc1, stride_k_t,
+                     stride_v_t, rows, offs_n, offs_d0, offs_d1, seqlen_k, diag, lo, hi, qk_scale,
+                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_D1: tl.constexpr, BLOCK_N: tl.constexpr,
+                     TMA: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
         """Online softmax over kv blocks [lo, hi). MASKED blocks apply the ragged end and the causal diagonal."""
         for start_n in range(lo, hi, BLOCK_N):
             cols = start_n + offs_n
-            k0 = _load_rows(k_base, cols, seqlen_k, stride_k_t, offs_d0, UPCAST)
-            v0 = _load_rows(v_base, cols, seqlen_k, stride_v_t, offs_d0, UPCAST)
+            k0 = _load_tile(k_desc0, k_base, start_n, cols, seqlen_k, stride_k_t, offs_d0, TMA, UPCAST)
+            v0 = _load_tile(v_desc0, v_base, start_n, cols, seqlen_k, stride_v_t, offs_d0, TMA, UPCAST)
             qk = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
             if HEAD_D1 > 0:
-                k1 = _load_rows(k_base, cols, seqlen_k, stride_k_t, offs_d1, UPCAST)
+                k1 = _load_tile(k_desc1, k_base, start_n, cols, seqlen_k, stride_k_t, offs_d1, TMA, UPCAST)
                 qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PRECISION)
             qk = qk * qk_scale  # log2 units: exp2(qk) = exp(scale * q.k)
             if MASKED:
@@ -116,7 +144,7 @@ if HAS_TRITON:
             l_i = l_i * alpha + tl.sum(p, 1)
             acc0 = tl.dot(p.to(v0.dtype), v0, acc0 * alpha[:, None], input_precision=DOT_PRECISION)
             if HEAD_D1 > 0:
-                v1 = _load_rows(v_base, cols, seqlen_k, stride_v_t, offs_d1, UPCAST)
+                v1 = _load_tile(v_desc1, v_base, start_n, cols, seqlen_k, stride_v_t, offs_d1, TMA, UPCAST)
                 acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
             m_i = m_new
         return acc0, acc1, m_i, l_i
@@ -127,7 +155,10 @@ if HAS_TRITON:
                                 stride_o_t, stride_o_h, stride_lse_h, qk_scale,
                                 GROUP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_D0: tl.constexpr,
                                 HEAD_D1: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_M: tl.constexpr,
-                                BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                                BLOCK_N: tl.constexpr, TMA: tl.constexpr, UPCAST: tl.constexpr,
+                                DOT_PRECISION: tl.constexpr):
+        """One program per (q block, q head, segment). TMA: q, k, v, o tiles move through per-segment tensor
+        descriptors (`_rows_desc`) instead of masked pointer loads and stores."""
         pid_m = tl.program_id(0)
         head = tl.program_id(1)
         q_start, seqlen_q, k_start, seqlen_k = _segment(cu_q_ptr, cu_k_ptr, seg_order_ptr)
@@ -144,9 +175,25 @@ if HAS_TRITON:
         q_base = _head_base(q_ptr, q_start, stride_q_t, head, stride_q_h)
         k_base = _head_base(k_ptr, k_start, stride_k_t, kv_head, stride_k_h)
         v_base = _head_base(v_ptr, k_start, stride_v_t, kv_head, stride_v_h)
-        q0 = _load_rows(q_base, rows, seqlen_q, stride_q_t, offs_d0, UPCAST)
+        o_base = _head_base(o_ptr, q_start, stride_o_t, head, stride_o_h)
+        # descriptors where TMA is on, else the base pointers as placeholders (never read); likewise the D1 parts
+        q_desc0, q_desc1, o_desc0, o_desc1 = q_base, q_base, o_base, o_base
+        k_desc0, k_desc1, v_desc0, v_desc1 = k_base, k_base, v_base, v_base
+        if TMA:
+            # a segment without keys reads none (empty kv loops); one row keeps its descriptors well formed
+            kv_rows = tl.maximum(seqlen_k, 1)
+            q_desc0 = _rows_desc(q_base, seqlen_q, stride_q_t, 0, HEAD_D0, BLOCK_M)
+            o_desc0 = _rows_desc(o_base, seqlen_q, stride_o_t, 0, HEAD_D0, BLOCK_M)
+            k_desc0 = _rows_desc(k_base, kv_rows, stride_k_t, 0, HEAD_D0, BLOCK_N)
+            v_desc0 = _rows_desc(v_base, kv_rows, stride_v_t, 0, HEAD_D0, BLOCK_N)
+            if HEAD_D1 > 0:
+                q_desc1 = _rows_desc(q_base, seqlen_q, stride_q_t, HEAD_D0, BLOCK_D1, BLOCK_M)
+                o_desc1 = _rows_desc(o_base, seqlen_q, stride_o_t, HEAD_D0, BLOCK_D1, BLOCK_M)
+                k_desc1 = _rows_desc(k_base, kv_rows, stride_k_t, HEAD_D0, BLOCK_D1, BLOCK_N)
+                v_desc1 = _rows_desc(v_base, kv_rows, stride_v_t, HEAD_D0, BLOCK_D1, BLOCK_N)
+        q0 = _load_tile(q_desc0, q_base, start_m, rows, seqlen_q, stride_q_t, offs_d0, TMA, UPCAST)
         if HEAD_D1 > 0:
-            q1 = _load_rows(q_base, rows, seqlen_q, stride_q_t, offs_d1, UPCAST)
+            q1 = _load_tile(q_desc1, q_base, start_m, rows, seqlen_q, stride_q_t, offs_d1, TMA, UPCAST)
         else:  # placeholder, never read (the D1 branches are compiled out)
             q1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=q0.dtype)
         acc0 = tl.zeros([BLOCK_M, HEAD_D0], dtype=tl.float32)
@@ -159,18 +206,24 @@ if HAS_TRITON:
         else:
             hi = seqlen_k
             full_end = seqlen_k // BLOCK_N * BLOCK_N
-        acc0, acc1, m_i, l_i = _fwd_kv_loop(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_k_t, stride_v_t,
-                                            rows, offs_n, offs_d0, offs_d1, seqlen_k, diag, 0, full_end, qk_scale,
-                                            False, CAUSAL, HEAD_D1, BLOCK_N, UPCAST, DOT_PRECISION)
-        acc0, acc1, m_i, l_i = _fwd_kv_loop(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_k_t, stride_v_t,
-                                            rows, offs_n, offs_d0, offs_d1, seqlen_k, diag, full_end, hi, qk_scale,
-                                            True, CAUSAL, HEAD_D1, BLOCK_N, UPCAST, DOT_PRECISION)
+        acc0, acc1, m_i, l_i = _fwd_kv_loop(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, k_desc0, k_desc1, v_desc0,
+                                            v_desc1, stride_k_t, stride_v_t, rows, offs_n, offs_d0, offs_d1,
+                                            seqlen_k, diag, 0, full_end, qk_scale, False, CAUSAL, HEAD_D1, BLOCK_N,
+                                            TMA, UPCAST, DOT_PRECISION)
+        acc0, acc1, m_i, l_i = _fwd_kv_loop(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, k_desc0, k_desc1, v_desc0,
+                                            v_desc1, stride_k_t, stride_v_t, rows, offs_n, offs_d0, offs_d1,
+                                            seqlen_k, diag, full_end, hi, qk_scale, True, CAUSAL, HEAD_D1, BLOCK_N,
+                                            TMA, UPCAST, DOT_PRECISION)
         # rows that saw no key: l = 0 -> output 0, LSE -inf
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-        o_base = _head_base(o_ptr, q_start, stride_o_t, head, stride_o_h)
-        _store_rows(o_base, rows, seqlen_q, stride_o_t, offs_d0, acc0 / l_safe[:, None])
-        if HEAD_D1 > 0:
-            _store_rows(o_base, rows, seqlen_q, stride_o_t, offs_d1, acc1 / l_safe[:, None])
+        if TMA:
+            o_desc0.store([start_m, 0], (acc0 / l_safe[:, None]).to(o_ptr.dtype.element_ty))
+            if HEAD_D1 > 0:
+                o_desc1.store([start_m, 0], (acc1 / l_safe[:, None]).to(o_ptr.dtype.element_ty))
+        else:
+            _store_rows(o_base, rows, seqlen_q, stride_o_t, offs_d0, acc0 / l_safe[:, None])
+            if HEAD_D1 > 0:
+                _store_rows(o_base, rows, seqlen_q, stride_o_t, offs_d1, acc1 / l_safe[:, None])
         lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * _LN2_K)
         tl.store(lse_ptr + head * stride_lse_h + q_start + rows, lse, mask=rows < seqlen_q)
 
@@ -191,14 +244,39 @@ if HAS_TRITON:
         tl.store(delta_ptr + head * stride_delta_h + offs_t, tl.sum(o * do, 1), mask=offs_t < num_tokens)
 
     @triton.jit
-    def _bwd_dkdv_loop(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base, delta_base, stride_q_t,
-                       stride_do_t, cols, offs_m, offs_d0, offs_d1, seqlen_q, diag, lo, hi, qk_scale,
-                       MASKED: tl.constexpr, HEAD_D1: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr):
-        """Accumulate dK/dV of one kv block over q blocks [lo, hi), transposed (kv rows x q rows) like tutorial 06.
+    def _dq_out(dq_base, rows, num_rows, stride_t, offs_d, x, DQ: tl.constexpr):
+        """Write one kv block's share of dQ: added atomically to the fp32 buffer (DQ_ATOMIC) or, when this program
+        is the only one that touches these rows (DQ_STORE), stored."""
+        if DQ == _DQ_ATOMIC_K:
+            # relaxed: the sum is read by a later kernel, so no ordering between programs is needed (no fences)
+            tl.atomic_add(dq_base + rows[:, None] * stride_t + offs_d[None, :], x, mask=(rows < num_rows)[:, None],
+                          sem="relaxed")
+        else:
+            _store_rows(dq_base, rows, num_rows, stride_t, offs_d, x)
 
-        Padded q rows load q = do = delta = 0 and so add nothing; padded kv rows are never stored. Only the causal
-        diagonal needs a mask (MASKED). A row with LSE -inf sees no key, so it only appears in MASKED blocks."""
+    @triton.jit
+    def _ds_k(ds_t, k, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """dS K (q rows x head dim) of one kv block from dS^T (kv rows x q rows). On tensor cores with fewer than 64
+        q rows it is computed as (K^T dS^T)^T, so that the product's M dimension is the head dim: sm_90's wgmma
+        needs M >= 64 per warpgroup, and with M = BLOCK_M triton falls back to mma.sync for it (the compile gate's
+        PTX). fp32's ieee dots run on the FMA units, where the plain form needs fewer registers."""
+        if BLOCK_M < 64 and DOT_PRECISION != "ieee":
+            x = tl.trans(tl.dot(tl.trans(k), ds_t, input_precision=DOT_PRECISION))
+        else:
+            x = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION)
+        return x
+
+    @triton.jit
+    def _bwd_dkdv_loop(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base, delta_base, dq_base,
+                       stride_q_t, stride_do_t, stride_dq_t, cols, offs_m, offs_d0, offs_d1, seqlen_q, diag, lo, hi,
+                       qk_scale, sm_scale, MASKED: tl.constexpr, DQ: tl.constexpr, HEAD_D1: tl.constexpr,
+                       BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """Accumulate dK/dV of one kv block over q blocks [lo, hi), transposed (kv rows x q rows) like tutorial 06;
+        unless DQ is DQ_SEPARATE, also dQ += dS K for each q block (the fifth GEMM, written out by `_dq_out`).
+
+        Padded q rows load q = do = delta = 0 and so add nothing; padded kv rows load k = v = 0 and so add nothing
+        to dQ, and are never stored. Only the causal diagonal needs a mask (MASKED). A row with LSE -inf sees no
+        key, so it only appears in MASKED blocks."""
         for start_m in range(lo, hi, BLOCK_M):
             rows = start_m + offs_m
             q0 = _load_rows(q_base, rows, seqlen_q, stride_q_t, offs_d0, UPCAST)
@@ -218,25 +296,34 @@ if HAS_TRITON:
             if HEAD_D1 > 0:
                 dv1 = tl.dot(p_t.to(do1.dtype), do1, dv1, input_precision=DOT_PRECISION)
                 dp_t = tl.dot(v1, tl.trans(do1), dp_t, input_precision=DOT_PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk0 = tl.dot(ds_t.to(q0.dtype), q0, dk0, input_precision=DOT_PRECISION)
+            ds_t = (p_t * (dp_t - delta[None, :])).to(q0.dtype)
+            dk0 = tl.dot(ds_t, q0, dk0, input_precision=DOT_PRECISION)
             if HEAD_D1 > 0:
-                dk1 = tl.dot(ds_t.to(q1.dtype), q1, dk1, input_precision=DOT_PRECISION)
+                dk1 = tl.dot(ds_t, q1, dk1, input_precision=DOT_PRECISION)
+            if DQ != _DQ_SEPARATE_K:
+                _dq_out(dq_base, rows, seqlen_q, stride_dq_t, offs_d0,
+                        _ds_k(ds_t, k0, BLOCK_M, DOT_PRECISION) * sm_scale, DQ)
+                if HEAD_D1 > 0:
+                    _dq_out(dq_base, rows, seqlen_q, stride_dq_t, offs_d1,
+                            _ds_k(ds_t, k1, BLOCK_M, DOT_PRECISION) * sm_scale, DQ)
         return dk0, dk1, dv0, dv1
 
     @triton.jit
-    def _varlen_attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    def _varlen_attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr,
                                      cu_q_ptr, cu_k_ptr, seg_order_ptr,
                                      stride_q_t, stride_q_h, stride_k_t, stride_k_h, stride_v_t, stride_v_h,
                                      stride_do_t, stride_do_h, stride_dk_t, stride_dk_h, stride_dv_t, stride_dv_h,
-                                     stride_lse_h, qk_scale, sm_scale,
-                                     GROUP: tl.constexpr, ATOMIC: tl.constexpr, CAUSAL: tl.constexpr,
+                                     stride_dq_t, stride_dq_h, stride_lse_h, qk_scale, sm_scale,
+                                     GROUP: tl.constexpr, ATOMIC: tl.constexpr, DQ: tl.constexpr,
+                                     CAUSAL: tl.constexpr,
                                      HEAD_D0: tl.constexpr, HEAD_D1: tl.constexpr, BLOCK_D1: tl.constexpr,
                                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
                                      DOT_PRECISION: tl.constexpr):
         """One program per (kv block, head, segment). Deterministic (ATOMIC False): axis 1 is the kv head and the
         program sums the GROUP query heads itself, in a fixed order. ATOMIC: axis 1 is the query head and the
-        partial dK/dV is atomically added to fp32 buffers (GROUP x more programs, order-dependent rounding)."""
+        partial dK/dV is atomically added to fp32 buffers (GROUP x more programs, order-dependent rounding).
+        DQ (`_dq_mode`): DQ_SEPARATE leaves dQ to `_varlen_attn_bwd_dq_kernel`; otherwise this kernel also computes
+        dQ from the dS it already has (5 GEMMs per tile pair instead of 7) and writes it through `_dq_out`."""
         pid_n = tl.program_id(0)
         pid_h = tl.program_id(1)
         q_start, seqlen_q, k_start, seqlen_k = _segment(cu_q_ptr, cu_k_ptr, seg_order_ptr)
@@ -282,15 +369,17 @@ if HAS_TRITON:
             do_base = _head_base(do_ptr, q_start, stride_do_t, q_head, stride_do_h)
             lse_base = lse_ptr + q_head * stride_lse_h + q_start
             delta_base = delta_ptr + q_head * stride_lse_h + q_start
+            dq_base = _head_base(dq_ptr, q_start, stride_dq_t, q_head, stride_dq_h)
             if CAUSAL:
                 dk0, dk1, dv0, dv1 = _bwd_dkdv_loop(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base,
-                                                    delta_base, stride_q_t, stride_do_t, cols, offs_m, offs_d0,
-                                                    offs_d1, seqlen_q, diag, lo, mid_masked, qk_scale, True, HEAD_D1,
-                                                    BLOCK_M, UPCAST, DOT_PRECISION)
+                                                    delta_base, dq_base, stride_q_t, stride_do_t, stride_dq_t, cols,
+                                                    offs_m, offs_d0, offs_d1, seqlen_q, diag, lo, mid_masked,
+                                                    qk_scale, sm_scale, True, DQ, HEAD_D1, BLOCK_M, UPCAST,
+                                                    DOT_PRECISION)
             dk0, dk1, dv0, dv1 = _bwd_dkdv_loop(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base,
-                                                delta_base, stride_q_t, stride_do_t, cols, offs_m, offs_d0, offs_d1,
-                                                seqlen_q, diag, mid, seqlen_q, qk_scale, False, HEAD_D1, BLOCK_M,
-                                                UPCAST, DOT_PRECISION)
+                                                delta_base, dq_base, stride_q_t, stride_do_t, stride_dq_t, cols,
+                                                offs_m, offs_d0, offs_d1, seqlen_q, diag, mid, seqlen_q, qk_scale,
+                                                sm_scale, False, DQ, HEAD_D1, BLOCK_M, UPCAST, DOT_PRECISION)
         # dS was taken w.r.t. the scaled scores, so dK = scale * dS^T Q
         dk_base = _head_base(dk_ptr, k_start, stride_dk_t, kv_head, stride_dk_h)
         dv_base = _head_base(dv_ptr, k_start, stride_dv_t, kv_head, stride_dv_h)
@@ -395,12 +484,15 @@ if HAS_TRITON:
 
 # Block configs (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel come from a committed table,
 # attention_configs.json, keyed by architecture family (90: H100/H200, 80: A100), dtype, head dim, causal and short
-# segments (max_seqlen <= 64: ViT windows, where a 128-row tile would be mostly padding). The table names where its
-# entries came from: benchmarks/autotune.py writes measured winners on a GPU; until then it holds hand-chosen
-# defaults (triton tutorial 06's starting points, then the largest tiles that compile without register spills at
-# the launched specialisation, tests/kernels/test_varlen_attention_compile.py). dK/dV keeps k, v, dk, dv of BLOCK_N kv
-# rows resident while BLOCK_M q rows stream, hence 8 warps at D = 128. fp32 inputs (ieee dots, no tensor cores) have
-# their own small-tile entries: the bf16 tiles spill tens of KB with fp32 operands.
+# segments (max_seqlen <= 64: ViT windows, where a 128-row tile would be mostly padding). Kernels: "fwd", "dkdvq"
+# (the dK/dV kernel computing dQ too: the default backward), "dkdv" and "dq" (the deterministic backward). The table
+# names where its entries came from: benchmarks/autotune.py writes measured winners on a GPU; until then it holds
+# hand-chosen defaults (triton tutorial 06's starting points, then the largest tiles that compile without register
+# spills at the launched specialisation on both supported tritons, tests/kernels/test_varlen_attention_compile.py).
+# dK/dV keeps k, v, dk, dv of BLOCK_N kv rows resident while BLOCK_M q rows stream: on sm_90 128 kv rows in 8 warps
+# give each warpgroup 64 rows (m64 wgmma tiles) where the registers allow it (D <= 80; at D = 128 only with 16 q rows
+# per step). Short segments use 64 x 64 tiles: one kv block and one q block per window. fp32 inputs (ieee dots, no
+# tensor cores) have their own small-tile entries: the bf16 tiles spill tens of KB with fp32 operands.
 _TABLE_PATH = Path(__file__).with_name("attention_configs.json")
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 # fp32 at D = 128 spills on sm_80 and sm_90 even with 32 x 32 tiles (2 KB on sm_90): such calls are rejected
@@ -442,7 +534,8 @@ def tuning_table() -> dict:
 
 def block_config(kernel: str, head_dim: int, max_seqlen: int, arch: int, dtype: torch.dtype = torch.bfloat16,
                  causal: bool = False) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for kernel "fwd" | "dkdv" | "dq" on sm_`arch` from the tuning table.
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for kernel "fwd" | "dkdvq" | "dkdv" | "dq" on sm_`arch` from the
+    tuning table.
 
     A key the table lacks falls back, in order: the smallest tabled head dim >= head_dim, the other causal flag,
     long segments for short ones, bf16 for fp16 (same element size); never to another element size (fp32 operands
@@ -479,6 +572,33 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _tma_ok(device: torch.device, *tensors: torch.Tensor) -> bool:
+    """Whether the forward moves its tiles with TMA: on sm_90+ (and in the interpreter, so that the tests run the
+    path sm_90 launches), for 16-bit inputs, when every tensor's base address and token / head strides are 16-byte
+    aligned, as a TMA descriptor requires (a view of a fused qkv projection may not be: it then takes the pointer
+    path). sm_80 has no TMA: triton would lower the descriptors to the same pointer loads. fp32 (ieee dots on the
+    FMA units) with TMA tiles compiles to ~14 KB of local memory on sm_90, so fp32 keeps the pointer loads."""
+    if not INTERPRET and torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    return all(x.dtype in (torch.bfloat16, torch.float16) and x.data_ptr() % 16 == 0
+               and all(x.stride(i) * x.element_size() % 16 == 0 for i in (0, 1)) for x in tensors)
+
+
+def _scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_scratch_allocator():
+    """Descriptors made inside a kernel live in a per-launch global scratch buffer that triton's launcher takes from
+    the allocator set by `triton.set_allocator` (triton/backends/nvidia/driver.py, CudaLauncher.__call__: line 324
+    in 3.7.1, 710 in 3.6.0); the default allocator raises. Set a torch-backed one unless the caller set their own
+    (triton/runtime/_allocation.py line 26: a ContextVar defaulting to NullAllocator, in both versions)."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+
+
 def varlen_attention_fwd(q_THD, k_THD, v_THD, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
                          softmax_scale, seg_order=None):
     """Launch the forward kernel on validated inputs; returns (out_THD contiguous, lse_HT fp32)."""
@@ -494,13 +614,16 @@ def varlen_attention_fwd(q_THD, k_THD, v_THD, cu_seqlens_q, cu_seqlens_k, max_se
     d0, d1 = split_head_dim(head_dim)
     block_m, block_n, num_warps, num_stages = _launch_params("fwd", head_dim, max_seqlen_q, q_THD.device,
                                                              q_THD.dtype, causal)
+    tma = _tma_ok(q_THD.device, q_THD, k_THD, v_THD, out)
+    if tma and not INTERPRET:
+        _ensure_scratch_allocator()
     grid = (triton.cdiv(max_seqlen_q, block_m), num_q_heads, num_segments)
     _varlen_attn_fwd_kernel[grid](
         q_THD, k_THD, v_THD, out, lse, cu_seqlens_q, cu_seqlens_k, seg_order,
         q_THD.stride(0), q_THD.stride(1), k_THD.stride(0), k_THD.stride(1), v_THD.stride(0), v_THD.stride(1),
         out.stride(0), out.stride(1), lse.stride(0), softmax_scale * LOG2E,
         GROUP=num_q_heads // num_kv_heads, CAUSAL=causal, HEAD_D0=d0, HEAD_D1=d1, BLOCK_D1=max(d1, 16),
-        BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(q_THD.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, TMA=tma, UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(q_THD.dtype),
         num_warps=num_warps, num_stages=num_stages)
     return out, lse
 
@@ -523,22 +646,38 @@ def use_atomic_dkdv(deterministic: bool, num_q_heads: int, num_kv_heads: int, he
     return programs < _ATOMIC_BELOW_PROGRAMS_PER_SM * _num_sms(device)
 
 
+def _dq_mode(deterministic: bool, max_seqlen_k: int, block_n: int) -> int:
+    """Where dQ comes from. The rule: 5 GEMMs per (q block, kv block) pair wherever that is deterministic or
+    determinism was not asked for; the separate dQ kernel (7 GEMMs: it recomputes Q K^T and dO V^T) only on request.
+
+    - every key segment fits one kv block (ViT windows): DQ_STORE. Each (segment, q head) then has exactly one
+      dK/dV program, so it stores dQ itself: 5 GEMMs, no atomics, deterministic for free.
+    - deterministic=True: DQ_SEPARATE (bit-reproducible; ~7/5 of the MMA work of the fused path, an estimate).
+    - otherwise: DQ_ATOMIC, fp32 atomics into a zeroed buffer, then one cast (flash-attention 2's backward does
+      the same). Their order, and so the last bits of dQ, vary run to run.
+    Where GQA's query heads of a group meet on the same dK/dV rows, the sum stays deterministic (one program sums
+    the group in order) unless that grid is too small to fill the GPU (`use_atomic_dkdv`)."""
+    if max_seqlen_k <= block_n:
+        return DQ_STORE
+    return DQ_SEPARATE if deterministic else DQ_ATOMIC
+
+
 def varlen_attention_bwd(do_THD, q_THD, k_THD, v_THD, out_THD, lse_HT, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                          max_seqlen_k, causal, softmax_scale, deterministic=False, seg_order=None):
-    """Launch preprocess + dK/dV + dQ on validated inputs; returns (dq, dk, dv) contiguous, in the inputs' dtype."""
+    """Launch preprocess + dK/dV (+ dQ) [+ dQ] on validated inputs; returns (dq, dk, dv) contiguous, in the inputs'
+    dtype. deterministic: bit-reproducible gradients (`_dq_mode`, `use_atomic_dkdv`)."""
     num_tokens_q, num_q_heads, head_dim = q_THD.shape
     num_tokens_k, num_kv_heads = k_THD.shape[0], k_THD.shape[1]
     num_segments = cu_seqlens_q.numel() - 1
     group = num_q_heads // num_kv_heads
     if do_THD.stride(-1) != 1:
         do_THD = do_THD.contiguous()
-    dq = torch.empty((num_tokens_q, num_q_heads, head_dim), dtype=q_THD.dtype, device=q_THD.device)
     # keys of empty query segments get no program writes: zero-init dk/dv (rows of segments with sk > 0 and
     # sq == 0 have a zero gradient)
     dk = torch.zeros((num_tokens_k, num_kv_heads, head_dim), dtype=k_THD.dtype, device=k_THD.device)
     dv = torch.zeros((num_tokens_k, num_kv_heads, head_dim), dtype=v_THD.dtype, device=v_THD.device)
     if num_tokens_q == 0 or num_tokens_k == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
-        return dq.zero_(), dk, dv
+        return torch.zeros_like(q_THD, memory_format=torch.contiguous_format), dk, dv
     if seg_order is None:
         seg_order = _segment_order(cu_seqlens_q, cu_seqlens_k)
     d0, d1 = split_head_dim(head_dim)
@@ -552,8 +691,12 @@ def varlen_attention_bwd(do_THD, q_THD, k_THD, v_THD, out_THD, lse_HT, cu_seqlen
         do_THD.stride(1), delta.stride(0), HEAD_DIM=head_dim, BLOCK_T=_PREPROCESS_BLOCK_T,
         BLOCK_D=triton.next_power_of_2(head_dim), num_warps=_PREPROCESS_WARPS)
 
-    block_m, block_n, num_warps, num_stages = _launch_params("dkdv", head_dim, max_seqlen_k, q_THD.device,
-                                                             q_THD.dtype, causal)
+    # the fused kernel holds a dQ tile besides dK/dV: its own table entry ("dkdvq"), sized for that
+    fused_block_n = _launch_params("dkdvq", head_dim, max_seqlen_k, q_THD.device, q_THD.dtype, causal)[1]
+    dq_mode = _dq_mode(deterministic, max_seqlen_k, fused_block_n)
+    block_m, block_n, num_warps, num_stages = _launch_params("dkdv" if dq_mode == DQ_SEPARATE else "dkdvq",
+                                                             head_dim, max_seqlen_k, q_THD.device, q_THD.dtype,
+                                                             causal)
     atomic = use_atomic_dkdv(deterministic, num_q_heads, num_kv_heads, head_dim, num_tokens_k, block_n,
                              q_THD.device)
     if atomic:
@@ -561,16 +704,25 @@ def varlen_attention_bwd(do_THD, q_THD, k_THD, v_THD, out_THD, lse_HT, cu_seqlen
         dv_acc = torch.zeros(dv.shape, dtype=torch.float32, device=dv.device)
     else:
         dk_acc, dv_acc = dk, dv
+    # dK/dV programs write dQ rows only where they visit (DQ_STORE: rows that see no key are never visited), and
+    # DQ_ATOMIC adds to what is there: both start from zeros; the separate dQ kernel writes every row
+    dq_shape = (num_tokens_q, num_q_heads, head_dim)
+    if dq_mode == DQ_SEPARATE:
+        dq = torch.empty(dq_shape, dtype=q_THD.dtype, device=q_THD.device)
+    else:
+        dq = torch.zeros(dq_shape, dtype=torch.float32 if dq_mode == DQ_ATOMIC else q_THD.dtype, device=q_THD.device)
     grid = (triton.cdiv(max_seqlen_k, block_n), num_q_heads if atomic else num_kv_heads, num_segments)
     _varlen_attn_bwd_dkdv_kernel[grid](
-        q_THD, k_THD, v_THD, do_THD, lse_HT, delta, dk_acc, dv_acc, cu_seqlens_q, cu_seqlens_k, seg_order,
+        q_THD, k_THD, v_THD, do_THD, lse_HT, delta, dk_acc, dv_acc, dq, cu_seqlens_q, cu_seqlens_k, seg_order,
         q_THD.stride(0), q_THD.stride(1), k_THD.stride(0), k_THD.stride(1), v_THD.stride(0), v_THD.stride(1),
         do_THD.stride(0), do_THD.stride(1), dk_acc.stride(0), dk_acc.stride(1), dv_acc.stride(0), dv_acc.stride(1),
-        lse_HT.stride(0), qk_scale, softmax_scale, GROUP=group, ATOMIC=atomic, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=num_warps, num_stages=num_stages, **common)
+        dq.stride(0), dq.stride(1), lse_HT.stride(0), qk_scale, softmax_scale, GROUP=group, ATOMIC=atomic,
+        DQ=dq_mode, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **common)
     if atomic:
         dk.copy_(dk_acc)
         dv.copy_(dv_acc)
+    if dq_mode != DQ_SEPARATE:
+        return dq.to(q_THD.dtype), dk, dv
 
     block_m, block_n, num_warps, num_stages = _launch_params("dq", head_dim, max_seqlen_q, q_THD.device,
                                                              q_THD.dtype, causal)
@@ -733,9 +885,12 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
             sees keys j <= i + sk - sq (flash-attn >= 2.1). A query that sees no key (sk < sq) gets output 0.
         softmax_scale: scaling of q k^T before the softmax; default 1 / sqrt(headdim).
         return_lse: also return the row log-sum-exp.
-        deterministic: make the backward bit-reproducible. The default backward is deterministic too unless the
-            model uses GQA and the dK/dV grid is too small to fill the GPU, where it then sums the query heads of a
-            group with fp32 atomics (`use_atomic_dkdv`).
+        deterministic: make the backward bit-reproducible: dQ from a separate kernel (7 GEMMs per tile pair
+            instead of 5) and dK/dV summed in a fixed order. The default backward computes dQ inside the dK/dV
+            kernel and sums its per-kv-block shares with fp32 atomics (last-bit differences run to run), except
+            where every key segment fits one kv block (then it is deterministic too); with GQA it also sums a
+            group's query heads into dK/dV with atomics when the dK/dV grid is too small to fill the GPU
+            (`_dq_mode`, `use_atomic_dkdv`).
         check_cu_seqlens_values: check the cu_seqlens values (monotone, ending at total, max_seqlen large enough).
             On CUDA this copies them to the host (one sync per call); metadata built by a trusted packer can skip it.
 

@@ -13,7 +13,7 @@ import torch
 
 va = importlib.import_module("ovr_kernels.varlen_attention")
 ROOT = Path(__file__).resolve().parents[2]
-KERNELS = ("fwd", "dkdv", "dq")
+KERNELS = ("fwd", "dkdv", "dkdvq", "dq")
 
 
 def _pow2(x):

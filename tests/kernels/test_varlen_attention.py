@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_close_3way, max_err
+from sm_compile import capture_launches
 
 from ovr_kernels import varlen_attention
 from ovr_kernels.reference import varlen_attention_ref
@@ -56,15 +57,28 @@ CASES = [
 ]
 
 
+def _dq_mode_of(lens_k, deterministic):
+    """The dQ path the backward takes for these key lengths under the interpreter's tiles."""
+    return va._dq_mode(deterministic, max(lens_k), va._INTERPRET_CONFIG[1])
+
+
+def test_cases_cover_every_backward_path():
+    """The three-way cases run each dQ path: fused with fp32 atomics (long segments, default), fused with plain
+    stores (every key segment within one kv block), the separate dQ kernel (deterministic=True, long segments)."""
+    modes = {_dq_mode_of(c.values[1] or c.values[0], det) for c in CASES for det in (False, True)}
+    assert modes == {va.DQ_SEPARATE, va.DQ_ATOMIC, va.DQ_STORE}
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
 @pytest.mark.parametrize("lens_q, lens_k, hq, hkv, d, causal, dtype, scale", CASES)
-def test_matches_reference_fwd_bwd(triton_backend, lens_q, lens_k, hq, hkv, d, causal, dtype, scale):
+def test_matches_reference_fwd_bwd(triton_backend, lens_q, lens_k, hq, hkv, d, causal, dtype, scale, deterministic):
     lens_k = lens_q if lens_k is None else lens_k
     q, k, v, cu_q, cu_k = _inputs(lens_q, lens_k, hq, hkv, d, dtype)
     do = torch.randn(q.shape, dtype=torch.float64)
 
     def kernel(q, k, v):
         return varlen_attention(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal, softmax_scale=scale,
-                                return_lse=True)
+                                return_lse=True, deterministic=deterministic)
 
     def ref(q, k, v):
         return varlen_attention_ref(q, k, v, cu_q, cu_k, causal=causal, softmax_scale=scale, return_lse=True)
@@ -81,16 +95,46 @@ def test_matches_reference_fwd_bwd(triton_backend, lens_q, lens_k, hq, hkv, d, c
         assert_close_3way(name, g, rg, tg, factor=3.0, atol=atol)
 
 
-def test_rows_without_keys_are_zero(triton_backend):
+def test_forward_pointer_path_for_unaligned_views(triton_backend):
+    """A q/k/v view whose token stride is not 16-byte aligned (a fused projection with odd padding) cannot use TMA
+    descriptors: the forward takes masked pointer loads instead, with the same results; aligned inputs take TMA."""
+    lens, hq, hkv, d = [1, 70, 0, 33], 4, 2, 80
+    q, k, v, cu_q, cu_k = _inputs(lens, lens, hq, hkv, d, torch.bfloat16)
+    assert va._tma_ok(q.device, q, k, v) and not va._tma_ok(q.device, q.float(), k.float(), v.float())
+    packed = torch.randn(q.shape[0], (hq + 2 * hkv) * d + 1, dtype=q.dtype)  # one extra column: 2 * 641 bytes
+    qkv = packed[:, :-1].view(q.shape[0], hq + 2 * hkv, d)
+    qkv[:, :hq], qkv[:, hq:hq + hkv], qkv[:, hq + hkv:] = q, k, v
+    qs, ks, vs = qkv[:, :hq], qkv[:, hq:hq + hkv], qkv[:, hq + hkv:]
+    assert not va._tma_ok(qs.device, qs, ks, vs)
+    do = torch.randn(q.shape, dtype=torch.float64)
+
+    def kernel(q, k, v):
+        return varlen_attention(q, k, v, cu_q, cu_k, 70, 70, causal=True, return_lse=True)
+
+    def ref(q, k, v):
+        return varlen_attention_ref(q, k, v, cu_q, cu_k, causal=True, return_lse=True)
+
+    got, aligned = _run(kernel, qs, ks, vs, do), _run(kernel, q, k, v, do)
+    truth = _run(ref, q.double(), k.double(), v.double(), do)
+    assert_close_3way("out", got[0], aligned[0], truth[0], factor=2.0, atol=1e-3)
+    for g, a, t in zip(got[2], aligned[2], truth[2]):
+        assert_close_3way("grad", g, a, t, factor=3.0, atol=1e-3)
+
+
+@pytest.mark.parametrize("lens_q, lens_k", [([9, 4], [3, 0]), ([140, 4], [70, 0])], ids=["store-dq", "atomic-dq"])
+def test_rows_without_keys_are_zero(triton_backend, lens_q, lens_k):
     # causal with sk < sq: the first sq - sk queries see no key; a segment with sk = 0 sees nothing at all
-    q, k, v, cu_q, cu_k = _inputs([9, 4], [3, 0], 2, 2, 64, torch.float32)
+    q, k, v, cu_q, cu_k = _inputs(lens_q, lens_k, 2, 2, 64, torch.float32)
     q.requires_grad_()
-    out, lse = varlen_attention(q, k, v, cu_q, cu_k, 9, 3, causal=True, return_lse=True)
-    assert torch.equal(out[:6], torch.zeros_like(out[:6])) and torch.equal(out[9:], torch.zeros_like(out[9:]))
-    assert bool(torch.isneginf(lse[:, :6]).all()) and bool(torch.isneginf(lse[:, 9:]).all())
-    assert bool(torch.isfinite(lse[:, 6:9]).all()) and float(out[6:9].detach().abs().sum()) > 0
+    out, lse = varlen_attention(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=True, return_lse=True)
+    blind = torch.zeros(q.shape[0], dtype=torch.bool)
+    blind[:lens_q[0] - lens_k[0]] = True
+    blind[lens_q[0]:] = True
+    assert torch.equal(out[blind], torch.zeros_like(out[blind])) and bool(torch.isneginf(lse[:, blind]).all())
+    assert bool(torch.isfinite(lse[:, ~blind]).all()) and float(out[~blind].detach().abs().sum()) > 0
     (dq,) = torch.autograd.grad(out, q, torch.randn_like(out))
-    assert torch.equal(dq[:6], torch.zeros_like(dq[:6])) and bool(torch.isfinite(dq).all())
+    assert torch.equal(dq[blind], torch.zeros_like(dq[blind])) and bool(torch.isfinite(dq).all())
+    assert float(dq[~blind].abs().sum()) > 0
 
 
 def test_deterministic_backward_is_bit_identical(triton_backend):
@@ -111,6 +155,77 @@ def test_deterministic_backward_is_bit_identical(triton_backend):
                  q.double(), k.double(), v.double(), do)
     for g, tg in zip(first[2], truth[2]):
         assert max_err(g, tg) < 1e-4
+
+
+def _launched_backward_kernels(lens, hq, hkv, causal, deterministic, dtype=torch.float32):
+    """{kernel name: launches} of one backward (kernels replaced by recorders: the gradients are not computed)."""
+    q, k, v, cu_q, cu_k = _inputs(lens, lens, hq, hkv, 64, dtype)
+    out, lse = va.varlen_attention_fwd(q, k, v, cu_q, cu_k, max(lens), max(lens), causal, 0.125)
+    names = ["_varlen_attn_bwd_dkdv_kernel", "_varlen_attn_bwd_dq_kernel"]
+    calls = capture_launches(va, names, lambda: va.varlen_attention_bwd(
+        torch.randn_like(out), q, k, v, out, lse, cu_q, cu_k, max(lens), max(lens), causal, 0.125, deterministic))
+    return {name: calls[name] for name in names}
+
+
+@pytest.mark.parametrize("lens, causal", [([130, 7], True), ([65, 0, 66], False)])
+def test_default_backward_is_one_fused_kernel(triton_backend, lens, causal):
+    """Default: one dK/dV kernel that also produces dQ (5 GEMMs), fp32 atomics for segments over one kv block;
+    deterministic=True: the dK/dV kernel without dQ, then the dQ kernel."""
+    calls = _launched_backward_kernels(lens, 4, 2, causal, False)
+    assert not calls["_varlen_attn_bwd_dq_kernel"]
+    (dkdv,) = calls["_varlen_attn_bwd_dkdv_kernel"]
+    assert dkdv["DQ"] == va.DQ_ATOMIC and dkdv["dq_ptr"].dtype == torch.float32
+    calls = _launched_backward_kernels(lens, 4, 2, causal, True)
+    assert len(calls["_varlen_attn_bwd_dq_kernel"]) == 1
+    assert [c["DQ"] for c in calls["_varlen_attn_bwd_dkdv_kernel"]] == [va.DQ_SEPARATE]
+
+
+def test_window_backward_stores_dq_without_atomics(triton_backend):
+    """Every key segment within one kv block (ViT windows): one program per (segment, head) owns its dQ rows, so
+    the fused kernel stores them in the output dtype, deterministic or not."""
+    for deterministic in (False, True):
+        calls = _launched_backward_kernels([64, 1, 0, 33], 2, 2, False, deterministic, torch.bfloat16)
+        assert not calls["_varlen_attn_bwd_dq_kernel"]
+        (dkdv,) = calls["_varlen_attn_bwd_dkdv_kernel"]
+        assert dkdv["DQ"] == va.DQ_STORE and dkdv["dq_ptr"].dtype == torch.bfloat16
+
+
+def test_default_backward_matches_deterministic(triton_backend):
+    """The fused atomic dQ and the separate dQ kernel agree to fp32 rounding (GQA, causal, a segment of 3 kv blocks)."""
+    lens, hq, hkv = [150, 1, 40], 4, 2
+    q, k, v, cu_q, cu_k = _inputs(lens, lens, hq, hkv, 80, torch.float32)
+    do = torch.randn(q.shape, dtype=torch.float64)
+    assert _dq_mode_of(lens, False) == va.DQ_ATOMIC
+
+    def kernel(deterministic):
+        return lambda q, k, v: varlen_attention(q, k, v, cu_q, cu_k, 150, 150, causal=True, return_lse=True,
+                                                deterministic=deterministic)
+
+    fused, separate = _run(kernel(False), q, k, v, do), _run(kernel(True), q, k, v, do)
+    assert torch.equal(fused[0], separate[0])
+    for a, b in zip(fused[2], separate[2]):
+        assert max_err(a, b) < 1e-5
+
+
+def test_fused_dq_with_few_q_rows(triton_backend, monkeypatch):
+    """With fewer than 64 q rows per step the fused kernel computes dS K transposed (the layout sm_90's tensor cores
+    need); the interpreter's usual 64-row tiles do not reach that branch, so run it with 32-row ones."""
+    monkeypatch.setattr(va, "_INTERPRET_CONFIG", (32, 64, 4, 1))
+    lens, hq, hkv = [70, 1, 0, 45], 4, 2
+    q, k, v, cu_q, cu_k = _inputs(lens, lens, hq, hkv, 80, torch.bfloat16)  # 16-bit: the tensor-core layout
+    do = torch.randn(q.shape, dtype=torch.float64)
+    assert _dq_mode_of(lens, False) == va.DQ_ATOMIC
+
+    def kernel(q, k, v):
+        return varlen_attention(q, k, v, cu_q, cu_k, 70, 70, causal=True, return_lse=True)
+
+    def ref(q, k, v):
+        return varlen_attention_ref(q, k, v, cu_q, cu_k, causal=True, return_lse=True)
+
+    got, reference = _run(kernel, q, k, v, do), _run(ref, q, k, v, do)
+    truth = _run(ref, q.double(), k.double(), v.double(), do)
+    for g, r, t in zip(got[2], reference[2], truth[2]):
+        assert_close_3way("grad", g, r, t, factor=3.0, atol=1e-3)
 
 
 def test_packed_matches_padded(triton_backend):

@@ -1,99 +1,95 @@
-"""Compile the varlen attention kernels for sm_80 and sm_90 (no GPU needed) as they launch at the benchmark shapes:
-bf16, D = 128 causal GQA 28/4 (text, 16k tokens) and D = 80 non-causal 16 heads (whole-image ViT, and <= 64-token
-windows), with the block configs the launchers read from the tuning table, every int argument that is a multiple of
-16 at those shapes marked as triton's launcher marks it, on this environment's triton and on the GPU image's 3.6.0.
-Every config must compile without register spills and the matrix kernels must use tensor cores (wgmma / mma.sync).
+"""Compile the varlen attention kernels for sm_80 and sm_90 (no GPU needed) exactly as they launch at the benchmark
+shapes: each launch is captured from the real launchers on meta tensors (block configs from the tuning table,
+launch options, the dQ path the backward picks, every int argument marked divisible by 16 where its value is, as
+triton's launcher marks it), then compiled on this environment's triton and on the GPU image's 3.6.0.
+Shapes: bf16, D = 128 causal GQA 28/4 (text, 16k tokens), D = 80 non-causal 16 heads (whole-image ViT, and
+<= 64-token windows), and D = 80 causal GQA 28/4 on 2k tokens (where the dK/dV kernel sums a group with atomics).
+Every launch, forward and both backward modes (default: fused dQ; deterministic: separate dQ kernel), must compile
+without register spills, the matrix kernels must use tensor cores (wgmma on sm_90, mma.sync on sm_80) and the sm_90
+forward TMA (its tiles through tensor descriptors).
 fp32 inputs take their own table entries on CUDA: those must not spill either."""
 
 import importlib
+import inspect
+import json
+import sys
+from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
-from sm_compile import compile_many, job, triton_versions, uses_tensor_cores
+import triton.language as tl
+from sm_compile import capture_launches, compile_many, job_from_launch, triton_versions, uses_tensor_cores
 
 va = importlib.import_module("ovr_kernels.varlen_attention")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+bva = importlib.import_module("bench_varlen_attention")
 
-TOTAL = 16384  # packed tokens of every benchmark shape
-# (label, q heads, kv heads, head_dim, causal, max_seqlen): the benchmark shapes (a), (c) and (b)
-SHAPES = [("d128-causal-gqa7", 28, 4, 128, True, 8192), ("d80-full", 16, 16, 80, False, 4096),
-          ("d80-windows", 16, 16, 80, False, 64)]
-TL_DTYPE = {torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
-def _strides(name, x):
-    return {f"stride_{name}_t": x.stride(0), f"stride_{name}_h": x.stride(1)}
-
-
-def _shape_jobs(arch, dtype, label, hq, hkv, d, causal, max_seqlen, atomic_gqa=True):
-    """(names, jobs) for every kernel one benchmark shape launches; int values from meta tensors of that shape."""
-    dt = TL_DTYPE[dtype]
-    q = torch.empty(TOTAL, hq, d, dtype=dtype, device="meta")
-    k = torch.empty(TOTAL, hkv, d, dtype=dtype, device="meta")
-    lse = torch.empty(hq, TOTAL, dtype=torch.float32, device="meta")
-    d0, d1 = va.split_head_dim(d)
-    common = {"CAUSAL": causal, "HEAD_D0": d0, "HEAD_D1": d1, "BLOCK_D1": max(d1, 16), "UPCAST": False,
-              "DOT_PRECISION": va._dot_precision(dtype), "GROUP": hq // hkv}
-    segs = {"cu_q_ptr": "*i32", "cu_k_ptr": "*i32", "seg_order_ptr": "*i32"}
-    names, jobs = [], []
-
-    def add(name, kernel, sig, values, constexprs, config):
-        bm, bn, warps, stages = config
-        names.append(f"{name} {label} {dt} sm_{arch} {bm}x{bn} w{warps} s{stages}")
-        jobs.append(job(kernel, sig, dict(constexprs, BLOCK_M=bm, BLOCK_N=bn), arch, warps, stages, values=values))
-
-    def sig_of(ptrs, strides, scalars, constexprs):
-        sig = {**ptrs, **segs}
-        sig.update({n: "i32" for n in strides})
-        sig.update({n: "fp32" for n in scalars})
-        sig.update({n: "constexpr" for n in constexprs})
-        return sig
-
-    fwd_vals = {**_strides("q", q), **_strides("k", k), **_strides("v", k), **_strides("o", q),
-                "stride_lse_h": lse.stride(0)}
-    cfg = va.block_config("fwd", d, max_seqlen, arch, dtype, causal)
-    add("fwd", va._varlen_attn_fwd_kernel,
-        sig_of({"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "o_ptr": f"*{dt}", "lse_ptr": "*fp32"},
-               fwd_vals, ["qk_scale"], list(common) + ["BLOCK_M", "BLOCK_N"]), fwd_vals, common, cfg)
-    if max_seqlen <= 64:
-        return names, jobs  # the backward tiles do not depend on segment length
-    cfg = va.block_config("dkdv", d, max_seqlen, arch, dtype, causal)
-    # the atomic variant launches for GQA with few kv blocks; check it wherever it can launch at this head dim
-    atomic_modes = (False, True) if atomic_gqa and va.use_atomic_dkdv(False, 7, 1, d, 1, 64, torch.device("cpu")) \
-        else (False,)
-    for atomic in atomic_modes:
-        acc = "fp32" if atomic else dt
-        vals = {**_strides("q", q), **_strides("k", k), **_strides("v", k), **_strides("do", q), **_strides("dk", k),
-                **_strides("dv", k), "stride_lse_h": lse.stride(0)}
-        sig = sig_of({"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "do_ptr": f"*{dt}", "lse_ptr": "*fp32",
-                      "delta_ptr": "*fp32", "dk_ptr": f"*{acc}", "dv_ptr": f"*{acc}"}, vals, ["qk_scale", "sm_scale"],
-                     list(common) + ["ATOMIC", "BLOCK_M", "BLOCK_N"])
-        add(f"dkdv{'-atomic' if atomic else ''}", va._varlen_attn_bwd_dkdv_kernel, sig, vals,
-            dict(common, ATOMIC=atomic), cfg)
-    cfg = va.block_config("dq", d, max_seqlen, arch, dtype, causal)
-    vals = {**_strides("q", q), **_strides("k", k), **_strides("v", k), **_strides("do", q), **_strides("dq", q),
-            "stride_lse_h": lse.stride(0)}
-    add("dq", va._varlen_attn_bwd_dq_kernel,
-        sig_of({"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "do_ptr": f"*{dt}", "lse_ptr": "*fp32",
-                "delta_ptr": "*fp32", "dq_ptr": f"*{dt}"}, vals, ["qk_scale", "sm_scale"],
-               list(common) + ["BLOCK_M", "BLOCK_N"]), vals, common, cfg)
-    pre_sig = {"o_ptr": f"*{dt}", "do_ptr": f"*{dt}", "delta_ptr": "*fp32", "num_tokens": "i32", "stride_o_t": "i32",
-               "stride_o_h": "i32", "stride_do_t": "i32", "stride_do_h": "i32", "stride_delta_h": "i32",
-               "HEAD_DIM": "constexpr", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"}
-    pre_vals = {"num_tokens": TOTAL, **_strides("o", q), **_strides("do", q), "stride_delta_h": lse.stride(0)}
-    names.append(f"preprocess {label} {dt} sm_{arch}")
-    jobs.append(job(va._varlen_attn_bwd_preprocess_kernel, pre_sig,
-                    {"HEAD_DIM": d, "BLOCK_T": va._PREPROCESS_BLOCK_T, "BLOCK_D": 1 << (d - 1).bit_length()},
-                    arch, va._PREPROCESS_WARPS, 1, values=pre_vals))
-    return names, jobs
+KERNELS = ["_varlen_attn_fwd_kernel", "_varlen_attn_bwd_preprocess_kernel", "_varlen_attn_bwd_dkdv_kernel",
+           "_varlen_attn_bwd_dq_kernel"]
+# (label, q heads, kv heads, head_dim, causal, segment lengths): the benchmark shapes, and one the GPU test runs
+SHAPES = [("d128-causal-gqa7", 28, 4, 128, True, bva._lengths("text")),
+          ("d80-full", 16, 16, 80, False, bva._lengths("vit_full")),
+          ("d80-windows", 16, 16, 80, False, bva._lengths("windows")),
+          ("d80-causal-gqa7-2k", 28, 4, 80, True, [700, 1, 0, 1347])]
+TL_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32"}
 
 
-def all_jobs(dtype=torch.bfloat16, archs=(80, 90), shapes=SHAPES):
-    names, jobs = [], []
+def _signature(kernel, launch):
+    """Triton signature of a captured launch: tensors as typed pointers, tl.constexpr parameters as constexpr,
+    Python floats as fp32, ints as i32."""
+    params = inspect.signature(getattr(kernel, "fn", kernel)).parameters
+    sig = {}
+    for name in kernel.arg_names:
+        value = launch[name]
+        if params[name].annotation is tl.constexpr:
+            sig[name] = "constexpr"
+        elif isinstance(value, torch.Tensor):
+            sig[name] = "*" + TL_DTYPE[value.dtype]
+        else:
+            sig[name] = "fp32" if isinstance(value, float) else "i32"
+    return sig
+
+
+def _describe(kernel_name, launch):
+    short = kernel_name[len("_varlen_attn_"):-len("_kernel")]
+    if short == "bwd_dkdv":
+        short += {va.DQ_SEPARATE: "", va.DQ_ATOMIC: "+dq-atomic", va.DQ_STORE: "+dq-store"}[launch["DQ"]]
+        short += "-atomic-group" if launch["ATOMIC"] else ""
+    cfg = f"{launch.get('BLOCK_M', '')}x{launch.get('BLOCK_N', '')}" if "BLOCK_M" in launch else ""
+    return f"{short} {cfg} w{launch['num_warps']} s{launch.get('num_stages', 3)}"
+
+
+def launched_jobs(dtype=torch.bfloat16, archs=(80, 90), shapes=SHAPES):
+    """(names, jobs): one per distinct launch of the forward and of both backward modes at each shape."""
+    names, jobs, seen = [], [], set()
     for arch in archs:
-        for shape in shapes:
-            n, j = _shape_jobs(arch, dtype, *shape)
-            names += n
-            jobs += j
+        for label, hq, hkv, d, causal, lengths in shapes:
+            total = sum(lengths)
+            q = torch.empty(total, hq, d, dtype=dtype, device="meta")
+            k = torch.empty(total, hkv, d, dtype=dtype, device="meta")
+            cu = torch.empty(len(lengths) + 1, dtype=torch.int32, device="meta")
+            max_len = max(lengths)
+
+            def run(q=q, k=k, cu=cu, max_len=max_len, causal=causal, d=d):
+                out, lse = va.varlen_attention_fwd(q, k, k, cu, cu, max_len, max_len, causal, d ** -0.5)
+                for deterministic in (False, True):
+                    va.varlen_attention_bwd(out, q, k, k, out, lse, cu, cu, max_len, max_len, causal, d ** -0.5,
+                                            deterministic)
+
+            with mock.patch.object(va, "INTERPRET", False), \
+                    mock.patch.object(torch.cuda, "get_device_capability", lambda device=None, a=arch: divmod(a, 10)):
+                calls = capture_launches(va, KERNELS, run)
+            for kernel_name in KERNELS:
+                kernel = getattr(va, kernel_name)
+                for launch in calls[kernel_name]:
+                    j = job_from_launch(kernel, _signature(kernel, launch), launch, arch)
+                    key = json.dumps([j["name"], j["arch"], j["constexprs"], sorted(j["divisible"]), j["num_warps"],
+                                      j["num_stages"]], sort_keys=True)
+                    if key not in seen:
+                        seen.add(key)
+                        names.append(f"{_describe(kernel_name, launch)} {label} {TL_DTYPE[dtype]} sm_{arch}")
+                        jobs.append(j)
     return names, jobs
 
 
@@ -104,20 +100,38 @@ def _check(compiled, tensor_cores=True):
     spills = [f"{name}: {info.n_spills} B" for name, info in compiled if info.n_spills]
     assert not spills, f"register spills: {spills}"
     if tensor_cores:
-        no_tc = [name for name, info in compiled if not name.startswith("preprocess") and not uses_tensor_cores(info)]
+        no_tc = [name for name, info in compiled if not name.startswith("bwd_preprocess")
+                 and not uses_tensor_cores(info)]
         assert not no_tc, f"no tensor-core instructions in {no_tc}"
 
 
 @pytest.mark.parametrize("triton_dir", triton_versions())
 def test_launched_bf16_kernels_compile_without_spills_on_tensor_cores(triton_dir):
-    names, jobs = all_jobs()
+    names, jobs = launched_jobs()
+    # every backward path launches somewhere: fused dQ with atomics (long segments) and with stores (windows),
+    # the separate dQ kernel (deterministic), and the group-atomic dK/dV variant (GQA with few kv blocks)
+    for kind in ("bwd_dkdv+dq-atomic ", "bwd_dkdv+dq-store ", "bwd_dkdv ", "bwd_dq ", "-atomic-group"):
+        assert any(kind in name for name in names), kind
     compiled = list(zip(names, compile_many(jobs, triton_dir)))
     if triton_dir is not None:
         assert all(info.triton_version == "3.6.0" for _, info in compiled)
     _check(compiled)
-    assert any("dkdv-atomic" in name for name, _ in compiled)
     # every stride and token count at these shapes is a multiple of 16: the launch marks them all
-    assert all(j["divisible"] and "stride_q_t" in j["divisible"] for j in jobs if "stride_q_t" in j["signature"])
+    assert all("stride_q_t" in j["divisible"] for j in jobs if "stride_q_t" in j["signature"])
+    # fp32 atomics without a fence per add (relaxed)
+    fused = [info for name, info in compiled if "+dq-atomic" in name]
+    assert fused and all("atom.global.acq_rel" not in info.asm["ptx"] for info in fused)
+    _check_tma(compiled)
+
+
+def _check_tma(compiled, sm90=True):
+    """The sm_90 forward moves its tiles with TMA (cp.async.bulk.tensor) where `sm90`; sm_80 has none and uses
+    pointer loads, as does fp32 everywhere (`_tma_ok`)."""
+    fwd = [(name, info) for name, info in compiled if name.startswith("fwd ")]
+    assert fwd
+    for name, info in fwd:
+        expected = sm90 and info.arch >= 90
+        assert ("cp.async.bulk.tensor" in info.asm["ptx"]) == expected, f"{name}: TMA expected {expected}"
 
 
 @pytest.mark.parametrize("triton_dir", triton_versions())
@@ -126,5 +140,7 @@ def test_launched_fp32_kernels_compile_without_spills(triton_dir):
     FP32_MAX_HEAD_DIM (larger head dims are rejected: tests/kernels/test_gpu_varlen_attention.py)."""
     shapes = [s for s in SHAPES if s[3] <= va.FP32_MAX_HEAD_DIM]
     assert shapes
-    names, jobs = all_jobs(torch.float32, shapes=shapes)
-    _check(list(zip(names, compile_many(jobs, triton_dir))), tensor_cores=False)
+    names, jobs = launched_jobs(torch.float32, shapes=shapes)
+    compiled = list(zip(names, compile_many(jobs, triton_dir)))
+    _check(compiled, tensor_cores=False)
+    _check_tma(compiled, sm90=False)
