@@ -56,6 +56,7 @@ def ovr_varlen_attention_forward(module, query, key, value, attention_mask, drop
         raise ValueError(f"{ATTN_NAME} takes a 2-D padding mask or None, got shape {tuple(attention_mask.shape)}: "
                          f"build masks with the '{ATTN_NAME}' mask interface")
     causal = module.is_causal if is_causal is None else is_causal
+    det = getattr(module, "ovr_deterministic", False)
     batch, num_q_heads, len_q, head_dim = query.shape
     len_k = key.shape[2]
     q = query.transpose(1, 2)  # (B, L, Hq, D) views: the kernel takes any token / head strides
@@ -69,12 +70,12 @@ def ovr_varlen_attention_forward(module, query, key, value, attention_mask, drop
         max_q = int(max_length_q) if max_length_q is not None else int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max())
         max_k = int(max_length_k) if max_length_k is not None else int((cu_k[1:] - cu_k[:-1]).max())
         out = varlen_attention(q[0], k[0], v[0], cu_seq_lens_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k,
-                               causal=causal, softmax_scale=scaling, check_cu_seqlens_values=False)
+                               causal=causal, softmax_scale=scaling, check_cu_seqlens_values=False, deterministic=det)
         return out.unsqueeze(0), None
     if attention_mask is None and _is_packed(position_ids, batch):
         cu, max_len = _boundaries_from_position_ids(position_ids)
         out = varlen_attention(q[0], k[0], v[0], cu, cu, max_len, max_len, causal=causal, softmax_scale=scaling,
-                               check_cu_seqlens_values=False)
+                               check_cu_seqlens_values=False, deterministic=det)
         return out.unsqueeze(0), None
     if attention_mask is None:  # each row one full sequence (with a KV cache: bottom-right causal alignment)
         cu_q = torch.arange(0, batch * len_q + 1, len_q, dtype=torch.int32, device=query.device)
@@ -82,7 +83,7 @@ def ovr_varlen_attention_forward(module, query, key, value, attention_mask, drop
         out = varlen_attention(q.reshape(batch * len_q, num_q_heads, head_dim),
                                k.reshape(batch * len_k, k.shape[2], head_dim),
                                v.reshape(batch * len_k, v.shape[2], head_dim), cu_q, cu_k, len_q, len_k,
-                               causal=causal, softmax_scale=scaling, check_cu_seqlens_values=False)
+                               causal=causal, softmax_scale=scaling, check_cu_seqlens_values=False, deterministic=det)
         return out.reshape(batch, len_q, num_q_heads, head_dim), None
     # padded rows: drop the padding, run packed, scatter back (padding rows get 0)
     valid_k = attention_mask[:, -len_k:].bool()
@@ -91,7 +92,7 @@ def ovr_varlen_attention_forward(module, query, key, value, attention_mask, drop
     cu_q = torch.nn.functional.pad(lens_q.cumsum(0), (1, 0)).to(torch.int32)
     cu_k = torch.nn.functional.pad(lens_k.cumsum(0), (1, 0)).to(torch.int32)
     out_packed = varlen_attention(q[valid_q], k[valid_k], v[valid_k], cu_q, cu_k, int(lens_q.max()),
-                                  int(lens_k.max()), causal=causal, softmax_scale=scaling)
+                                  int(lens_k.max()), causal=causal, softmax_scale=scaling, deterministic=det)
     out = out_packed.new_zeros(batch, len_q, num_q_heads, head_dim)
     out[valid_q] = out_packed
     return out, None
@@ -121,9 +122,10 @@ def register_ovr_attention() -> str:
     return ATTN_NAME
 
 
-def use_ovr_attention(model) -> str:
+def use_ovr_attention(model, deterministic: bool = False) -> str:
     """Register ovr's attention and switch `model` (every config its modules hold, text and vision) to it; returns
-    the name.
+    the name. deterministic=True gives every attention module of `model` varlen_attention's bit-reproducible
+    backward (its `deterministic` argument).
 
     Not `model.set_attn_implementation(name)` / `from_pretrained(attn_implementation=name)`: for a name containing
     "flash" those try to import the flash-attn package (or a hub kernel) and fail without it. The name must still
@@ -134,6 +136,7 @@ def use_ovr_attention(model) -> str:
         config = getattr(module, "config", None)
         if config is not None and hasattr(config, "_attn_implementation_internal"):
             config._attn_implementation = name
+        module.ovr_deterministic = deterministic  # read by the attention function, which gets the module
     return name
 
 

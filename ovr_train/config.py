@@ -81,6 +81,10 @@ class ModelCfg:
     """Seed of the random initialisation when `path` is empty (same on every rank, so shards agree)."""
     attn_implementation: str = "ovr_flash_varlen"
     """"ovr_flash_varlen" (packed varlen kernel, needs data.packing) or "sdpa" (padded batches)."""
+    deterministic_attention: bool = False
+    """Bit-reproducible varlen attention backward on GPU: dQ from its own kernel (7 GEMMs instead of 5, ~1.4x the
+    backward's matrix work, an estimate). Off: dQ of long segments is summed with fp32 atomics, so gradients can
+    differ in the last bits between runs (short ViT windows are deterministic either way)."""
     dtype: str = "auto"
     """Compute dtype: "auto" (bf16 on GPU, fp32 on CPU), "bf16" or "fp32". Master weights and reductions stay fp32."""
     activation_checkpointing: bool = False

@@ -180,7 +180,7 @@ def build_model(mcfg, ids: dict, tokenizer_size: int, *, meta: bool = False, val
         hf = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation=attn, dtype=torch.float32)
         model = OvrVLM(hf, value_head=value_head)
     if mcfg.attn_implementation == OVR_ATTENTION:
-        use_ovr_attention(hf)
+        use_ovr_attention(hf, mcfg.deterministic_attention)
     if mcfg.freeze_vision:
         # Frozen params get no optimizer state; they must be frozen (not just unused) or DCP resume fails.
         model.visual.requires_grad_(False)

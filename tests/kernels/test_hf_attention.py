@@ -156,3 +156,28 @@ def test_registration_and_mask():
         packed_forward_kwargs(torch.tensor([0, 3], dtype=torch.int32), 3.0)
     with pytest.raises(ValueError, match="cu_seqlens"):
         packed_forward_kwargs(torch.tensor([0, 3]), 3)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_deterministic_switch_reaches_every_attention_call(deterministic, monkeypatch):
+    """use_ovr_attention(model, deterministic) reaches varlen_attention in the vision blocks and the text layers,
+    in both the cu_seqlens path and the padded path (model.deterministic_attention in the trainer)."""
+    import ovr_kernels.hf as hf_mod
+
+    calls, real = [], hf_mod.varlen_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["deterministic"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hf_mod, "varlen_attention", spy)
+    torch.manual_seed(0)
+    model = transformers.Qwen2_5_VLForConditionalGeneration(_config()).float()
+    use_ovr_attention(model, deterministic=deterministic)
+    samples = _samples(GRIDS)
+    _packed_forward(model, samples, True)
+    vision_layers, text_layers = 2, 2
+    assert len(calls) == vision_layers + text_layers and set(calls) == {deterministic}
+    calls.clear()
+    _padded_forward(model, samples)
+    assert len(calls) == vision_layers + text_layers and set(calls) == {deterministic}

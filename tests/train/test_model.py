@@ -115,3 +115,11 @@ def test_checkpoint_with_fewer_vocab_rows_than_the_tokenizer_is_refused(setup, t
     with pytest.raises(ValueError, match="64 vocabulary rows, fewer than the tokenizer's"):
         build_model(ModelCfg(path=str(tmp_path)), ids, len(tok))
     build_model(ModelCfg(path=str(tmp_path)), ids, 64, meta=True)  # exactly enough rows: accepted
+
+
+def test_deterministic_attention_switch(setup):
+    tok, ids, _ = setup
+    for flag in (False, True):
+        model = build_model(ModelCfg(deterministic_attention=flag), ids, len(tok), meta=True)
+        attn = [m for n, m in model.named_modules() if n.endswith(("self_attn", ".attn"))]
+        assert attn and all(m.ovr_deterministic is flag for m in attn)
