@@ -125,7 +125,7 @@ def test_rl_overlong_mask_and_sequence_masking(init_dir):  # noqa: F811
         trunc = [d["samples"][b][4] == "length" for b in d["order"]]
         truncated += sum(trunc)
         keep = torch.repeat_interleave(torch.tensor([0.0 if t else 1.0 for t in trunc]), torch.tensor(lengths))
-        assert torch.equal(d["keep"], keep)
+        assert torch.equal(d["mask"], keep)
         want_w, _ = direct_weights("mask_seq", cap, d["old"].tolist(), d["rollout"].tolist(), lengths)
         torch.testing.assert_close(d["weight"], want_w * keep)
     assert truncated > 0, "the tiny model should hit the 12-token limit on some responses"
