@@ -572,6 +572,8 @@ def train_rl(cfg, info) -> Path:
     held_out = resolve_sets(cfg) if cfg.eval.every_n_steps else {}
     logger = MetricsLogger(stage_dir, info.is_main, resume_step=start)
 
+    # ---- one step a batch: rollout + rewards + packing (the generator) -> advantages -> update -> push -> log
+    # -> [held-out eval] -> checkpoint ----
     for batch in rollout_batches(cfg, info, engine, verifier, items, active, start, make_prompt, ids, merge):
         step, (t0, t1, t2) = batch.step, batch.clock
         tt = advantages(rcfg, policy, critic, reference, batch, device)
