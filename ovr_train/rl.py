@@ -268,6 +268,12 @@ def advantages(rcfg, policy, critic, reference, batch, device) -> TokenTargets:
     pass, the critic's values; models stay in train mode: the ViT runs everywhere), then GAE (PPO, whitened over
     every rank's tokens) or group advantages, and the per-token loss weights."""
     order, cu_T, n = batch.order, batch.cu_T, rcfg.samples_per_prompt
+
+    # Dynamic sampling can leave a rank with no sample to train (its micro-batches are all fillers), or every
+    # rank (no micro-batch at all): empty per-token tensors, and the update then changes nothing.
+    def tokens(parts):
+        return torch.cat(parts) if parts else torch.zeros(0, device=device)
+
     with torch.no_grad():
         old_T, ref_T = [], []
         for m, k, _ in on_device(batch.micro, device):
@@ -275,19 +281,20 @@ def advantages(rcfg, policy, critic, reference, batch, device) -> TokenTargets:
             if reference is not None:
                 ref_T.append(reference(**m.model_inputs(), targets=m.targets,
                                        temperature=rcfg.temperature).logprobs[k])
-        old_T, ref_T = torch.cat(old_T), torch.cat(ref_T) if reference is not None else None
+        old_T, ref_T = tokens(old_T), tokens(ref_T) if reference is not None else None
         rollout_T = torch.tensor([lp for b in order for lp in batch.samples[b].logprobs], device=device)
         reward_T = torch.zeros_like(old_T)
         if len(order):
             reward_T[cu_T[1:].long() - 1] = batch.scores_B[order].to(device)  # the score sits on the last token
         values_T = returns_T = None
         if critic is not None:
-            values_T = torch.cat([critic(**m.model_inputs()).values[k] for m, k, _ in on_device(batch.micro, device)])
-            adv_T, returns_T = gae(reward_T, values_T, cu_T, rcfg.gamma, rcfg.lam)
+            values_T = tokens([critic(**m.model_inputs()).values[k] for m, k, _ in on_device(batch.micro, device)])
+            adv_T, returns_T = gae(reward_T, values_T, cu_T, rcfg.gamma, rcfg.lam) if order else (old_T, old_T)
             adv_T = global_whiten(adv_T)  # ORZ: batch-level advantage normalisation (group methods: per group)
+        elif order:
+            adv_T = broadcast_to_tokens(group_advantages(rcfg.algo, batch.scores_B, n)[order].to(device), cu_T)
         else:
-            group_adv = group_advantages(rcfg.algo, batch.scores_B, n) if len(batch.scores_B) else batch.scores_B
-            adv_T = broadcast_to_tokens(group_adv[order].to(device), cu_T)
+            adv_T = old_T
         mask_T = torch.ones_like(old_T)
         if rcfg.overlong == "mask" and len(order):
             mask_T = broadcast_to_tokens((~batch.truncated_B[order]).float().to(device), cu_T)

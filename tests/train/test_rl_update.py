@@ -80,3 +80,32 @@ def test_update_returns_named_sums_averaged_over_its_updates():
     torch.testing.assert_close(sums["value_loss"], 0.5 * ((tt.values_T - tt.returns_T) ** 2).double().sum(),
                                rtol=1e-5, atol=1e-6)
     assert float(sums["value_clip_frac"]) == 0.0
+
+
+def test_a_step_with_nothing_to_train_changes_nothing():
+    """Dynamic sampling can drop every group of every rank (all right or all wrong): no micro-batch at all. The
+    step then trains on nothing, for PPO and the group methods alike, and leaves the models as they were."""
+    args = ["--data.token_budget=32", "--data.max_seq_len=32", "--rl.max_new_tokens=12",
+            "--rl.length_curriculum=[[0,12]]", "--rl.samples_per_prompt=2", "--rl.dynamic_sampling=true"]
+    cpu = torch.device("cpu")
+    for algo in ("ppo", "grpo"):
+        cfg = load_config(None, [*args, f"--rl.algo={algo}"])
+        torch.manual_seed(0)
+        policy = build_model(cfg.model, IDS, VOCAB).train()
+        critic = build_model(cfg.model, IDS, VOCAB, value_head=True).train() if algo == "ppo" else None
+        optims = {name: torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1)
+                  for name, net in (("policy", policy), ("critic", critic)) if net is not None}
+        before = [p.detach().clone() for p in policy.parameters()]
+        batch = _batch(cfg, [7, 3, 11, 5, 9, 4])
+        micro, order, cu_T, num_tokens, norm = rl.pack_rollouts(batch.prompts, batch.samples, [], batch.prompts[0],
+                                                                IDS, 2, cfg.data, cpu)
+        assert micro == [] and order == [] and num_tokens == 1.0
+        empty = rl.RolloutBatch(0, batch.items, batch.prompts, batch.samples, batch.scored, batch.scores_B,
+                                batch.truncated_B, [], 0, micro, order, cu_T, num_tokens, norm)
+        tt = rl.advantages(cfg.rl, policy, critic, None, empty, cpu)
+        assert tt.old_T.numel() == 0 and tt.adv_T.numel() == 0
+        sums, skipped = rl.update(cfg.rl, cfg.optim.grad_clip, policy, critic, optims, empty, tt, cpu)
+        assert skipped == {"policy": 0, "critic": 0} and all(float(v) == 0.0 for v in sums.values())
+        assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+        rec = rl.step_metrics(cfg.rl, all_reduce_sums({**rl.rollout_sums(cfg.rl, empty, tt), **sums}, cpu), 1.0, 1)
+        assert rec["kept_fraction"] == 0.0 and rec["loss"] == 0.0
