@@ -46,6 +46,7 @@ from ovr_train.data import IGNORE, Encoded, StepSampler, collate, filler, image_
 from ovr_train.dist import all_reduce, all_reduce_sums, broadcast_object, clip_grad_norm, compute_dtype
 from ovr_train.evaluate import gold_spec
 from ovr_train.metrics import MetricsLogger, plot_curves, read_metrics
+from ovr_train.model import build_sharded_model
 from ovr_train.optim import build_optimizer
 from ovr_train.prompts import PromptFormat, build_prompt, prompt_length
 from ovr_train.rollout import rollout
@@ -485,8 +486,6 @@ def build_models(cfg, info, ids, tokenizer_size):
     """The sharded policy, the critic (PPO only; its unused LM head frozen), the frozen reference (rl.kl_coef > 0
     only) and an AdamW with linear warmup then a constant rate for each trained model. Returns (policy, critic or
     None, reference or None, optimizers by name, schedulers by name)."""
-    from ovr_train.sft import build_sharded_model
-
     rcfg = cfg.rl
     policy = build_sharded_model(cfg, info, ids, tokenizer_size)
     critic = build_sharded_model(cfg, info, ids, tokenizer_size, value_head=True) if rcfg.algo == "ppo" else None
