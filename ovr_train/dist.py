@@ -130,6 +130,13 @@ def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return t
 
 
+def all_reduce_sums(sums: dict, device) -> dict:
+    """{name: sum over ranks} of a dict of per-rank sums (Python numbers or 0-d tensors, the same names in the same
+    order on every rank), as Python floats: one float64 all-reduce of them all, one host sync."""
+    flat = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in sums.values()])
+    return dict(zip(sums, all_reduce(flat).tolist()))
+
+
 def barrier():
     if dist.is_initialized():
         dist.barrier()

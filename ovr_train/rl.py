@@ -1,16 +1,21 @@
-"""Stage 2, multimodal ORZ-style PPO: `train_rl(cfg, info)` is the whole RL loop, readable top to bottom (T1).
+"""Stage 2, multimodal ORZ-style PPO: `train_rl(cfg, info)` is the whole RL loop, its phases read top to bottom.
 
-One step: this rank's prompts (a pure function of seed and step) -> rollout engine (n samples each, sampling
-logprobs) -> rewards (verifier pool, hard timeout; rl.overlong=soft's length penalty) -> [dynamic sampling] ->
-prompt + response sequences with mRoPE ids, packed into token-budget micro-batches (every rank runs the same number:
-loss-free fillers; kept on the host, moved to the device one at a time; a prompt's samples share one copy of its
-pixels and one ViT pass) -> old logprobs (policy; the frozen reference's in the same pass when rl.kl_coef > 0) and
-values (critic) -> GAE (gamma = lambda = 1) or group advantages (GRPO / RLOO / Dr.GRPO) -> batch advantage
-normalisation over all ranks -> per-token loss weights (rl.mismatch correction, rl.overlong=mask) -> policy
-update(s) (rl.loss: PPO or GSPO) and critic updates, losses divided by the GLOBAL number of response tokens (T4), an
-update with a NaN/inf loss or gradient skipped and counted (rl.max_bad_steps in a row abort) -> weights pushed to
-the engine -> log -> checkpoint. The prompt pool drops prompts too long for data.token_budget next to the longest
-response, and every prompt is built in the one format of data.PromptFormat.
+One step, in the order of the loop:
+1. `rollout_batches` (a generator, one RolloutBatch a step): this rank's prompts (a pure function of seed and step)
+   -> rollout engine (n samples each, sampling logprobs) -> rewards (verifier pool, hard timeout; rl.overlong=soft's
+   length penalty) -> [dynamic sampling] -> prompt + response sequences with mRoPE ids, packed into token-budget
+   micro-batches (every rank runs the same number: loss-free fillers; kept on the host, moved to the device one at
+   a time; a prompt's samples share one copy of its pixels and one ViT pass).
+2. `advantages`: old logprobs (policy; the frozen reference's in the same pass when rl.kl_coef > 0) and values
+   (critic) -> GAE (gamma = lambda = 1) or group advantages (GRPO / RLOO / Dr.GRPO) -> batch advantage
+   normalisation over all ranks -> per-token loss weights (rl.mismatch correction, rl.overlong=mask).
+3. `update`: policy update(s) (rl.loss: PPO or GSPO) and critic updates, losses divided by the GLOBAL number of
+   response tokens, an update with a NaN/inf loss or gradient skipped and counted (rl.max_bad_steps in a row
+   abort); returns named metric sums.
+4. weights pushed to the engine -> the step's metric sums all-reduced once (`dist.all_reduce_sums`) -> log ->
+   [held-out eval] -> checkpoint.
+The prompt pool drops prompts too long for data.token_budget next to the longest response, and every prompt is
+built in the one format of data.PromptFormat.
 
 Legend: T response tokens of this rank (packed, micro-batch order), B sequences, G prompt groups.
 """
@@ -18,6 +23,7 @@ Legend: T response tokens of this rank (packed, micro-batch order), B sequences,
 import math
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,7 +52,7 @@ from ovr_train.data import (
     image_processor,
     mrope_position_ids,
 )
-from ovr_train.dist import all_reduce, broadcast_object, clip_grad_norm, compute_dtype
+from ovr_train.dist import all_reduce, all_reduce_sums, broadcast_object, clip_grad_norm, compute_dtype
 from ovr_train.evaluate import evaluate_with_config
 from ovr_train.metrics import MetricsLogger, plot_curves, read_metrics
 from ovr_train.model import build_sharded_model
@@ -108,13 +114,219 @@ def push_weights(policy, engine, names):
         raise RuntimeError(f"push_weights: {count} of the engine's {len(names)} parameters received new weights")
 
 
+@dataclass
+class MicroBatch:
+    """One packed micro-batch on the host and what a pass needs of it without a device sync: the positions of its
+    response tokens in the flattened batch (long), its response boundaries (int32) and their count."""
+
+    batch: object
+    loss_index: torch.Tensor
+    cu: torch.Tensor
+    count: int
+
+
+@dataclass
+class RolloutBatch:
+    """One step's rollouts on this rank, ready to train. Per-token tensors follow `order` (micro-batch order)."""
+
+    step: int  # 0-based
+    items: list  # this rank's prompt items of the step
+    prompts: list  # their built prompts (rollout.Prompt)
+    samples: list  # n engine samples per prompt, prompt-major
+    scored: object  # the verifier's rewards.RewardBatch (its rewards, timeouts and errors)
+    scores_B: torch.Tensor  # reward per sample (+ rl.overlong=soft's penalty), fp32, host
+    truncated_B: torch.Tensor  # bool per sample, host
+    trained: list  # the samples trained on: all, or those of the groups dynamic sampling keeps
+    max_new_tokens: int
+    micro: list  # MicroBatch per pass, loss-free fillers included: the same count on every rank
+    order: list  # sample index of each packed response, in token order
+    cu_T: torch.Tensor  # response boundaries in token order, int32 on the device
+    num_tokens: float  # response tokens of the trained samples over all ranks (at least 1)
+    norm: torch.Tensor  # num_tokens / world, 0-d fp32 on the device: FSDP averages gradients over ranks
+    clock: tuple = ()  # perf_counter at the start, after generation, after scoring
+
+
+@dataclass
+class TokenTargets:
+    """What the update trains on, per response token (RolloutBatch.order): the no-grad pass's log-probs and values,
+    the advantages and returns, and the loss weights. None where the run has no such term."""
+
+    old_T: torch.Tensor  # the policy's log-probs before the update
+    ref_T: torch.Tensor | None  # the frozen reference's (rl.kl_coef > 0)
+    rollout_T: torch.Tensor  # the engine's sampling log-probs
+    reward_T: torch.Tensor  # the score on each response's last token, 0 elsewhere
+    values_T: torch.Tensor | None  # the critic's (PPO)
+    returns_T: torch.Tensor | None
+    adv_T: torch.Tensor
+    mask_T: torch.Tensor  # 1, or 0 on truncated responses under rl.overlong=mask (policy and critic losses)
+    weight_T: torch.Tensor  # the policy loss's weight: mask_T x the rl.mismatch correction
+    corrected_T: torch.Tensor  # bool: the tokens whose weight the mismatch correction capped or zeroed
+
+
 def on_device(micro, device):
-    """(micro-batch, loss mask) moved to the device one at a time, for one pass over the step's micro-batches: at
-    scale they do not all fit beside the models (1,024 sequences of up to 64k tokens per rank, with images)."""
-    for batch in micro:
-        m = batch.to(device)
-        yield m, m.targets != IGNORE
+    """(micro-batch, response-token positions, response boundaries) moved to the device one at a time, for one pass
+    over the step's MicroBatches: at scale they do not all fit beside the models (1,024 sequences of up to 64k
+    tokens per rank, with images). Index tensors, not a boolean mask, pick the response tokens: a mask's
+    nonzero count would sync the host in every micro-batch."""
+    for mb in micro:
+        m = mb.batch.to(device)
+        yield m, mb.loss_index.to(device, non_blocking=True), mb.cu.to(device, non_blocking=True)
         del m  # released before the next one is moved
+
+
+def pack_rollouts(prompts, samples, trained, filler_prompt, ids, merge, dcfg, device):
+    """The trained samples as prompt + response sequences packed into data.token_budget micro-batches, padded with
+    loss-free fillers (built on `filler_prompt`) to the largest count of any rank. Collective (2 small
+    all-reduces). Returns (micro, order, cu_T, num_tokens, norm) as RolloutBatch holds them."""
+    seqs = [rollout_sequence(prompts[samples[b].prompt_index], samples[b].token_ids, ids, merge) for b in trained]
+    plan = token_budget_microbatches([s.length for s in seqs], dcfg.token_budget) if seqs else []
+    plan = [[trained[k] for k in mb] for mb in plan]  # indices into samples
+    tokens = all_reduce(torch.tensor([sum(len(samples[b].token_ids) for b in trained)], dtype=torch.float64,
+                                     device=device))[0].clamp_min(1)
+    num_micro = int(all_reduce(torch.tensor([len(plan)], device=device), op=torch.distributed.ReduceOp.MAX))
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    seq_of = dict(zip(trained, seqs))
+    micro = []
+    for mb in plan:
+        batch = collate([seq_of[b] for b in mb], dcfg.packing, ids["endoftext"], merge)
+        cu = torch.tensor([0] + [len(samples[b].token_ids) for b in mb]).cumsum(0).int()
+        micro.append(MicroBatch(batch, (batch.targets != IGNORE).nonzero().squeeze(1), cu, batch.num_loss_tokens))
+    dummy = filler([rollout_sequence(filler_prompt, [], ids, merge)], dcfg.packing, ids["endoftext"], merge)
+    micro += [MicroBatch(dummy, torch.zeros(0, dtype=torch.long), torch.zeros(2, dtype=torch.int32), 0)] * (
+        num_micro - len(plan))  # a filler: one empty response
+    order = [b for mb in plan for b in mb]
+    cu_T = torch.tensor([0] + [len(samples[b].token_ids) for b in order], device=device).cumsum(0).int()
+    return micro, order, cu_T, float(tokens), tokens.float() / world
+
+
+def rollout_batches(cfg, info, engine, verifier, items, active, start, make_prompt, ids, merge):
+    """Yield this rank's RolloutBatch of each step from `start` to rl.steps: sample the step's prompts from
+    `active` (indices into `items`), generate n responses each, score them, [dynamic sampling], pack. Lazy: the
+    next step's rollout runs when the loop asks for it, after this step's weights were pushed to the engine."""
+    rcfg, rank, world, device = cfg.rl, info.rank, info.world_size, info.device
+    sampler = StepSampler(len(active), rcfg.prompts_per_step, cfg.run.seed)
+    n = rcfg.samples_per_prompt
+    for step in range(start, rcfg.steps):
+        t0 = time.perf_counter()
+        # ---- rollout: this rank's share of the step's prompts, n samples each ----
+        batch_items = [items[active[i]] for i in sampler.batch_indices(step)][rank::world]
+        prompts = [make_prompt(it) for it in batch_items]
+        max_len = max_new_tokens_at(rcfg, step)
+        seed = zlib.crc32(f"{cfg.run.seed}:{step}:{rank}".encode())  # reproducible on resume
+        engine.wake_up()
+        samples = engine.generate(prompts, n=n, max_new_tokens=max_len, temperature=rcfg.temperature,
+                                  top_p=rcfg.top_p, seed=seed) if prompts else []
+        engine.sleep()
+        t1 = time.perf_counter()
+
+        # ---- rewards (timeouts and errors are counted, never silent) ----
+        scored = verifier.score([s.text for s in samples], [batch_items[s.prompt_index].gold for s in samples],
+                                [s.truncated for s in samples])
+        scores_B = torch.tensor(scored.rewards, dtype=torch.float32)
+        correct_B = scores_B >= 1.0
+        truncated_B = torch.tensor([bool(s.truncated) for s in samples], dtype=torch.bool)
+        if rcfg.overlong == "soft":  # every response near the limit, truncated or not
+            scores_B += overlong_penalty(torch.tensor([len(s.token_ids) for s in samples]), max_len,
+                                         rcfg.overlong_cache)
+        t2 = time.perf_counter()
+
+        # ---- dynamic sampling: drop groups where every sample is right or every one is wrong ----
+        groups = list(range(len(prompts)))
+        if rcfg.dynamic_sampling:
+            right_G = correct_B.view(-1, n).sum(1).tolist()
+            groups = [g for g in groups if 0 < right_G[g] < n]
+        trained = [g * n + j for g in groups for j in range(n)]
+
+        # ---- sequences -> token-budget micro-batches (same count on every rank) ----
+        filler_prompt = prompts[0] if prompts else make_prompt(items[active[0]])
+        micro, order, cu_T, num_tokens, norm = pack_rollouts(prompts, samples, trained, filler_prompt, ids, merge,
+                                                             cfg.data, device)
+        yield RolloutBatch(step, batch_items, prompts, samples, scored, scores_B, truncated_B, trained, max_len,
+                           micro, order, cu_T, num_tokens, norm, (t0, t1, t2))
+
+
+def advantages(rcfg, policy, critic, reference, batch, device) -> TokenTargets:
+    """The no-grad pass over the step's micro-batches (the policy's old log-probs, the reference's in the same
+    pass, the critic's values; models stay in train mode: the ViT runs everywhere), then GAE (PPO, whitened over
+    every rank's tokens) or group advantages, and the per-token loss weights."""
+    order, cu_T, n = batch.order, batch.cu_T, rcfg.samples_per_prompt
+
+    # Dynamic sampling can leave a rank with no sample to train (its micro-batches are all fillers), or every
+    # rank (no micro-batch at all): empty per-token tensors, and the update then changes nothing.
+    def tokens(parts):
+        return torch.cat(parts) if parts else torch.zeros(0, device=device)
+
+    with torch.no_grad():
+        old_T, ref_T = [], []
+        for m, k, _ in on_device(batch.micro, device):
+            old_T.append(policy(**m.model_inputs(), targets=m.targets, temperature=rcfg.temperature).logprobs[k])
+            if reference is not None:
+                ref_T.append(reference(**m.model_inputs(), targets=m.targets,
+                                       temperature=rcfg.temperature).logprobs[k])
+        old_T, ref_T = tokens(old_T), tokens(ref_T) if reference is not None else None
+        rollout_T = torch.tensor([lp for b in order for lp in batch.samples[b].logprobs], device=device)
+        reward_T = torch.zeros_like(old_T)
+        if len(order):
+            reward_T[cu_T[1:].long() - 1] = batch.scores_B[order].to(device)  # the score sits on the last token
+        values_T = returns_T = None
+        if critic is not None:
+            values_T = tokens([critic(**m.model_inputs()).values[k] for m, k, _ in on_device(batch.micro, device)])
+            adv_T, returns_T = gae(reward_T, values_T, cu_T, rcfg.gamma, rcfg.lam) if order else (old_T, old_T)
+            adv_T = global_whiten(adv_T)  # ORZ: batch-level advantage normalisation (group methods: per group)
+        elif order:
+            adv_T = broadcast_to_tokens(group_advantages(rcfg.algo, batch.scores_B, n)[order].to(device), cu_T)
+        else:
+            adv_T = old_T
+        mask_T = torch.ones_like(old_T)
+        if rcfg.overlong == "mask" and len(order):
+            mask_T = broadcast_to_tokens((~batch.truncated_B[order]).float().to(device), cu_T)
+        weight_T, corrected_T = mismatch_weights(rcfg.mismatch, rcfg.mismatch_cap, old_T, rollout_T, cu_T)
+        weight_T = weight_T * mask_T
+    return TokenTargets(old_T, ref_T, rollout_T, reward_T, values_T, returns_T, adv_T, mask_T, weight_T, corrected_T)
+
+
+def update(rcfg, grad_clip, policy, critic, optims, batch, tt, device):
+    """rl.policy_updates_per_step policy updates, then (PPO) rl.critic_updates_per_step critic updates over the
+    step's micro-batches; an update with a NaN/inf loss or gradient is skipped on every rank alike. Returns (this
+    rank's metric sums by name as 0-d float64 device tensors, each averaged over its updates; {"policy": skipped,
+    "critic": skipped}). No host sync inside a micro-batch loop: one per update, for the guard."""
+    sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in
+            ("loss", "clip_frac", "approx_kl", "entropy", "ref_kl", "grad_norm", "value_loss", "value_clip_frac")}
+    skipped, norm = {"policy": 0, "critic": 0}, batch.norm
+    for _ in range(rcfg.policy_updates_per_step):
+        at, loss_sum = 0, torch.zeros((), device=device)
+        for (m, k, cu), mb in zip(on_device(batch.micro, device), batch.micro):
+            out = policy(**m.model_inputs(), targets=m.targets, temperature=rcfg.temperature)
+            sl = slice(at, at + mb.count)
+            at += mb.count
+            loss, met = policy_loss(rcfg, out.logprobs[k], out.entropy[k], tt.old_T[sl], tt.adv_T[sl],
+                                    tt.weight_T[sl], cu, norm, tt.ref_T[sl] if tt.ref_T is not None else None)
+            (loss + 0.0 * out.logprobs.sum()).backward()  # a filler still runs FSDP's backward collectives
+            loss_sum += loss.detach()
+            w = mb.count / rcfg.policy_updates_per_step
+            sums["loss"] += (loss.detach() * norm).double() / rcfg.policy_updates_per_step
+            sums["clip_frac"] += (met["clip_frac"] * w).double()
+            sums["approx_kl"] += (met["approx_kl"] * w).double()
+            sums["entropy"] += (out.entropy[k].detach().sum() / rcfg.policy_updates_per_step).double()
+            sums["ref_kl"] += met["kl"].double() * w
+        grad_norm, applied = guarded_step(policy, optims["policy"], loss_sum, grad_clip)
+        sums["grad_norm"] += grad_norm.double() / rcfg.policy_updates_per_step
+        skipped["policy"] += not applied
+    for _ in range(rcfg.critic_updates_per_step if critic is not None else 0):
+        at, loss_sum = 0, torch.zeros((), device=device)
+        for (m, k, _), mb in zip(on_device(batch.micro, device), batch.micro):
+            v_all = critic(**m.model_inputs()).values
+            sl = slice(at, at + mb.count)
+            at += mb.count
+            vloss, vmet = value_loss(v_all[k], tt.values_T[sl], tt.returns_T[sl], tt.mask_T[sl],
+                                     clip=rcfg.value_clip, normalizer=norm)
+            (vloss + 0.0 * v_all.sum()).backward()
+            loss_sum += vloss.detach()
+            w = mb.count / rcfg.critic_updates_per_step
+            sums["value_loss"] += (vloss.detach() * norm / rcfg.critic_updates_per_step).double()
+            sums["value_clip_frac"] += (vmet["vf_clip_frac"] * w).double()
+        skipped["critic"] += not guarded_step(critic, optims["critic"], loss_sum, grad_clip)[1]
+    return sums, skipped
 
 
 def overlong_penalty(lengths_B, limit, cache):
@@ -181,10 +393,98 @@ def _var(total, total_sq, count):
     return (total_sq - total * total / count) / max(count - 1, 1)
 
 
+def rollout_sums(rcfg, batch, tt) -> dict:
+    """This rank's sums behind the step's rollout metrics, by name: rewards, lengths, verifier failures, the
+    rollout / trainer log-prob gap, behaviour counts and rewards per kind of prompt (text, image), and (PPO) the
+    returns and their residuals to the values (explained variance)."""
+    samples, scored = batch.samples, batch.scored
+    is_img = [batch.items[s.prompt_index].has_image for s in samples]
+    hits = [behaviors.detect(s.text) for s in samples]
+    sums = {"samples": len(samples), "reward": batch.scores_B.sum(), "reward_sq": batch.scores_B.square().sum(),
+            "response_tokens": sum(len(s.token_ids) for s in samples),
+            "truncated": sum(s.truncated for s in samples), "reward_timeouts": scored.num_timeout,
+            "reward_errors": scored.num_error, "trained_samples": len(batch.trained),
+            "logprob_gap": (tt.old_T - tt.rollout_T).abs().sum(), "text_samples": is_img.count(False),
+            "image_samples": is_img.count(True),
+            "reward_text": sum(float(r) for r, im in zip(scored.rewards, is_img) if not im),
+            "reward_image": sum(float(r) for r, im in zip(scored.rewards, is_img) if im)}
+    sums.update({f"behav/{k}": v for k, v in behaviors.tally(hits, is_img).items()})
+    if tt.values_T is not None:
+        residual_T = tt.returns_T - tt.values_T
+        sums.update(returns=tt.returns_T.sum(), returns_sq=tt.returns_T.square().sum(), residual=residual_T.sum(),
+                    residual_sq=residual_T.square().sum())
+    if rcfg.mismatch != "none":  # over the policy loss's tokens (overlong-masked ones count as weight 0)
+        sums.update({"mismatch/weight": tt.weight_T.double().sum(), "mismatch/corrected": tt.corrected_T.double().sum()})
+    return sums
+
+
+def step_metrics(rcfg, s, num_tokens, world) -> dict:
+    """The logged means of one step from the metric sums `s` over all ranks (rollout_sums and update's, summed by
+    dist.all_reduce_sums): per sample, per response token (num_tokens of the trained samples), per kind of prompt
+    (NaN for a kind the step had none of)."""
+    num_s, nt = max(s["samples"], 1), num_tokens
+    rec = {"reward_mean": s["reward"] / num_s,
+           "reward_std": math.sqrt(max(s["reward_sq"] / num_s - (s["reward"] / num_s) ** 2, 0)),
+           "response_len": s["response_tokens"] / num_s, "truncation_rate": s["truncated"] / num_s,
+           "reward_timeouts": s["reward_timeouts"], "reward_errors": s["reward_errors"],
+           "kept_fraction": s["trained_samples"] / num_s, "logprob_gap": s["logprob_gap"] / nt,
+           "loss": s["loss"] / nt, "clip_frac": s["clip_frac"] / nt, "approx_kl": s["approx_kl"] / nt,
+           "entropy": s["entropy"] / nt, "grad_norm": s["grad_norm"] / world,
+           "reward_text": s["reward_text"] / s["text_samples"] if s["text_samples"] else math.nan,
+           "reward_image": s["reward_image"] / s["image_samples"] if s["image_samples"] else math.nan}
+    if rcfg.kl_coef:
+        rec["ref_kl"] = s["ref_kl"] / nt  # rl.kl_estimator's mean over the response tokens
+    if "mismatch/weight" in s:
+        rec.update({"mismatch/weight_mean": s["mismatch/weight"] / nt,
+                    "mismatch/corrected_frac": s["mismatch/corrected"] / nt})
+    if "returns" in s:
+        rec.update(value_loss=s["value_loss"] / nt, value_clip_frac=s["value_clip_frac"] / nt,
+                   explained_var=1 - _var(s["residual"], s["residual_sq"], nt) / max(
+                       _var(s["returns"], s["returns_sq"], nt), 1e-8))
+    rates = behaviors.rates({k[len("behav/"):]: v for k, v in s.items() if k.startswith("behav/")})
+    rec.update({f"behav/{split}/{b}": rates[f"{split}/{b}"] for split in ("text", "image", "transfer")
+                for b in behaviors.BEHAVIORS})
+    return rec
+
+
+def dump_rollouts(path, batch, tt):
+    """rl.dump_rollouts: the step's samples, scores and per-token tensors of this rank, for tests and debugging."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cpu = {k: (v.cpu() if v is not None else None) for k, v in vars(tt).items()}
+    torch.save({"samples": [(s.prompt_index, s.token_ids, s.logprobs, s.text, s.finish_reason) for s in batch.samples],
+                "answers": [it.answer for it in batch.items], "prompt_ids": [p.token_ids for p in batch.prompts],
+                "scores": batch.scores_B, "order": batch.order, "cu": batch.cu_T.cpu(), "old": cpu["old_T"],
+                "reward": cpu["reward_T"], "adv": cpu["adv_T"], "weight": cpu["weight_T"], "mask": cpu["mask_T"],
+                "rollout": cpu["rollout_T"], "ref": cpu["ref_T"], "values": cpu["values_T"],
+                "returns": cpu["returns_T"]}, path)
+
+
+def build_models(cfg, info, ids, tokenizer_size):
+    """The sharded policy, the critic (PPO only; its unused LM head frozen), the frozen reference (rl.kl_coef > 0
+    only) and an AdamW with linear warmup then a constant rate for each trained model. Returns (policy, critic or
+    None, reference or None, optimizers by name, schedulers by name)."""
+    rcfg = cfg.rl
+    policy = build_sharded_model(cfg, info, ids, tokenizer_size)
+    critic = build_sharded_model(cfg, info, ids, tokenizer_size, value_head=True) if rcfg.algo == "ppo" else None
+    if critic is not None:
+        critic.hf.lm_head.requires_grad_(False)  # unused by the critic: no gradient, so no optimizer state
+    # the KL term's reference: a frozen copy of the RL start point, sharded like the policy (not checkpointed: a
+    # resumed run rebuilds it from init_from); no KL term, no reference model
+    reference = build_sharded_model(cfg, info, ids, tokenizer_size).requires_grad_(False) if rcfg.kl_coef else None
+    optims, scheds = {}, {}
+    for name, net, lr in [("policy", policy, rcfg.policy_lr)] + ([("critic", critic, rcfg.critic_lr)] if critic
+                                                                  is not None else []):
+        optims[name] = build_optimizer([p for p in net.parameters() if p.requires_grad], cfg.optim.offload, lr,
+                                       rcfg.betas, rcfg.weight_decay)
+        scheds[name] = torch.optim.lr_scheduler.LambdaLR(
+            optims[name], lambda s: min(1.0, (s + 1) / (rcfg.warmup_steps + 1)))
+    return policy, critic, reference, optims, scheds
+
+
 def train_rl(cfg, info) -> Path:
     """Run (or resume) the RL stage; returns its directory (checkpoints/, metrics.jsonl, curves.png, ...)."""
     rcfg, rank, world, device = cfg.rl, info.rank, info.world_size, info.device
-    stage_dir, use_critic = Path(cfg.run.out_dir) / "rl", rcfg.algo == "ppo"
+    stage_dir = Path(cfg.run.out_dir) / "rl"
     lock_run_dir(info, stage_dir)  # before any file is touched: one live run per directory
     init_from = Path(rcfg.init_from or Path(cfg.run.out_dir) / "sft" / "hf")
     if not (init_from / "config.json").is_file():
@@ -197,8 +497,12 @@ def train_rl(cfg, info) -> Path:
     # ---- tokenizer, prompts, models, optimizers, engine, verifier ----
     tok = load_tokenizer(str(init_from))
     image_proc = image_processor(cfg, str(init_from))  # the SFT export's preprocessor_config unless overridden
-    ids, merge, pad_id = special_ids(tok), image_proc.merge_size, special_ids(tok)["endoftext"]
+    ids, merge = special_ids(tok), image_proc.merge_size
     fmt, limit = PromptFormat.of(cfg.data), cfg.data.token_budget - longest_response(rcfg)
+
+    def make_prompt(item):
+        return build_prompt(item, tok, ids, image_proc, fmt)
+
     pool_items = prompt_pool(rcfg, cfg.data.synth_seed)
     items, too_long = fitting_prompts(pool_items, [prompt_length(it, tok, ids, image_proc, fmt) for it in pool_items],
                                       limit)
@@ -207,189 +511,56 @@ def train_rl(cfg, info) -> Path:
               f"(data.token_budget {cfg.data.token_budget} - the longest max_new_tokens {longest_response(rcfg)})")
     cfg.model.path = str(init_from)
     torch.manual_seed(cfg.run.seed)
-    policy = build_sharded_model(cfg, info, ids, len(tok))
-    critic = build_sharded_model(cfg, info, ids, len(tok), value_head=True) if use_critic else None
-    if critic is not None:
-        critic.hf.lm_head.requires_grad_(False)  # unused by the critic: no gradient, so no optimizer state
-    # the KL term's reference: a frozen copy of the RL start point, sharded like the policy (not checkpointed: a
-    # resumed run rebuilds it from init_from); no KL term, no reference model
-    reference = build_sharded_model(cfg, info, ids, len(tok)).requires_grad_(False) if rcfg.kl_coef else None
-    nets = [("policy", policy, rcfg.policy_lr)] + ([("critic", critic, rcfg.critic_lr)] if use_critic else [])
-    optims, scheds = {}, {}
-    for name, net, lr in nets:
-        optims[name] = build_optimizer([p for p in net.parameters() if p.requires_grad], cfg.optim.offload, lr,
-                                       rcfg.betas, rcfg.weight_decay)
-        scheds[name] = torch.optim.lr_scheduler.LambdaLR(  # linear warmup, then constant (RECIPE.md)
-            optims[name], lambda s: min(1.0, (s + 1) / (rcfg.warmup_steps + 1)))
+    policy, critic, reference, optims, scheds = build_models(cfg, info, ids, len(tok))
     engine = rollout(rcfg.rollout_engine, init_from, tok, ids, device, cfg.rollout, image_proc.pixels,
                      seed=cfg.run.seed + rank)
     names = {n for n, _ in (engine.model if hasattr(engine, "model") else policy.hf).named_parameters()}
-    pool = RewardPool(default_num_workers(rcfg.reward_workers), rcfg.reward_timeout_s, score, rcfg.format_reward)
-    keep = list(range(len(items)))
+    verifier = RewardPool(default_num_workers(rcfg.reward_workers), rcfg.reward_timeout_s, score, rcfg.format_reward)
+    active = list(range(len(items)))  # the prompts the steps draw from (indices into items): all, or pre-filtered
 
     # ---- resume (or pre-filter the prompt pool by pass rate with the initial policy) ----
-    start, bad_in_a_row, states = 0, 0, {name: ModelState(net, optims[name]) for name, net, _ in nets}
+    nets = {"policy": policy, "critic": critic}
+    start, bad_in_a_row, states = 0, 0, {name: ModelState(nets[name], optim) for name, optim in optims.items()}
     latest = latest_checkpoint(stage_dir / "checkpoints") if cfg.checkpoint.resume else None
     if latest is not None:
         trainer = load_checkpoint(latest, states, rank)
         for name, sched in scheds.items():
             sched.load_state_dict(trainer["schedulers"][name])
-        start, keep, bad_in_a_row = trainer["step"], trainer["keep"], trainer["bad_in_a_row"]
+        # "keep": the key of checkpoints written before it was renamed, so those runs still resume
+        active = trainer["active_prompts"] if "active_prompts" in trainer else trainer["keep"]
+        start, bad_in_a_row = trainer["step"], trainer["bad_in_a_row"]
         push_weights(policy, engine, names)  # the engine was built from init_from: give it the resumed policy
         if info.is_main:
             print(f"[rl] resumed from {latest} at step {start}")
     elif rcfg.prefilter_samples:
-        mine = keep[rank::world]
-        samples = engine.generate([build_prompt(items[i], tok, ids, image_proc, fmt) for i in mine],
-                                  n=rcfg.prefilter_samples, max_new_tokens=max_new_tokens_at(rcfg, 0),
-                                  temperature=rcfg.temperature, top_p=rcfg.top_p, seed=cfg.run.seed + rank)
-        scored = pool.score([s.text for s in samples], [items[mine[s.prompt_index]].gold for s in samples],
-                            [s.truncated for s in samples])
+        mine = active[rank::world]
+        samples = engine.generate([make_prompt(items[i]) for i in mine], n=rcfg.prefilter_samples,
+                                  max_new_tokens=max_new_tokens_at(rcfg, 0), temperature=rcfg.temperature,
+                                  top_p=rcfg.top_p, seed=cfg.run.seed + rank)
+        scored = verifier.score([s.text for s in samples], [items[mine[s.prompt_index]].gold for s in samples],
+                                [s.truncated for s in samples])
         rates = torch.tensor(scored.rewards).clamp(max=1).view(len(mine), -1).mean(1).tolist()
         passed = [i for i, r in zip(mine, rates) if rcfg.prefilter_min_pass < r < rcfg.prefilter_max_pass]
         gathered = [broadcast_object(passed, src) for src in range(world)]
-        keep = sorted(i for part in gathered for i in part)
+        active = sorted(i for part in gathered for i in part)
         if info.is_main:
-            print(f"[rl] pre-filter: kept {len(keep)} of {len(items)} prompts with pass rate in "
+            print(f"[rl] pre-filter: kept {len(active)} of {len(items)} prompts with pass rate in "
                   f"({rcfg.prefilter_min_pass}, {rcfg.prefilter_max_pass}) over {rcfg.prefilter_samples} samples")
     if start >= rcfg.steps and info.is_main:
         print(f"[rl] nothing to do: checkpoint step {start} >= rl.steps {rcfg.steps} (raise rl.steps to train more)")
     held_out = eval_sets(cfg.eval, cfg.data.synth_seed) if cfg.eval.every_n_steps else {}
-    sampler = StepSampler(len(keep), rcfg.prompts_per_step, cfg.run.seed)
     logger = MetricsLogger(stage_dir, info.is_main, resume_step=start)
 
-    for step in range(start, rcfg.steps):
-        t0 = time.perf_counter()
-        # ---- rollout: this rank's share of the step's prompts, n samples each ----
-        batch_items = [items[keep[i]] for i in sampler.batch_indices(step)][rank::world]
-        prompts = [build_prompt(it, tok, ids, image_proc, fmt) for it in batch_items]
-        n, max_len = rcfg.samples_per_prompt, max_new_tokens_at(rcfg, step)
-        seed = zlib.crc32(f"{cfg.run.seed}:{step}:{rank}".encode())  # reproducible on resume
-        engine.wake_up()
-        samples = engine.generate(prompts, n=n, max_new_tokens=max_len, temperature=rcfg.temperature,
-                                  top_p=rcfg.top_p, seed=seed) if prompts else []
-        engine.sleep()
-        t1 = time.perf_counter()
-
-        # ---- rewards (timeouts and errors are counted, never silent) ----
-        scored = pool.score([s.text for s in samples], [batch_items[s.prompt_index].gold for s in samples],
-                            [s.truncated for s in samples])
-        scores_B = torch.tensor(scored.rewards, dtype=torch.float32)
-        correct_B = scores_B >= 1.0
-        truncated_B = torch.tensor([bool(s.truncated) for s in samples], dtype=torch.bool)
-        if rcfg.overlong == "soft":  # every response near the limit, truncated or not
-            scores_B += overlong_penalty(torch.tensor([len(s.token_ids) for s in samples]), max_len,
-                                         rcfg.overlong_cache)
-        t2 = time.perf_counter()
-
-        # ---- dynamic sampling: drop groups where every sample is right or every one is wrong ----
-        groups = list(range(len(prompts)))
-        if rcfg.dynamic_sampling:
-            correct_GN = correct_B.view(-1, n)
-            groups = [g for g in groups if 0 < int(correct_GN[g].sum()) < n]
-        kept = [g * n + j for g in groups for j in range(n)]
-
-        # ---- sequences -> token-budget micro-batches (same count on every rank) ----
-        seqs = [rollout_sequence(prompts[samples[b].prompt_index], samples[b].token_ids, ids, merge) for b in kept]
-        plan = token_budget_microbatches([s.length for s in seqs], cfg.data.token_budget) if seqs else []
-        plan = [[kept[k] for k in mb] for mb in plan]  # indices into samples
-        counts = all_reduce(torch.tensor([len(plan), sum(len(samples[b].token_ids) for b in kept)],
-                                         dtype=torch.float64, device=device), op=torch.distributed.ReduceOp.SUM)
-        num_micro = int(all_reduce(torch.tensor([len(plan)], device=device), op=torch.distributed.ReduceOp.MAX))
-        num_tokens = counts[1].clamp_min(1).float()
-        norm = num_tokens / world  # FSDP averages gradients over ranks: x world makes it sum / global tokens
-        seq_of = dict(zip(kept, seqs))
-        dummy = rollout_sequence(prompts[0] if prompts else build_prompt(items[keep[0]], tok, ids, image_proc, fmt), [],
-                                 ids, merge)
-        micro = [collate([seq_of[b] for b in mb], cfg.data.packing, pad_id, merge) for mb in plan]  # on the host
-        micro += [filler([dummy], cfg.data.packing, pad_id, merge)] * (num_micro - len(plan))
-        order = [b for mb in plan for b in mb]  # token order of every per-token tensor below
-        cu_T = torch.tensor([0] + [len(samples[b].token_ids) for b in order], device=device).cumsum(0).int()
-        count_of = [m.num_loss_tokens for m in micro]  # host counts: no device sync in the passes below
-        cu_of = [torch.tensor([0] + [len(samples[b].token_ids) for b in mb]).cumsum(0).int() for mb in plan]
-        cu_of += [torch.zeros(2, dtype=torch.int32)] * (num_micro - len(plan))  # a filler: one empty response
-
-        # ---- old logprobs, values, advantages (no grad; models stay in train mode: the ViT runs everywhere) ----
-        with torch.no_grad():
-            old_T, ref_T = [], []
-            for m, k in on_device(micro, device):  # the reference's log-probs in the same pass as the policy's
-                old_T.append(policy(**m.model_inputs(), targets=m.targets, temperature=rcfg.temperature).logprobs[k])
-                if reference is not None:
-                    ref_T.append(reference(**m.model_inputs(), targets=m.targets,
-                                           temperature=rcfg.temperature).logprobs[k])
-            old_T, ref_T = torch.cat(old_T), torch.cat(ref_T) if reference is not None else None
-            rollout_T = torch.tensor([lp for b in order for lp in samples[b].logprobs], device=device)
-            reward_T = torch.zeros_like(old_T)
-            if len(order):
-                reward_T[cu_T[1:].long() - 1] = scores_B[order].to(device)  # the score sits on the last token
-            if use_critic:
-                values_T = torch.cat([critic(**m.model_inputs()).values[k] for m, k in on_device(micro, device)])
-                adv_T, returns_T = gae(reward_T, values_T, cu_T, rcfg.gamma, rcfg.lam)
-            else:
-                group_adv = group_advantages(rcfg.algo, scores_B, n) if len(scores_B) else scores_B
-                adv_T = broadcast_to_tokens(group_adv[order].to(device), cu_T)
-            if use_critic:  # ORZ: batch-level advantage normalisation (group methods normalise per group)
-                adv_T = global_whiten(adv_T)
-            # per-token loss weights: 0 on truncated responses under rl.overlong=mask (policy and critic), times
-            # the mismatch correction (policy only)
-            keep_T = torch.ones_like(old_T)
-            if rcfg.overlong == "mask" and len(order):
-                keep_T = broadcast_to_tokens((~truncated_B[order]).float().to(device), cu_T)
-            weight_T, corrected_T = mismatch_weights(rcfg.mismatch, rcfg.mismatch_cap, old_T, rollout_T, cu_T)
-            weight_T = weight_T * keep_T
-
+    # ---- one step a batch: rollout + rewards + packing (the generator) -> advantages -> update -> push -> log
+    # -> [held-out eval] -> checkpoint ----
+    for batch in rollout_batches(cfg, info, engine, verifier, items, active, start, make_prompt, ids, merge):
+        step, (t0, t1, t2) = batch.step, batch.clock
+        tt = advantages(rcfg, policy, critic, reference, batch, device)
         if rcfg.dump_rollouts:
-            (stage_dir / "rollouts").mkdir(parents=True, exist_ok=True)
-            torch.save({"samples": [(s.prompt_index, s.token_ids, s.logprobs, s.text, s.finish_reason)
-                                    for s in samples], "answers": [it.answer for it in batch_items],
-                        "prompt_ids": [p.token_ids for p in prompts], "scores": scores_B, "order": order,
-                        "cu": cu_T.cpu(), "old": old_T.cpu(), "reward": reward_T.cpu(), "adv": adv_T.cpu(),
-                        "weight": weight_T.cpu(), "keep": keep_T.cpu(), "rollout": rollout_T.cpu(),
-                        "ref": ref_T.cpu() if ref_T is not None else None,
-                        "values": values_T.cpu() if use_critic else None,
-                        "returns": returns_T.cpu() if use_critic else None},
-                       stage_dir / "rollouts" / f"step{step + 1}_rank{rank}.pt")
-
-        # ---- policy update(s): 1 optimizer step per rollout batch by default; a NaN/inf one is skipped ----
-        # loss, clip, approx kl, entropy, vloss, vclip, pg, grad norm, kl to the reference
-        stats = torch.zeros(9, dtype=torch.float64, device=device)
-        skipped = {"policy": 0, "critic": 0}
-        for _ in range(rcfg.policy_updates_per_step):
-            at, loss_sum = 0, torch.zeros((), device=device)
-            for (m, k), cnt, cu in zip(on_device(micro, device), count_of, cu_of):
-                out = policy(**m.model_inputs(), targets=m.targets, temperature=rcfg.temperature)
-                sl = slice(at, at + cnt)
-                at += cnt
-                loss, met = policy_loss(rcfg, out.logprobs[k], out.entropy[k], old_T[sl], adv_T[sl], weight_T[sl],
-                                        cu.to(device), norm, ref_T[sl] if ref_T is not None else None)
-                (loss + 0.0 * out.logprobs.sum()).backward()  # a filler still runs FSDP's backward collectives
-                loss_sum += loss.detach()
-                w = cnt / rcfg.policy_updates_per_step
-                stats[:4] += torch.stack([loss.detach() * norm, met["clip_frac"] * w, met["approx_kl"] * w,
-                                          (out.entropy[k].detach().sum() / rcfg.policy_updates_per_step)]).double()
-                stats[8] += met["kl"].double() * w
-            grad_norm, applied = guarded_step(policy, optims["policy"], loss_sum, cfg.optim.grad_clip)
-            stats[7] += grad_norm
-            skipped["policy"] += not applied
-        scheds["policy"].step()
-
-        # ---- critic updates (4 by default), clipped value loss against the GAE returns; NaN/inf ones skipped ----
-        for _ in range(rcfg.critic_updates_per_step if use_critic else 0):
-            at, loss_sum = 0, torch.zeros((), device=device)
-            for (m, k), cnt in zip(on_device(micro, device), count_of):
-                v_all = critic(**m.model_inputs()).values
-                sl = slice(at, at + cnt)
-                at += cnt
-                vloss, vmet = value_loss(v_all[k], values_T[sl], returns_T[sl], keep_T[sl], clip=rcfg.value_clip,
-                                         normalizer=norm)
-                (vloss + 0.0 * v_all.sum()).backward()
-                loss_sum += vloss.detach()
-                w = cnt / rcfg.critic_updates_per_step
-                stats[4:6] += torch.stack([vloss.detach() * norm / rcfg.critic_updates_per_step,
-                                           vmet["vf_clip_frac"] * w]).double()
-            skipped["critic"] += not guarded_step(critic, optims["critic"], loss_sum, cfg.optim.grad_clip)[1]
-        if use_critic:
-            scheds["critic"].step()
+            dump_rollouts(stage_dir / "rollouts" / f"step{step + 1}_rank{rank}.pt", batch, tt)
+        update_sums, skipped = update(rcfg, cfg.optim.grad_clip, policy, critic, optims, batch, tt, device)
+        for sched in scheds.values():
+            sched.step()
         bad_in_a_row = bad_in_a_row + 1 if skipped["policy"] or skipped["critic"] else 0
         if bad_in_a_row and info.is_main:
             print(f"[rl] step {step + 1}: non-finite loss or gradient: skipped {skipped['policy']} policy and "
@@ -404,56 +575,17 @@ def train_rl(cfg, info) -> Path:
         push_weights(policy, engine, names)
         t5 = time.perf_counter()
 
-        # ---- log: every sum is all-reduced once ----
-        texts, is_img = [s.text for s in samples], [batch_items[s.prompt_index].has_image for s in samples]
-        hits = [behaviors.detect(t) for t in texts]
-        per_split = [[sum(h[b] for h, im in zip(hits, is_img) if im == split) for b in behaviors.BEHAVIORS]
-                     for split in (False, True)]
-        lens = [len(s.token_ids) for s in samples]
-        vals = values_T if use_critic else torch.zeros_like(old_T)
-        rets = returns_T if use_critic else torch.zeros_like(old_T)
-        sums = torch.tensor(
-            [len(samples), float(scores_B.sum()), float(scores_B.square().sum()), sum(lens),
-             sum(s.truncated for s in samples), scored.num_timeout, scored.num_error, len(kept),
-             float((old_T - rollout_T).abs().sum()), float(rets.sum()), float(rets.square().sum()),
-             float((rets - vals).sum()), float((rets - vals).square().sum()), is_img.count(False), is_img.count(True),
-             *per_split[0], *per_split[1],
-             sum(float(r) for r, im in zip(scored.rewards, is_img) if not im),
-             sum(float(r) for r, im in zip(scored.rewards, is_img) if im)], dtype=torch.float64, device=device)
-        all_reduce(sums)
-        all_reduce(stats)
-        num_s, nt = max(sums[0].item(), 1), num_tokens.item()
-        rec = {"reward_mean": sums[1].item() / num_s,
-               "reward_std": math.sqrt(max(sums[2].item() / num_s - (sums[1].item() / num_s) ** 2, 0)),
-               "response_len": sums[3].item() / num_s, "truncation_rate": sums[4].item() / num_s,
-               "reward_timeouts": sums[5].item(), "reward_errors": sums[6].item(), "kept_fraction": sums[7].item()
-               / num_s, "logprob_gap": sums[8].item() / nt, "loss": stats[0].item() / nt,
-               "clip_frac": stats[1].item() / nt, "approx_kl": stats[2].item() / nt, "entropy": stats[3].item() / nt,
-               "grad_norm": stats[7].item() / world / rcfg.policy_updates_per_step, "max_new_tokens": max_len,
-               "policy_skipped": skipped["policy"], "critic_skipped": skipped["critic"],
-               "lr": scheds["policy"].get_last_lr()[0], "tokens_per_s": sums[3].item() / (t5 - t0),
-               "time_rollout_s": t1 - t0, "time_reward_s": t2 - t1, "time_train_s": t4 - t2, "time_sync_s": t5 - t4}
-        nb2 = 15 + 2 * len(behaviors.BEHAVIORS)  # per-kind reward sums follow the behaviour counts
-        rec.update(reward_text=sums[nb2].item() / sums[13].item() if sums[13] else math.nan,
-                   reward_image=sums[nb2 + 1].item() / sums[14].item() if sums[14] else math.nan)
-        if rcfg.kl_coef:
-            rec["ref_kl"] = stats[8].item() / nt  # rl.kl_estimator's mean over the response tokens
-        if rcfg.mismatch != "none":  # over the policy loss's tokens (overlong-masked ones count as weight 0)
-            mismatch = all_reduce(torch.stack([weight_T.double().sum(), corrected_T.double().sum()]))
-            weight_max = all_reduce(weight_T.max() if weight_T.numel() else weight_T.new_zeros(()),
-                                    op=torch.distributed.ReduceOp.MAX)
-            rec.update({"mismatch/weight_mean": mismatch[0].item() / nt, "mismatch/weight_max": weight_max.item(),
-                        "mismatch/corrected_frac": mismatch[1].item() / nt})
-        if use_critic:
-            rec.update(value_loss=stats[4].item() / nt, value_clip_frac=stats[5].item() / nt,
-                       explained_var=1 - _var(sums[11].item(), sums[12].item(), nt) / max(
-                           _var(sums[9].item(), sums[10].item(), nt), 1e-8))
-        nb = len(behaviors.BEHAVIORS)
-        for i, b in enumerate(behaviors.BEHAVIORS):
-            text_rate = sums[15 + i].item() / sums[13].item() if sums[13] else math.nan
-            image_rate = sums[15 + nb + i].item() / sums[14].item() if sums[14] else math.nan
-            rec.update({f"behav/text/{b}": text_rate, f"behav/image/{b}": image_rate,
-                        f"behav/transfer/{b}": image_rate / text_rate if text_rate > 0 else math.nan})
+        # ---- log: the step's sums all-reduced in one collective ----
+        sums = all_reduce_sums({**rollout_sums(rcfg, batch, tt), **update_sums}, device)
+        rec = step_metrics(rcfg, sums, batch.num_tokens, world)
+        if rcfg.mismatch != "none":
+            weight_T = tt.weight_T
+            rec["mismatch/weight_max"] = all_reduce(weight_T.max() if weight_T.numel() else weight_T.new_zeros(()),
+                                                    op=torch.distributed.ReduceOp.MAX).item()
+        rec.update({"max_new_tokens": batch.max_new_tokens, "policy_skipped": skipped["policy"],
+                    "critic_skipped": skipped["critic"], "lr": scheds["policy"].get_last_lr()[0],
+                    "tokens_per_s": sums["response_tokens"] / (t5 - t0), "time_rollout_s": t1 - t0,
+                    "time_reward_s": t2 - t1, "time_train_s": t4 - t2, "time_sync_s": t5 - t4})
         # ---- held-out evaluation of the just-pushed policy every eval.every_n_steps (and at the last step) ----
         if cfg.eval.every_n_steps and ((step + 1) % cfg.eval.every_n_steps == 0 or step + 1 == rcfg.steps):
             engine.wake_up()
@@ -466,16 +598,16 @@ def train_rl(cfg, info) -> Path:
             print(f"[rl] step {step + 1}/{rcfg.steps} reward {rec['reward_mean']:.3f} len {rec['response_len']:.1f} "
                   f"trunc {rec['truncation_rate']:.2f} kl {rec['approx_kl']:.4f} gap {rec['logprob_gap']:.2e} "
                   f"timeouts {int(rec['reward_timeouts'])} errors {int(rec['reward_errors'])} ({t5 - t0:.1f}s)")
-            if scored.first_error:
-                print(f"[rl]   verifier error: {scored.first_error}")
+            if batch.scored.first_error:
+                print(f"[rl]   verifier error: {batch.scored.first_error}")
 
         # ---- checkpoint (policy, critic, both optimizers, schedulers, data position = step, RNG) ----
         if (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or step + 1 == rcfg.steps:
             save_checkpoint(stage_dir / "checkpoints", step + 1, states,
-                            {"schedulers": {k: s.state_dict() for k, s in scheds.items()}, "keep": keep,
+                            {"schedulers": {k: s.state_dict() for k, s in scheds.items()}, "active_prompts": active,
                              "bad_in_a_row": bad_in_a_row}, rank,
                             cfg.checkpoint.keep, dump_config(cfg))
-    pool.close()
+    verifier.close()
     logger.close()
     if cfg.checkpoint.export_hf:  # collective: the final policy as an HF dir (what --stage all evaluates)
         export_hf(policy, tok, stage_dir / "hf", rank, compute_dtype(cfg.model, device), image_proc)

@@ -105,6 +105,34 @@ def setup_tokenizer_and_data(cfg: Config, info: DistInfo, stage: str = "sft"):
     return tok, ids, store
 
 
+def train_step(model, params, optim, micro, grad_clip, device, world):
+    """One SFT step over this rank's micro-batches (on the host, moved to `device` one at a time): the loss is the
+    sum of -log p(target) divided by the GLOBAL number of loss tokens (one all-reduce before the micro-batch loop,
+    no host sync inside it), then the gradient clip and the optimizer step unless the loss or the gradient norm is
+    NaN/inf (one host sync). Returns (loss, entropy per loss token, grad norm: 0-d tensors; applied; counts: loss
+    tokens and tokens over all ranks, float64)."""
+    counts = torch.tensor([sum(b.num_loss_tokens for b in micro), sum(b.num_tokens for b in micro)],
+                          dtype=torch.float64, device=device)
+    all_reduce(counts)  # global loss tokens (and tokens, for throughput)
+    num_loss_global = counts[0].clamp_min(1.0).float()
+    sums = torch.zeros(2, device=device)  # [sum of -logp over loss tokens, sum of entropy]
+    for batch in micro:
+        batch = batch.to(device)
+        out = model(**batch.model_inputs(), targets=batch.targets)
+        nll = -out.logprobs.sum()  # ignored positions contribute exactly 0
+        # FSDP averages gradients over ranks; x world makes the total sum(nll over all ranks) / global tokens.
+        (nll * (world / num_loss_global)).backward()
+        sums += torch.stack([nll.detach(), out.entropy.detach().sum()])
+    grad_norm = clip_grad_norm(params, grad_clip)
+    all_reduce(sums)
+    loss = sums[0] / num_loss_global
+    finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))  # one host sync per step
+    if finite:
+        optim.step()
+    optim.zero_grad(set_to_none=True)
+    return loss, sums[1] / num_loss_global, grad_norm, finite, counts
+
+
 def train_sft(cfg: Config, info: DistInfo, stage: str = "sft") -> Path:
     """Run (or resume) the SFT stage, or with stage="base" the base perception stage; returns the stage directory
     <run.out_dir>/<stage> (checkpoints/, metrics.jsonl, curves.png, hf/)."""
@@ -178,29 +206,11 @@ def train_sft(cfg: Config, info: DistInfo, stage: str = "sft") -> Path:
         micro = [collate([store.read(i) for i in mb], packing, pad_id, merge) for mb in mine]  # only our samples
         micro += [filler([store.read(mine[0][0])], packing, pad_id, merge)] * (len(plan[rank]) - len(mine))
         store.release()  # resident memory: this step's samples, not the store's size
-        counts = torch.tensor([sum(b.num_loss_tokens for b in micro), sum(b.num_tokens for b in micro)],
-                              dtype=torch.float64, device=device)
-        all_reduce(counts)  # the one pre-loop all-reduce: global loss tokens (and tokens, for throughput)
-        num_loss_global = counts[0].clamp_min(1.0).float()
-
-        # ---- forward / backward over micro-batches (no host sync in here) ----
-        sums = torch.zeros(2, device=device)  # [sum of -logp over loss tokens, sum of entropy]
-        for batch in micro:
-            batch = batch.to(device)
-            out = model(**batch.model_inputs(), targets=batch.targets)
-            nll = -out.logprobs.sum()  # ignored positions contribute exactly 0
-            # FSDP averages gradients over ranks; x world makes the total sum(nll over all ranks) / global tokens.
-            (nll * (world / num_loss_global)).backward()
-            sums += torch.stack([nll.detach(), out.entropy.detach().sum()])
-
-        # ---- update (skipped when non-finite) ----
-        grad_norm = clip_grad_norm(params, cfg.optim.grad_clip)
-        all_reduce(sums)
-        loss = sums[0] / num_loss_global
-        finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))  # one host sync per step
+        # ---- forward / backward over micro-batches, then the update (skipped when non-finite) ----
         lr = sched.get_last_lr()[0]
+        loss, entropy, grad_norm, finite, counts = train_step(model, params, optim, micro, cfg.optim.grad_clip,
+                                                              device, world)
         if finite:
-            optim.step()
             bad_in_a_row = 0
         else:
             bad_in_a_row += 1
@@ -210,14 +220,13 @@ def train_sft(cfg: Config, info: DistInfo, stage: str = "sft") -> Path:
             if bad_in_a_row >= cfg.sft.max_bad_steps:
                 raise RuntimeError(f"{bad_in_a_row} consecutive non-finite steps (sft.max_bad_steps="
                                    f"{cfg.sft.max_bad_steps}): aborting at step {step + 1}")
-        optim.zero_grad(set_to_none=True)
         sched.step()
         sampler.step = step + 1
 
         # ---- log ----
         if (step + 1) % cfg.sft.log_every == 0 or step + 1 == total_steps:
             rec = {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(), "skipped": int(not finite),
-                   "entropy": (sums[1] / num_loss_global).item(), "loss_tokens": int(counts[0]),
+                   "entropy": entropy.item(), "loss_tokens": int(counts[0]),
                    "micro_batches": len(micro), "peak_mem_gib": peak_memory_gib(device),
                    **meter.stop(int(counts[1]))}
             logger.log(step + 1, rec)

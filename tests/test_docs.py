@@ -6,9 +6,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
 
-import config_reference
+import config_reference  # tools/ is on pytest's pythonpath (pyproject.toml)
 
 
 def test_readme_config_reference_is_current():

@@ -6,10 +6,9 @@ T = 16384 puts T * V past 2^31, so rows near the end index the flat logit space 
 checked on every row and against a same-dtype (bf16 logits) reference on a row subset that includes the last rows.
 """
 
-import importlib
-import sys
-from pathlib import Path
 
+import bench_linear_logprob as bll  # benchmarks/ is on pytest's pythonpath (pyproject.toml)
+import bench_ppo_loss as bppo  # benchmarks/ is on pytest's pythonpath (pyproject.toml)
 import pytest
 import torch
 from conftest import assert_close_3way, max_err
@@ -18,10 +17,6 @@ from torch.utils.checkpoint import checkpoint
 from ovr_kernels import linear_logprob_entropy, linear_logprob_nograd, ppo_loss, ppo_policy_loss_from_hidden
 from ovr_kernels.ppo_loss import LOG_RATIO_CLAMP
 from ovr_kernels.reference import linear_logprob_entropy_ref, ppo_loss_ref
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-bll = importlib.import_module("bench_linear_logprob")
-bppo = importlib.import_module("bench_ppo_loss")
 
 pytestmark = pytest.mark.gpu
 

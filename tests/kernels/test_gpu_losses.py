@@ -3,9 +3,9 @@
 every gradient. Skips without CUDA."""
 
 import importlib
-import sys
-from pathlib import Path
 
+import bench_gae as bgae  # benchmarks/ is on pytest's pythonpath (pyproject.toml)
+import bench_ppo_loss as bppo  # benchmarks/ is on pytest's pythonpath (pyproject.toml)
 import pytest
 import torch
 from conftest import assert_close_3way
@@ -29,9 +29,6 @@ from ovr_kernels.reference import (
     value_loss_ref,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-bppo = importlib.import_module("bench_ppo_loss")
-bgae = importlib.import_module("bench_gae")
 gae_module = importlib.import_module("ovr_kernels.gae")
 
 pytestmark = pytest.mark.gpu

@@ -8,9 +8,8 @@ a few heads) at a time so that the float64 score matrices of an 8k-token segment
 
 import importlib
 import itertools
-import sys
-from pathlib import Path
 
+import bench_varlen_attention as bva  # benchmarks/ is on pytest's pythonpath (pyproject.toml)
 import pytest
 import torch
 from conftest import assert_close_3way
@@ -18,8 +17,6 @@ from conftest import assert_close_3way
 from ovr_kernels import varlen_attention
 from ovr_kernels.reference import varlen_attention_ref
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-bva = importlib.import_module("bench_varlen_attention")
 va = importlib.import_module("ovr_kernels.varlen_attention")
 
 pytestmark = pytest.mark.gpu

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from test_rl_step import dumps, init_dir, launch  # noqa: F401  (init_dir is a fixture)
+from test_rl_step import dumps, init_dir, launch, straight_run  # noqa: F401  (init_dir is a fixture)
 from test_sft_dist import ROOT, _alive, _cmd, _descendants, _metrics, _run, env  # noqa: F401  (env is a fixture)
 
 from ovr_train.optim import build_optimizer, load_cpu_adam_op
@@ -84,6 +84,7 @@ FEW = ["--sft.steps=6", "--checkpoint.every=2", "--checkpoint.keep=1"]
 
 
 @pytest.mark.dist
+@pytest.mark.slow
 def test_sft_offload_matches_and_resumes_after_kill9(tmp_path, env):  # noqa: F811  (the imported fixture)
     _run(2, tmp_path / "none", FEW + ["--checkpoint.export_hf=false"], env)
     assert "CPU Adam" in _run(2, tmp_path / "cpu", FEW + ["--optim.offload=cpu"], env).stdout
@@ -121,16 +122,18 @@ def test_sft_offload_matches_and_resumes_after_kill9(tmp_path, env):  # noqa: F8
 
 
 @pytest.mark.dist
+@pytest.mark.slow
 def test_rl_offload_matches_no_offload(init_dir):  # noqa: F811  (the imported fixture)
-    launch(init_dir, init_dir / "none", 2, "--checkpoint.export_hf=false")
+    """2 offloaded steps against the first 2 of test_rl_step's 3-step run (same options otherwise)."""
+    none = straight_run(init_dir)
     assert "CPU Adam" in launch(init_dir, init_dir / "cpu", 2, "--checkpoint.export_hf=false", "--optim.offload=cpu")
-    rows = [[json.loads(line) for line in (init_dir / run / "rl" / "metrics.jsonl").read_text().splitlines()]
-            for run in ("none", "cpu")]
+    rows = [[json.loads(line) for line in (run / "rl" / "metrics.jsonl").read_text().splitlines()]
+            for run in (none, init_dir / "cpu")]
     assert [r["step"] for r in rows[1]] == [1, 2]
     for a, b in zip(*rows):
         for key in ("loss", "value_loss", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), (a["step"], key, a[key], b[key])
-    for a, b in zip(dumps(init_dir / "none", 2), dumps(init_dir / "cpu", 2)):
+    for a, b in zip(dumps(none, 2), dumps(init_dir / "cpu", 2)):
         assert [s[1] for s in a["samples"]] == [s[1] for s in b["samples"]]  # the pushed policy sampled the same
         torch.testing.assert_close(a["old"], b["old"], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(a["values"], b["values"], rtol=1e-4, atol=1e-5)

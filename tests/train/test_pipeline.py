@@ -42,6 +42,7 @@ def _run_all(out: Path, cache: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.dist
+@pytest.mark.slow
 def test_stage_all_end_to_end_and_deterministic(tmp_path):
     cache = tmp_path / "cache"
     runs = [tmp_path / "a", tmp_path / "b"]

@@ -1,6 +1,8 @@
 """Full RL steps on 2 ranks (torchrun, gloo) with the HF engine on a tiny random Qwen2.5-VL: mixed image / text
 ranks don't hang, rewards / GAE / batch whitening on the real rollouts match the references, the trainer's old
-logprobs match the rollout's, and a resumed run continues exactly like an uninterrupted one."""
+logprobs match the rollout's, and a resumed run continues exactly like an uninterrupted one. The
+runs that several tests (here, test_rl_options.py, test_offload.py) read are launched once per session
+(shared_runs.once)."""
 
 import json
 import os
@@ -10,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from shared_runs import once
 
 from ovr_kernels.reference import gae_ref, masked_whiten_ref
 from ovr_train.rewards import score
 
-pytestmark = pytest.mark.dist
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 TINY = ["--model.hidden_size=64", "--model.intermediate_size=128", "--model.num_layers=2",
         "--model.mrope_section=[2,3,3]", "--model.vision_depth=1", "--model.vision_hidden_size=32",
@@ -23,10 +26,10 @@ RL = ["--rl.prompts_per_step=2", "--rl.samples_per_prompt=3", "--rl.max_new_toke
       "--rl.length_curriculum=[[0,12]]", "--rl.num_prompts=24", "--rl.text_fraction=0.5",
       "--rl.critic_updates_per_step=2", "--rl.dump_rollouts=true", "--rl.policy_lr=1e-3", "--rl.critic_lr=1e-3",
       "--checkpoint.every=1"]
+SYSTEM, INSTRUCTION = "You are a careful solver.", "Put the final answer in \\boxed{}."
 
 
-@pytest.fixture(scope="module")
-def init_dir(tmp_path_factory):
+def _make_init_dir(root):
     """A tiny random Qwen2.5-VL saved as an HF directory with the small BPE tokenizer (stands in for SFT's hf/)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -34,7 +37,6 @@ def init_dir(tmp_path_factory):
     from ovr_train.model import hf_config, model_vocab_size
     from ovr_train.tokenizer import load_tokenizer, special_ids
 
-    root = tmp_path_factory.mktemp("rl")
     cfg = load_config(None, TINY)
     tok = load_tokenizer("", "bpe", cfg.model.bpe_vocab_size, str(root / "cache"), 0)
     torch.manual_seed(0)
@@ -43,6 +45,12 @@ def init_dir(tmp_path_factory):
     model.save_pretrained(root / "hf")
     tok.save_pretrained(root / "hf")
     return root
+
+
+@pytest.fixture(scope="module")
+def init_dir():
+    """The RL start point, one per test session (the RL test modules launch their runs under it)."""
+    return once("rl-init", _make_init_dir)
 
 
 def launch(root, out, steps, *extra):
@@ -58,6 +66,46 @@ def launch(root, out, steps, *extra):
 
 def dumps(out, step):
     return [torch.load(Path(out) / "rl" / "rollouts" / f"step{step}_rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+def straight_run(init_dir):
+    """A 3-step run with the default options of this file (several tests compare with it)."""
+    return once("rl-straight", lambda out: (launch(init_dir, out, 3), out)[1])
+
+
+MASK_CAP = 1 + 5e-7  # the fault-probe run's rl.mismatch_cap (mask_seq): the fp32 rollout / trainer gap crosses it
+
+
+def faults_run(init_dir):
+    """One 2-rank run through rl_faults.py on a prompt file (text and image rows, one too long) with a system
+    prompt, the answer instruction and a frozen ViT, rl.overlong=mask and rl.mismatch=mask_seq; the policy loss is
+    NaN at step 2 and the critic's at step 3, so the guard skips both updates and aborts at step 3
+    (rl.max_bad_steps=2). Returns {out, probe, log, returncode}."""
+    from PIL import Image
+
+    def run(tmp):
+        Image.effect_noise((112, 112), 50).convert("RGB").save(tmp / "dots.png")
+        rows = [{"id": f"t{i}", "question": f"Compute {i} + {i + 1}.", "answer": str(2 * i + 1)} for i in range(4)]
+        rows += [{"id": f"i{i}", "question": f"How many dots are there? ({i})", "answer": "3", "image": "dots.png"}
+                 for i in range(4)]
+        rows.append({"id": "long", "question": "Compute 1 + 1. " + "Think hard. " * 60, "answer": "2"})
+        (tmp / "prompts.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        out, probe = tmp / "run", tmp / "probe"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(Path(__file__).parent /
+               "rl_faults.py"), str(probe), "--stage", "rl", f"--rl.init_from={init_dir / 'hf'}",
+               f"--run.out_dir={out}", "--rl.steps=4", f"--data.cache_dir={init_dir / 'cache'}", *TINY, *RL,
+               "--rl.prompts_per_step=4", f"--rl.prompt_files=[{tmp / 'prompts.jsonl'}]",
+               f"--data.system_prompt={SYSTEM}", f"--data.answer_instruction={INSTRUCTION}", "--data.max_seq_len=100",
+               "--data.token_budget=128", "--model.freeze_vision=true", "--rl.max_bad_steps=2",
+               "--rl.critic_updates_per_step=1", "--rl.overlong=mask", "--rl.mismatch=mask_seq",
+               f"--rl.mismatch_cap={MASK_CAP}"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2]),
+               "OVR_NAN_POLICY_STEP": "2", "OVR_NAN_CRITIC_STEP": "3"}
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=env,
+                              cwd=Path(__file__).parents[2])
+        return {"out": out, "probe": probe, "log": proc.stdout + proc.stderr, "returncode": proc.returncode}
+
+    return once("rl-faults", run)
 
 
 def test_rl_steps_match_references_and_resume(init_dir):
@@ -122,8 +170,7 @@ def test_rl_steps_match_references_and_resume(init_dir):
     # resume: continue to step 3 from the step-2 checkpoint, and compare with an uninterrupted 3-step run
     log = launch(init_dir, out, 3)
     assert "resumed from" in log and "at step 2" in log
-    straight = init_dir / "straight"
-    launch(init_dir, straight, 3)
+    straight = straight_run(init_dir)
     for a, b in zip(dumps(out, 3), dumps(straight, 3)):
         assert [s[1] for s in a["samples"]] == [s[1] for s in b["samples"]]
         torch.testing.assert_close(a["adv"], b["adv"])
@@ -131,37 +178,18 @@ def test_rl_steps_match_references_and_resume(init_dir):
 
 
 def test_rl_prompt_format_length_filter_vision_switch_nan_guard_and_streaming(init_dir, tmp_path):
-    """One 2-rank run on a prompt file (text and image rows, one too long) with a system prompt, the answer
-    instruction and a frozen ViT; the policy loss is NaN at step 2 and the critic's at step 3, so the guard skips
-    both updates and aborts at step 3 (rl.max_bad_steps=2). Micro-batches must reach the device one at a time."""
-    from PIL import Image
+    """The fault-probe run (faults_run): the NaN guard skips the poisoned updates and aborts, over-long prompts are
+    dropped, one prompt format, the frozen ViT stays frozen, and micro-batches reach the device one at a time."""
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     from transformers import AutoTokenizer
 
     from ovr_train.model import _hf_key
 
-    system, instruction = "You are a careful solver.", "Put the final answer in \\boxed{}."
-    Image.effect_noise((112, 112), 50).convert("RGB").save(tmp_path / "dots.png")
-    rows = [{"id": f"t{i}", "question": f"Compute {i} + {i + 1}.", "answer": str(2 * i + 1)} for i in range(4)]
-    rows += [{"id": f"i{i}", "question": f"How many dots are there? ({i})", "answer": "3", "image": "dots.png"}
-             for i in range(4)]
-    rows.append({"id": "long", "question": "Compute 1 + 1. " + "Think hard. " * 60, "answer": "2"})
-    (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    out, probe = tmp_path / "run", tmp_path / "probe"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(Path(__file__).parent /
-           "rl_faults.py"), str(probe), "--stage", "rl", f"--rl.init_from={init_dir / 'hf'}", f"--run.out_dir={out}",
-           "--rl.steps=4", f"--data.cache_dir={init_dir / 'cache'}", *TINY, *RL, "--rl.prompts_per_step=4",
-           f"--rl.prompt_files=[{tmp_path / 'prompts.jsonl'}]", f"--data.system_prompt={system}",
-           f"--data.answer_instruction={instruction}", "--data.max_seq_len=100", "--data.token_budget=128",
-           "--model.freeze_vision=true", "--rl.max_bad_steps=2", "--rl.critic_updates_per_step=1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2]),
-           "OVR_NAN_POLICY_STEP": "2", "OVR_NAN_CRITIC_STEP": "3"}
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=env,
-                          cwd=Path(__file__).parents[2])
-    log = proc.stdout + proc.stderr
+    run = faults_run(init_dir)
+    out, probe, log = run["out"], run["probe"], run["log"]
     # the guard: step 2 skips the policy update, step 3 the critic's, then 2 bad steps in a row abort the run
-    assert proc.returncode != 0 and "2 consecutive steps with non-finite policy or critic updates" in log, log[-4000:]
+    assert run["returncode"] != 0 and "2 consecutive steps with non-finite policy or critic updates" in log, log[-4000:]
     records = [json.loads(line) for line in (out / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["policy_skipped"], r["critic_skipped"]) for r in records] == [(1, 0, 0), (2, 1, 0)]
     assert "step 3: non-finite loss or gradient: skipped 0 policy and 1 critic" in log
@@ -174,7 +202,7 @@ def test_rl_prompt_format_length_filter_vision_switch_nan_guard_and_streaming(in
     for d in dumps(out, 1) + dumps(out, 2):
         for p in d["prompt_ids"]:
             text = tok.decode(p)
-            assert text.count(system) == 1 and text.count(instruction) == 1, text
+            assert text.count(SYSTEM) == 1 and text.count(INSTRUCTION) == 1, text
     # model.freeze_vision=true is honoured: the ViT is frozen (no optimizer state) and keeps its initial weights
     dcp_to_torch_save(out / "rl" / "checkpoints" / "step_00000002", tmp_path / "ckpt.pt")
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from shared_runs import once
 
 from ovr_train.checkpoint import latest_checkpoint, list_checkpoints
 
@@ -48,14 +49,23 @@ def _metrics(out_dir) -> list:
     return [json.loads(line) for line in (Path(out_dir) / "sft" / "metrics.jsonl").read_text().splitlines()]
 
 
+FULL = ["--sft.steps=14", "--checkpoint.every=2", "--checkpoint.keep=2"]
+
+
+def full_run(env) -> Path:
+    """An uninterrupted 14-step 2-rank run, once per session (the resume and the 2-vs-1-rank checks read it)."""
+    return once("sft-full", lambda out: (_run(2, out, FULL + ["--checkpoint.export_hf=false"], env), out)[1])
+
+
 @pytest.mark.dist
+@pytest.mark.slow
 def test_two_ranks_match_one_rank_and_hsdp(tmp_path, env):
     _run(1, tmp_path / "one", ["--sft.steps=2", "--checkpoint.every=0", "--checkpoint.export_hf=false"], env)
-    _run(2, tmp_path / "two", ["--sft.steps=2", "--checkpoint.every=0", "--checkpoint.export_hf=false"], env)
+    two_ranks = full_run(env)  # its first 2 steps: the lr warmup (2 steps) does not depend on the run's length
     # HSDP (2 replicas x 1 shard) with activation checkpointing computes the same thing
     _run(2, tmp_path / "hsdp", ["--sft.steps=2", "--checkpoint.every=0", "--checkpoint.export_hf=false",
                                 "--dist.hsdp_replicas=2", "--model.activation_checkpointing=true"], env)
-    one, two, hsdp = _metrics(tmp_path / "one"), _metrics(tmp_path / "two"), _metrics(tmp_path / "hsdp")
+    one, two, hsdp = _metrics(tmp_path / "one"), _metrics(two_ranks)[:2], _metrics(tmp_path / "hsdp")
     assert one[0]["loss_tokens"] == two[0]["loss_tokens"]
     assert two[0]["micro_batches"] < one[0]["micro_batches"]  # the work really was split
     for a, b, c in zip(one, two, hsdp):
@@ -98,9 +108,7 @@ def resumed_run(tmp_path_factory, env):
     """An uninterrupted 2-rank run, and one paused after its step-4 checkpoint while a second run on the same
     directory is started (it must be refused), then its launcher alone killed with SIGKILL (the ranks must follow)
     and the same command rerun."""
-    tmp = tmp_path_factory.mktemp("resume")
-    extra = ["--sft.steps=14", "--checkpoint.every=2", "--checkpoint.keep=2"]
-    _run(2, tmp / "full", extra + ["--checkpoint.export_hf=false"], env)
+    tmp, extra = tmp_path_factory.mktemp("resume"), FULL
     victim = subprocess.Popen(_cmd(2, tmp / "killed", extra), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     ckpts = tmp / "killed" / "sft" / "checkpoints"
@@ -133,12 +141,13 @@ def resumed_run(tmp_path_factory, env):
     killed_at = max(r["step"] for r in _metrics(tmp / "killed"))
     assert killed_at < 14
     log = _run(2, tmp / "killed", extra, env)
-    return tmp, killed_at, log.stdout, facts
+    return tmp, killed_at, log.stdout, facts, full_run(env)
 
 
 @pytest.mark.dist
+@pytest.mark.slow
 def test_second_run_is_refused_and_ranks_die_with_their_launcher(resumed_run):
-    tmp, _, _, facts = resumed_run
+    tmp, _, _, facts, _ = resumed_run
     second = facts["second"]
     assert second.returncode != 0
     holder = facts["holder"]
@@ -153,10 +162,11 @@ def test_second_run_is_refused_and_ranks_die_with_their_launcher(resumed_run):
 
 
 @pytest.mark.dist
+@pytest.mark.slow
 def test_kill9_then_rerun_continues_exactly(resumed_run):
-    tmp, _, stdout, _ = resumed_run
+    tmp, _, stdout, _, full_dir = resumed_run
     assert "resumed from" in stdout and "at step" in stdout
-    full, resumed = _metrics(tmp / "full"), _metrics(tmp / "killed")
+    full, resumed = _metrics(full_dir), _metrics(tmp / "killed")
     assert [r["step"] for r in resumed] == list(range(1, 15))  # the curve has every step exactly once
     for a, b in zip(full, resumed):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=0), (a["step"], a["loss"], b["loss"])
@@ -169,6 +179,7 @@ def test_kill9_then_rerun_continues_exactly(resumed_run):
 
 
 @pytest.mark.dist
+@pytest.mark.slow
 def test_hf_export_loads_in_transformers_and_through_sharded_load(resumed_run):
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
@@ -203,6 +214,7 @@ def test_hf_export_loads_in_transformers_and_through_sharded_load(resumed_run):
 
 
 @pytest.mark.dist
+@pytest.mark.slow
 def test_nan_steps_are_skipped_then_abort(tmp_path, env):
     proc = _run(1, tmp_path, ["--sft.steps=4", "--optim.lr=1e30", "--optim.warmup_steps=0", "--optim.grad_clip=0",
                               "--sft.max_bad_steps=2", "--checkpoint.every=0"], env, check=False)

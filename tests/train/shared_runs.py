@@ -1,0 +1,29 @@
+"""Launches whose outputs several tests read, run once per test session (pytest runs a session's tests in one
+process): the first test that asks runs it, the others read what it wrote. Tests treat those outputs as read-only.
+A launch that failed fails every test that asks for it again, without running it again."""
+
+import atexit
+import shutil
+import tempfile
+from pathlib import Path
+
+_DONE = {}
+_ROOT = []
+
+
+def once(key: str, make):
+    """`make(directory)`'s result for `key`, computed on first use in a fresh directory of this session."""
+    if key not in _DONE:
+        if not _ROOT:
+            _ROOT.append(Path(tempfile.mkdtemp(prefix="ovr-shared-runs-")))
+            atexit.register(shutil.rmtree, _ROOT[0], True)
+        out = _ROOT[0] / key
+        out.mkdir()
+        try:
+            _DONE[key] = (True, make(out))
+        except Exception as e:  # noqa: BLE001  (kept and re-raised for every test that asks)
+            _DONE[key] = (False, e)
+    ok, value = _DONE[key]
+    if not ok:
+        raise value
+    return value
