@@ -332,6 +332,11 @@ class RLCfg:
     """AdamW weight decay (the paper: none)."""
     policy_updates_per_step: int = 1
     """Policy optimizer steps per rollout batch (1 = strictly on-policy)."""
+    old_logprobs: str = "auto"
+    """Where the PPO ratio's old log-probs come from: "recompute" (a no-grad policy pass over the batch before the
+    update) or "auto" (strictly on-policy, i.e. rl.policy_updates_per_step = 1 and rl.mismatch = "none": the update's
+    own forward, detached, which is the same policy before its one step, so one forward pass less per step;
+    otherwise "recompute")."""
     critic_updates_per_step: int = 4
     """Critic optimizer steps per rollout batch."""
     dynamic_sampling: bool = False
@@ -376,6 +381,7 @@ class RLCfg:
         _one_of("rl.kl_estimator", self.kl_estimator, ("k1", "k3", "low_var"))
         _check(self.kl_coef >= 0, "rl.kl_coef", self.kl_coef, "must be >= 0")
         _one_of("rl.mismatch", self.mismatch, ("none", "tis_token", "tis_seq", "mask_token", "mask_seq"))
+        _one_of("rl.old_logprobs", self.old_logprobs, ("auto", "recompute"))
         _check(self.mismatch_cap > 1, "rl.mismatch_cap", self.mismatch_cap, "must be > 1")
         _one_of("rl.overlong", self.overlong, ("zero", "soft", "mask"))
         _check(0 <= self.clip_low < 1 and 0 <= self.clip_high < 1, "rl.clip_low/clip_high",

@@ -6,7 +6,8 @@ One step, in the order of the loop:
    length penalty) -> [dynamic sampling] -> prompt + response sequences with mRoPE ids, packed into token-budget
    micro-batches (every rank runs the same number: loss-free fillers; kept on the host, moved to the device one at
    a time; a prompt's samples share one copy of its pixels and one ViT pass).
-2. `advantages`: old logprobs (policy; the frozen reference's in the same pass when rl.kl_coef > 0) and values
+2. `advantages`: old logprobs (policy, or from the update's own forward when strictly on-policy: rl.old_logprobs;
+   the frozen reference's in the same pass when rl.kl_coef > 0) and values
    (critic) -> GAE (gamma = lambda = 1) or group advantages (GRPO / RLOO / Dr.GRPO) -> batch advantage
    normalisation over all ranks -> per-token loss weights (rl.mismatch correction, rl.overlong=mask).
 3. `update`: policy update(s) (rl.loss: PPO or GSPO) and critic updates, losses divided by the GLOBAL number of
@@ -151,7 +152,7 @@ class TokenTargets:
     """What the update trains on, per response token (RolloutBatch.order): the no-grad pass's log-probs and values,
     the advantages and returns, and the loss weights. None where the run has no such term."""
 
-    old_T: torch.Tensor  # the policy's log-probs before the update
+    old_T: torch.Tensor  # the policy's log-probs before the update (None until `update` fills it: `reuses_logprobs`)
     ref_T: torch.Tensor | None  # the frozen reference's (rl.kl_coef > 0)
     rollout_T: torch.Tensor  # the engine's sampling log-probs
     reward_T: torch.Tensor  # the score on each response's last token, 0 elsewhere
@@ -256,51 +257,72 @@ def advantages(rcfg, policy, critic, reference, batch, device) -> TokenTargets:
     def tokens(parts):
         return torch.cat(parts) if parts else torch.zeros(0, device=device)
 
+    recompute = not reuses_logprobs(rcfg)
     with torch.no_grad():
         old_T, ref_T = [], []
-        for m, k, _ in on_device(batch.micro, device):
-            old_T.append(policy(**m.model_inputs(), targets=m.targets, temperature=rcfg.temperature).logprobs[k])
-            if reference is not None:
-                ref_T.append(reference(**m.model_inputs(), targets=m.targets,
-                                       temperature=rcfg.temperature).logprobs[k])
-        old_T, ref_T = tokens(old_T), tokens(ref_T) if reference is not None else None
+        if recompute or reference is not None:
+            for m, k, _ in on_device(batch.micro, device):  # the reference's log-probs in the policy's pass
+                if recompute:
+                    old_T.append(policy(**m.model_inputs(), targets=m.targets,
+                                        temperature=rcfg.temperature).logprobs[k])
+                if reference is not None:
+                    ref_T.append(reference(**m.model_inputs(), targets=m.targets,
+                                           temperature=rcfg.temperature).logprobs[k])
+        old_T, ref_T = tokens(old_T) if recompute else None, tokens(ref_T) if reference is not None else None
         rollout_T = torch.tensor([lp for b in order for lp in batch.samples[b].logprobs], device=device)
-        reward_T = torch.zeros_like(old_T)
+        like_T = rollout_T.float()  # any tensor with one entry per response token, for the shapes below
+        reward_T = torch.zeros_like(like_T)
         if len(order):
             reward_T[cu_T[1:].long() - 1] = batch.scores_B[order].to(device)  # the score sits on the last token
         values_T = returns_T = None
         if critic is not None:
             values_T = tokens([critic(**m.model_inputs()).values[k] for m, k, _ in on_device(batch.micro, device)])
-            adv_T, returns_T = gae(reward_T, values_T, cu_T, rcfg.gamma, rcfg.lam) if order else (old_T, old_T)
+            adv_T, returns_T = gae(reward_T, values_T, cu_T, rcfg.gamma, rcfg.lam) if order else (like_T, like_T)
             adv_T = global_whiten(adv_T)  # ORZ: batch-level advantage normalisation (group methods: per group)
         elif order:
             adv_T = broadcast_to_tokens(group_advantages(rcfg.algo, batch.scores_B, n)[order].to(device), cu_T)
         else:
-            adv_T = old_T
-        mask_T = torch.ones_like(old_T)
+            adv_T = like_T
+        mask_T = torch.ones_like(like_T)
         if rcfg.overlong == "mask" and len(order):
             mask_T = broadcast_to_tokens((~batch.truncated_B[order]).float().to(device), cu_T)
-        weight_T, corrected_T = mismatch_weights(rcfg.mismatch, rcfg.mismatch_cap, old_T, rollout_T, cu_T)
+        weight_T, corrected_T = mismatch_weights(rcfg.mismatch, rcfg.mismatch_cap, like_T if old_T is None else old_T,
+                                                 rollout_T, cu_T)
         weight_T = weight_T * mask_T
     return TokenTargets(old_T, ref_T, rollout_T, reward_T, values_T, returns_T, adv_T, mask_T, weight_T, corrected_T)
+
+
+def reuses_logprobs(rcfg) -> bool:
+    """rl.old_logprobs="auto" on a strictly on-policy step: the update's own forward gives the old log-probs (the
+    policy has not stepped yet when it runs), so `advantages` skips its policy pass."""
+    return rcfg.old_logprobs == "auto" and rcfg.policy_updates_per_step == 1 and rcfg.mismatch == "none"
 
 
 def update(rcfg, grad_clip, policy, critic, optims, batch, tt, device):
     """rl.policy_updates_per_step policy updates, then (PPO) rl.critic_updates_per_step critic updates over the
     step's micro-batches; an update with a NaN/inf loss or gradient is skipped on every rank alike. Returns (this
     rank's metric sums by name as 0-d float64 device tensors, each averaged over its updates; {"policy": skipped,
-    "critic": skipped}). No host sync inside a micro-batch loop: one per update, for the guard."""
+    "critic": skipped}). No host sync inside a micro-batch loop: one per update, for the guard. Fills tt.old_T
+    from its forward when `advantages` left it None (`reuses_logprobs`)."""
     sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in
             ("loss", "clip_frac", "approx_kl", "entropy", "ref_kl", "grad_norm", "value_loss", "value_clip_frac")}
     skipped, norm = {"policy": 0, "critic": 0}, batch.norm
+    own_old = tt.old_T is None
+    if own_old and rcfg.policy_updates_per_step != 1:
+        raise ValueError(f"update: old log-probs come from the update's forward only for one policy update, got "
+                         f"rl.policy_updates_per_step={rcfg.policy_updates_per_step}")
+    old_parts = []
     for _ in range(rcfg.policy_updates_per_step):
         at, loss_sum = 0, torch.zeros((), device=device)
         for (m, k, cu), mb in zip(on_device(batch.micro, device), batch.micro):
             out = policy(**m.model_inputs(), targets=m.targets, temperature=rcfg.temperature)
             sl = slice(at, at + mb.count)
             at += mb.count
-            loss, met = policy_loss(rcfg, out.logprobs[k], out.entropy[k], tt.old_T[sl], tt.adv_T[sl],
-                                    tt.weight_T[sl], cu, norm, tt.ref_T[sl] if tt.ref_T is not None else None)
+            logp = out.logprobs[k]
+            old = logp.detach() if own_old else tt.old_T[sl]
+            old_parts.append(old)
+            loss, met = policy_loss(rcfg, logp, out.entropy[k], old, tt.adv_T[sl], tt.weight_T[sl], cu, norm,
+                                    tt.ref_T[sl] if tt.ref_T is not None else None)
             (loss + 0.0 * out.logprobs.sum()).backward()  # a filler still runs FSDP's backward collectives
             loss_sum += loss.detach()
             w = mb.count / rcfg.policy_updates_per_step
@@ -312,6 +334,8 @@ def update(rcfg, grad_clip, policy, critic, optims, batch, tt, device):
         grad_norm, applied = guarded_step(policy, optims["policy"], loss_sum, grad_clip)
         sums["grad_norm"] += grad_norm.double() / rcfg.policy_updates_per_step
         skipped["policy"] += not applied
+    if own_old:
+        tt.old_T = torch.cat(old_parts) if old_parts else torch.zeros(0, device=device)
     for _ in range(rcfg.critic_updates_per_step if critic is not None else 0):
         at, loss_sum = 0, torch.zeros((), device=device)
         for (m, k, _), mb in zip(on_device(batch.micro, device), batch.micro):
@@ -556,9 +580,9 @@ def train_rl(cfg, info) -> Path:
     for batch in rollout_batches(cfg, info, engine, verifier, items, active, start, make_prompt, ids, merge):
         step, (t0, t1, t2) = batch.step, batch.clock
         tt = advantages(rcfg, policy, critic, reference, batch, device)
-        if rcfg.dump_rollouts:
-            dump_rollouts(stage_dir / "rollouts" / f"step{step + 1}_rank{rank}.pt", batch, tt)
         update_sums, skipped = update(rcfg, cfg.optim.grad_clip, policy, critic, optims, batch, tt, device)
+        if rcfg.dump_rollouts:  # after the update: it fills tt.old_T when it computed them
+            dump_rollouts(stage_dir / "rollouts" / f"step{step + 1}_rank{rank}.pt", batch, tt)
         for sched in scheds.values():
             sched.step()
         bad_in_a_row = bad_in_a_row + 1 if skipped["policy"] or skipped["critic"] else 0

@@ -103,9 +103,51 @@ def test_a_step_with_nothing_to_train_changes_nothing():
         empty = rl.RolloutBatch(0, batch.items, batch.prompts, batch.samples, batch.scored, batch.scores_B,
                                 batch.truncated_B, [], 0, micro, order, cu_T, num_tokens, norm)
         tt = rl.advantages(cfg.rl, policy, critic, None, empty, cpu)
-        assert tt.old_T.numel() == 0 and tt.adv_T.numel() == 0
+        assert tt.old_T is None and tt.adv_T.numel() == 0  # strictly on-policy: update fills old_T
         sums, skipped = rl.update(cfg.rl, cfg.optim.grad_clip, policy, critic, optims, empty, tt, cpu)
+        assert tt.old_T.numel() == 0
         assert skipped == {"policy": 0, "critic": 0} and all(float(v) == 0.0 for v in sums.values())
         assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))
         rec = rl.step_metrics(cfg.rl, all_reduce_sums({**rl.rollout_sums(cfg.rl, empty, tt), **sums}, cpu), 1.0, 1)
         assert rec["kept_fraction"] == 0.0 and rec["loss"] == 0.0
+
+
+def test_old_logprobs_from_the_update_forward_equal_the_recomputed_ones():
+    """rl.old_logprobs="auto" (strictly on-policy: the update's own forward, detached) against "recompute" (a
+    no-grad pass first), PPO and GSPO, from the same models: the same old log-probs, metric sums and updated
+    weights, bit for bit; and advantages runs one policy forward less."""
+    args = ["--data.token_budget=32", "--data.max_seq_len=32", "--rl.max_new_tokens=12",
+            "--rl.length_curriculum=[[0,12]]", "--rl.samples_per_prompt=2", "--rl.critic_updates_per_step=1"]
+    cpu = torch.device("cpu")
+    for loss in ("ppo", "gspo"):
+        results = {}
+        for mode in ("recompute", "auto"):
+            cfg = load_config(None, [*args, f"--rl.loss={loss}", f"--rl.old_logprobs={mode}"])
+            torch.manual_seed(0)
+            policy = build_model(cfg.model, IDS, VOCAB).train()
+            critic = build_model(cfg.model, IDS, VOCAB, value_head=True).train()
+            optims = {"policy": torch.optim.AdamW(policy.parameters(), lr=1e-2),
+                      "critic": torch.optim.AdamW(critic.parameters(), lr=1e-2)}
+            batch = _batch(cfg, [7, 3, 11, 5, 9, 4])
+            forwards = []
+            hook = policy.register_forward_hook(lambda *_: forwards.append(torch.is_grad_enabled()))
+            tt = rl.advantages(cfg.rl, policy, critic, None, batch, cpu)
+            sums, skipped = rl.update(cfg.rl, cfg.optim.grad_clip, policy, critic, optims, batch, tt, cpu)
+            hook.remove()
+            assert skipped == {"policy": 0, "critic": 0}
+            results[mode] = (tt.old_T, sums, [p.detach().clone() for p in policy.parameters()], forwards)
+        (old_r, sums_r, params_r, fw_r), (old_a, sums_a, params_a, fw_a) = results["recompute"], results["auto"]
+        assert fw_r.count(False) == len(fw_r) - fw_r.count(True) > 0 and fw_a.count(False) == 0
+        assert fw_a.count(True) == fw_r.count(True)
+        assert torch.equal(old_r, old_a), loss
+        assert sums_r.keys() == sums_a.keys() and all(torch.equal(sums_r[k], sums_a[k]) for k in sums_r), loss
+        assert all(torch.equal(a, b) for a, b in zip(params_r, params_a)), loss
+        assert any(not torch.equal(a, b) for a, b in zip(params_a, build_model(cfg.model, IDS, VOCAB).parameters()))
+
+
+def test_old_logprobs_auto_recomputes_when_not_strictly_on_policy():
+    for extra in (["--rl.policy_updates_per_step=2"], ["--rl.mismatch=tis_token"]):
+        cfg = load_config(None, ["--rl.old_logprobs=auto", *extra])
+        assert not rl.reuses_logprobs(cfg.rl)
+    assert rl.reuses_logprobs(load_config(None, []).rl)
+    assert not rl.reuses_logprobs(load_config(None, ["--rl.old_logprobs=recompute"]).rl)
