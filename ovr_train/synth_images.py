@@ -228,7 +228,9 @@ def ensure_perception_corpus(cache_dir, num, seed=0, tasks=("count_color", "coun
 
     from ovr_train.synth_text import default_cache_dir
 
-    name = f"seed{seed}_n{num}_{'-'.join(tasks)}_{image_size}px_max{max_shapes}.jsonl"
+    # the split fractions are in the name: a cache written under other splits would hold another "train" set
+    name = (f"seed{seed}_n{num}_{'-'.join(tasks)}_{image_size}px_max{max_shapes}_test{TEST_FRACTION}"
+            f"_val{VAL_FRACTION}.jsonl")
     path = default_cache_dir(cache_dir) / "synth_images" / name
     if path.exists():
         return path
