@@ -9,7 +9,8 @@ Tasks:
   total_two ("how many red and blue shapes in total?"), digit_sum, digit_diff (arithmetic on rendered digits).
 Every answer is an integer or a colour word, checked by `ovr_train.rewards`. Items are a pure function of
 (seed, split, index): `make_item` gives random access (a resumed run re-reads the same items), and each item lands
-in "train" or "test" by a hash of its content, so the held-out split never shares a scene+question with training.
+in "train", "val" or "test" by a hash of its content, so the held-out split never shares a scene+question with training
+and "val" (for choosing settings) shares one with neither.
 Digits are drawn as seven segments (no font files: identical on every machine and Pillow version).
 """
 
@@ -30,8 +31,9 @@ KINDS = ("circle", "square", "triangle")
 PERCEPTION_TASKS = ("count_color", "count_all", "color_largest", "describe", "digit_read")
 REASONING_TASKS = ("more_than", "total_two", "digit_sum", "digit_diff")
 TASKS = PERCEPTION_TASKS + REASONING_TASKS
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")
 TEST_FRACTION = 0.2
+VAL_FRACTION = 0.1  # carved from what was "train": the "test" split is the same with or without it
 ANSWER_FORMAT = " Put the final answer in \\boxed{}."
 
 # Seven-segment layout: segment -> ((x0, y0), (x1, y1)) in a 0..1 x 0..2 cell; digit -> lit segments.
@@ -163,9 +165,11 @@ def _digit_task(task, rng):
 
 
 def _split_of(key):
-    """'test' for a TEST_FRACTION of content keys (a stable hash), else 'train'."""
-    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
-    return "test" if h % 1000 < TEST_FRACTION * 1000 else "train"
+    """'test' for a TEST_FRACTION of content keys (a stable hash), 'val' for the next VAL_FRACTION, else 'train'."""
+    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") % 1000
+    if h < TEST_FRACTION * 1000:
+        return "test"
+    return "val" if h < (TEST_FRACTION + VAL_FRACTION) * 1000 else "train"
 
 
 def make_item(index, seed=0, split="train", tasks=REASONING_TASKS, image_size=112, max_shapes=6):
@@ -199,7 +203,7 @@ def make_item(index, seed=0, split="train", tasks=REASONING_TASKS, image_size=11
         if _split_of(key) == split:
             return {"question": question + ANSWER_FORMAT, "image": make_image(), "answer": answer, "task": task,
                     "description": desc, "key": key}
-    raise RuntimeError("no item found for this split in 1000 attempts")  # unreachable with TEST_FRACTION = 0.2
+    raise RuntimeError("no item found for this split in 1000 attempts")  # unreachable: each split holds >= 10%
 
 
 def make_dataset(num, seed=0, split="train", tasks=REASONING_TASKS, image_size=112, max_shapes=6, start=0):
@@ -230,7 +234,9 @@ def ensure_perception_corpus(cache_dir, num, seed=0, tasks=("count_color", "coun
     """Write (once) and return the base stage's training JSONL: `num` items of the "train" split of `tasks`, each
     {"messages": [user: image + question, assistant: perception_answer], "answer", "task"}, images inline as PNG
     data URLs. Cached under <cache>/synth_images/ by every argument; written atomically (ranks may race)."""
-    name = f"seed{seed}_n{num}_{'-'.join(tasks)}_{image_size}px_max{max_shapes}.jsonl"
+    # the split fractions are in the name: a cache written under other splits would hold another "train" set
+    name = (f"seed{seed}_n{num}_{'-'.join(tasks)}_{image_size}px_max{max_shapes}_test{TEST_FRACTION}"
+            f"_val{VAL_FRACTION}.jsonl")
     path = default_cache_dir(cache_dir) / "synth_images" / name
     if path.exists():
         return path

@@ -119,6 +119,15 @@ def test_perception_corpus_answers_in_boxed_form(tmp_path):
     assert ensure_perception_corpus(str(tmp_path), 24, seed=1).read_text() == path.read_text()  # cached, stable
 
 
+def test_perception_corpus_cache_follows_the_splits(tmp_path, monkeypatch):
+    # a cache written under other split fractions holds another "train" set (items now in "val"): never reused
+    from ovr_train import synth_images
+
+    path = ensure_perception_corpus(str(tmp_path), 8, seed=1)
+    monkeypatch.setattr(synth_images, "VAL_FRACTION", 0.0)
+    assert ensure_perception_corpus(str(tmp_path), 8, seed=1) != path
+
+
 def test_base_stage_config_and_sft_init(tmp_path):
     cfg = load_config(None, ["--base.steps=7", "--base.lr=2e-3", "--run.seed=3", f"--run.out_dir={tmp_path}"])
     base = base_stage_config(cfg)

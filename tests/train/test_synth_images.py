@@ -1,5 +1,6 @@
 """Generated image tasks: answers read back from the pixels, determinism, disjoint held-out split."""
 
+import hashlib
 from collections import deque
 
 import numpy as np
@@ -9,6 +10,9 @@ from ovr_train.synth_images import (
     _DIGIT_SEGMENTS,
     _SEGMENTS,
     COLORS,
+    PERCEPTION_TASKS,
+    REASONING_TASKS,
+    SPLITS,
     TASKS,
     make_dataset,
     make_item,
@@ -115,11 +119,22 @@ def test_deterministic_and_random_access():
     assert [x["key"] for x in a] != [x["key"] for x in c]
 
 
-def test_held_out_split_is_disjoint():
+def test_held_out_and_validation_splits_are_disjoint():
     train = {it["key"] for it in make_dataset(400, seed=0, split="train")}
+    val = {it["key"] for it in make_dataset(200, seed=0, split="val")}
     test = {it["key"] for it in make_dataset(200, seed=0, split="test")}
-    assert not train & test
-    assert len(test) > 50  # many distinct held-out items, not a handful repeated
+    assert not train & test and not train & val and not val & test
+    assert len(test) > 50 and len(val) > 50  # many distinct held-out items, not a handful repeated
+    digits = [{it["key"] for it in make_dataset(200, seed=0, split=s, tasks=("digit_read",))} for s in SPLITS]
+    assert not any(a & b for i, a in enumerate(digits) for b in digits[i + 1:])  # a small content space, still split
+
+
+def test_test_split_unchanged_by_the_validation_split():
+    # the held-out "test" items (every stage's eval) are those of the code before "val" existed: same digest
+    keys = "\n".join(it["key"] for tasks in (REASONING_TASKS, PERCEPTION_TASKS)
+                     for it in make_dataset(40, seed=0, split="test", tasks=tasks))
+    assert hashlib.sha256(keys.encode()).hexdigest() == \
+        "0101f1b89f8de866ae27b18fe55137acec4dd667298bc17b40eee4112e432c3c"
 
 
 def test_messages_and_bad_arguments():
