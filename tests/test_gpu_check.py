@@ -51,7 +51,7 @@ def test_rehearsal_writes_results_table_and_copies_them_out(tmp_path):
     assert "| bench_packing | timeout after 1 s |" in summary
     # test verdicts: real passes from the interpreter, the GPU tests skipped
     assert "| test_advantages::test_grpo_eps | passed |" in summary
-    assert "| test_gpu_varlen_attention::test_benchmark_shapes_match_float64[text] | skipped |" in summary
+    assert "| test_gpu_varlen_attention::test_benchmark_shapes_match_float64[text-default] | skipped |" in summary
     # benchmark rows from their per-file JSON, labelled CPU
     assert "CPU-only run on" in summary and "| test_gae_cpu | CPU |" in summary
     combined = json.loads((out / "combined.json").read_text())
