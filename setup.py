@@ -1,4 +1,4 @@
-"""Builds ovr_kernels._C: a pybind11 module over raw pointers (no torch headers, see DESIGN.md).
+"""Builds ovr_kernels._C: a pybind11 module over raw pointers (no torch headers, so it never needs rebuilding when torch changes).
 
 - C++ sources: csrc/*.cpp, always (unless OVR_SKIP_EXT=1, which installs pure Python).
 - CUDA sources: csrc/*.cu, compiled by nvcc for sm_80 and sm_90 when nvcc is found and OVR_SKIP_CUDA_BUILD != 1,

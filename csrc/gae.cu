@@ -3,7 +3,7 @@
 // recurrence, so a warp scans 32 tokens at once: a suffix scan with weights c^offset inside the chunk, then the
 // carry (A just past the chunk) enters lane i with weight c^(32 - i). Loads of a chunk are coalesced and do not
 // depend on the carry, so unrolled iterations keep several chunks' loads in flight. Accumulation in fp32 (fp64 for
-// fp64 inputs); fp16/bf16 are converted on load and store. Only CUDA headers: no torch (DESIGN.md).
+// fp64 inputs); fp16/bf16 are converted on load and store. Only CUDA headers: no torch, so no rebuild when torch changes.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>

@@ -1,5 +1,5 @@
 // ovr_kernels._C: CPU ops (and CUDA launchers when built with nvcc) over raw pointers.
-// No torch headers on purpose (DESIGN.md): the Python wrappers validate tensors and pass data_ptr()s, sizes
+// No torch headers on purpose (no rebuild when torch changes): the Python wrappers validate tensors and pass data_ptr()s, sizes
 // and, for CUDA, the current stream handle. The bindings check sizes and scalars (checks.h: std::invalid_argument
 // -> ValueError); the kernels trust what they receive.
 #include <pybind11/pybind11.h>

@@ -5,7 +5,7 @@ CUDA tensors take the Triton/CUDA kernels, CPU tensors the plain-PyTorch referen
 module `ovr_kernels._C` is present (it is optional: every op has a pure-Python fallback with identical results).
 """
 
-import torch  # noqa: F401  (import torch before the compiled module, DESIGN.md)
+import torch  # noqa: F401  (torch first: the compiled module links against the libraries it loads)
 
 from ovr_kernels._ext import HAS_CUDA_EXT, HAS_EXT
 from ovr_kernels._triton import backend

@@ -52,7 +52,7 @@ def use_triton(x: torch.Tensor) -> bool:
 
 def compute_dtype(dtype: torch.dtype):
     """The dtype kernels compute matrix products in: the input's on GPU, fp32 under the interpreter (whose bf16
-    arithmetic works on raw bits, DESIGN.md)."""
+    arithmetic works on raw bits)."""
     if INTERPRET:
         return tl.float32
     return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[dtype]

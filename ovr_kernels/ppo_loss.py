@@ -110,7 +110,7 @@ def _ppo_token(offs, inb, logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, lo, hi,
     term, ratio, log-ratio, clipped, dual active, kl). The derivative takes the reference's subgradients: clamps pass
     the gradient at their bounds (torch.clamp), the clipped branch only when strictly larger, the dual clip only when
     strictly smaller. Shared by the forward and the backward kernel, which recomputes rather than stores."""
-    # every load is cast to fp32 at once (bf16 arithmetic is garbage under the interpreter, DESIGN.md)
+    # every load is cast to fp32 at once (the interpreter computes bf16 arithmetic on raw bits: wrong values)
     m = tl.load(mask_ptr + offs, mask=inb, other=0).to(tl.float32)
     logp = tl.load(logp_ptr + offs, mask=inb, other=0).to(tl.float32)
     old = tl.load(old_ptr + offs, mask=inb, other=0).to(tl.float32)
@@ -343,7 +343,7 @@ def ppo_loss_bwd(grad_out, logprobs_T, old_logprobs_T, advantages_T, mask_T, ref
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Autograd: torch.library custom ops (eager and under torch.compile, K6)
+# Autograd: torch.library custom ops (eager and under torch.compile)
 # ----------------------------------------------------------------------------------------------------------------
 
 

@@ -137,7 +137,7 @@ def value_loss_bwd(grad_out, values_T, old_values_T, returns_T, mask_T, cu_seqle
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Autograd: torch.library custom ops (eager and under torch.compile, K6)
+# Autograd: torch.library custom ops (eager and under torch.compile)
 # ----------------------------------------------------------------------------------------------------------------
 
 

@@ -1,6 +1,6 @@
 """Shared test setup: interpreter mode before triton loads, fixed seeds, gpu/nvcc auto-skip, 3-way comparison.
 
-TRITON_INTERPRET must be in the environment before triton is imported anywhere (DESIGN.md), so it is set at the
+TRITON_INTERPRET must be in the environment before triton is imported anywhere, so it is set at the
 top of this file, before torch / ovr_kernels are imported.
 """
 

@@ -1,4 +1,4 @@
-"""Compile Triton kernels for real GPU targets on a machine without a GPU (DESIGN.md, platform section).
+"""Compile Triton kernels for real GPU targets on a machine without a GPU.
 
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))` lowers a kernel to PTX and cubin with no driver.
 Register and spill counts are read from `ptxas -v` (Triton's bundled ptxas, the one that built the cubin), since

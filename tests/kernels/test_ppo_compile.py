@@ -1,4 +1,4 @@
-"""Compile check (DESIGN.md): every Triton kernel of the PPO / GSPO / value / advantage ops compiles for sm_80 and sm_90 at
+"""Compile check: every Triton kernel of the PPO / GSPO / value / advantage ops compiles for sm_80 and sm_90 at
 the configurations the benchmarks launch (1M tokens, 512 groups of 16; int arguments marked divisible by 16 where
 their benchmark values are, as triton's launcher marks them), on this environment's triton and the GPU image's
 3.6.0, with no register spills. These are elementwise / reduction kernels: no

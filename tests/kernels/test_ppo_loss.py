@@ -241,7 +241,7 @@ def test_empty_input(triton_backend):
 
 @pytest.mark.parametrize("all_options", [False, True], ids=["default", "all_options"])
 def test_torch_compile(triton_backend, all_options):
-    """K6: ppo_loss traces with fullgraph=True (its Triton path is the ovr::ppo_loss_fwd / _bwd custom ops) and the
+    """ppo_loss traces with fullgraph=True (its Triton path is the ovr::ppo_loss_fwd / _bwd custom ops) and the
     compiled loss, metrics and gradients equal eager bit for bit (same deterministic kernels)."""
     torch._dynamo.reset()
     lengths = [5, 0, 1, 300, 2, 60]

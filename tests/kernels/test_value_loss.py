@@ -108,7 +108,7 @@ def test_global_normalizer_micro_batches_sum_to_full_batch(triton_backend):
 
 @pytest.mark.parametrize("seq_mean", [False, True], ids=["token_mean", "seq_mean"])
 def test_torch_compile(triton_backend, seq_mean):
-    """K6: value_loss traces with fullgraph=True (its Triton path is the ovr::value_loss_fwd / _bwd custom ops) and
+    """value_loss traces with fullgraph=True (its Triton path is the ovr::value_loss_fwd / _bwd custom ops) and
     the compiled loss, metrics and gradient equal eager bit for bit (same deterministic kernels)."""
     torch._dynamo.reset()
     lengths = [3, 0, 1, 200, 2, 91]

@@ -130,7 +130,7 @@ def test_old_logprobs_from_the_update_forward_equal_the_recomputed_ones():
                       "critic": torch.optim.AdamW(critic.parameters(), lr=1e-2)}
             batch = _batch(cfg, [7, 3, 11, 5, 9, 4])
             forwards = []
-            hook = policy.register_forward_hook(lambda *_: forwards.append(torch.is_grad_enabled()))
+            hook = policy.register_forward_hook(lambda *_, seen=forwards: seen.append(torch.is_grad_enabled()))
             tt = rl.advantages(cfg.rl, policy, critic, None, batch, cpu)
             sums, skipped = rl.update(cfg.rl, cfg.optim.grad_clip, policy, critic, optims, batch, tt, cpu)
             hook.remove()
