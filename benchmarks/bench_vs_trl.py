@@ -25,8 +25,8 @@ What runs, each side as its own process tree (peak RSS = the largest sum of RSS 
   padding_free=True (the batch concatenated into one row, no pad tokens).
 
 Numbers: per RL step, generation / scoring / update seconds (ovr's "update" is its time_train_s + time_sync_s:
-sequence building, the old-logprob forward, the policy update and the weight push into its rollout engine; TRL's
-is the rest of its step after generation and scoring), generated tokens/s = response tokens / generation s,
+sequence building, the policy update (its forward gives the old log-probs too) and the weight push into its
+rollout engine; TRL's is the rest of its step after generation and scoring), generated tokens/s = response tokens / generation s,
 trained tokens/s = response (loss) tokens / update s; SFT tokens/s = non-pad tokens / step s. Step 1 of each run is
 warm-up and left out of the rates. Each side runs `--reps` times, interleaved, and every repetition is reported.
 """
@@ -382,8 +382,8 @@ def trl_sft_worker(s: dict, inp: dict, work: Path) -> dict:
 DIFFERENCES = [
     ("sampler: ovr's HF engine samples with Gumbel-max on a seeded generator and never samples special tokens (image "
     "pads, vision markers); TRL uses transformers' multinomial sampling (top_k=0) over the whole vocabulary"),
-    ("old log-probs: ovr always runs a no-grad forward for the old policy's log-probs (ratio and logprob-gap check), "
-    "TRL skips it when strictly on-policy (ratio = 1 by detaching): ovr's update does one more forward"),
+    ("old log-probs: strictly on-policy (one optimizer step per batch, no mismatch correction) both sides take them "
+    "from the update's own forward, detached (ovr: rl.old_logprobs=auto); neither runs a separate no-grad pass"),
     ("ovr's update also pushes the new weights into its rollout engine's separate model copy; TRL generates with the "
     "training model itself (nothing to push)"),
     ("batching: ovr packs sequences into token-budget varlen micro-batches (its own attention kernel); TRL pads the "
