@@ -95,6 +95,17 @@ def test_matches_reference_fwd_bwd(triton_backend, lens_q, lens_k, hq, hkv, d, c
         assert_close_3way(name, g, rg, tg, factor=3.0, atol=atol)
 
 
+def _causal_pair(cu_q, cu_k, max_len):
+    """(kernel, reference) causal attention with LSE over fixed boundaries, as functions of (q, k, v)."""
+    def kernel(q, k, v):
+        return varlen_attention(q, k, v, cu_q, cu_k, max_len, max_len, causal=True, return_lse=True)
+
+    def ref(q, k, v):
+        return varlen_attention_ref(q, k, v, cu_q, cu_k, causal=True, return_lse=True)
+
+    return kernel, ref
+
+
 def test_forward_pointer_path_for_unaligned_views(triton_backend):
     """A q/k/v view whose token stride is not 16-byte aligned (a fused projection with odd padding) cannot use TMA
     descriptors: the forward takes masked pointer loads instead, with the same results; aligned inputs take TMA."""
@@ -108,12 +119,7 @@ def test_forward_pointer_path_for_unaligned_views(triton_backend):
     assert not va._tma_ok(qs.device, qs, ks, vs)
     do = torch.randn(q.shape, dtype=torch.float64)
 
-    def kernel(q, k, v):
-        return varlen_attention(q, k, v, cu_q, cu_k, 70, 70, causal=True, return_lse=True)
-
-    def ref(q, k, v):
-        return varlen_attention_ref(q, k, v, cu_q, cu_k, causal=True, return_lse=True)
-
+    kernel, ref = _causal_pair(cu_q, cu_k, 70)
     got, aligned = _run(kernel, qs, ks, vs, do), _run(kernel, q, k, v, do)
     truth = _run(ref, q.double(), k.double(), v.double(), do)
     assert_close_3way("out", got[0], aligned[0], truth[0], factor=2.0, atol=1e-3)
@@ -216,12 +222,7 @@ def test_fused_dq_with_few_q_rows(triton_backend, monkeypatch):
     do = torch.randn(q.shape, dtype=torch.float64)
     assert _dq_mode_of(lens, False) == va.DQ_ATOMIC
 
-    def kernel(q, k, v):
-        return varlen_attention(q, k, v, cu_q, cu_k, 70, 70, causal=True, return_lse=True)
-
-    def ref(q, k, v):
-        return varlen_attention_ref(q, k, v, cu_q, cu_k, causal=True, return_lse=True)
-
+    kernel, ref = _causal_pair(cu_q, cu_k, 70)
     got, reference = _run(kernel, q, k, v, do), _run(ref, q, k, v, do)
     truth = _run(ref, q.double(), k.double(), v.double(), do)
     for g, r, t in zip(got[2], reference[2], truth[2]):
