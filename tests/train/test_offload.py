@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 from test_rl_step import dumps, init_dir, launch, straight_run  # noqa: F401  (init_dir is a fixture)
-from test_sft_dist import ROOT, _alive, _cmd, _descendants, _metrics, _run, env  # noqa: F401  (env is a fixture)
+from test_sft_dist import ROOT, _alive, _metrics, _run, _start_until_checkpoint, env  # noqa: F401  (env is a fixture)
 
 from ovr_train.optim import build_optimizer, load_cpu_adam_op
 
@@ -97,16 +97,8 @@ def test_sft_offload_matches_and_resumes_after_kill9(tmp_path, env):  # noqa: F8
     assert (tmp_path / "cpu" / "sft" / "hf" / "config.json").is_file()  # the export gathers CPU shards too
 
     # kill -9 (launcher and ranks) after the step-2 checkpoint, rerun: the curve is the uninterrupted one
-    victim = subprocess.Popen(_cmd(2, tmp_path / "killed", FEW + ["--optim.offload=cpu",
-                                                                  "--checkpoint.export_hf=false"]),
-                              env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    ckpts = tmp_path / "killed" / "sft" / "checkpoints"
-    deadline = time.time() + 180
-    while time.time() < deadline and victim.poll() is None and not (ckpts / "step_00000002").is_dir():
-        time.sleep(0.1)
-    assert victim.poll() is None, "the run finished before it could be killed"
-    ranks = _descendants(victim.pid)
+    victim, ranks = _start_until_checkpoint(tmp_path / "killed", FEW + ["--optim.offload=cpu",
+                                                                      "--checkpoint.export_hf=false"], 2, env)
     for pid in [victim.pid, *ranks]:
         os.kill(pid, signal.SIGKILL)
     victim.wait()

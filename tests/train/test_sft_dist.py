@@ -73,6 +73,19 @@ def test_two_ranks_match_one_rank_and_hsdp(tmp_path, env):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4) == pytest.approx(c["grad_norm"], rel=1e-4)
 
 
+def _start_until_checkpoint(out_dir, extra: list, step: int, env):
+    """Start a 2-rank SFT run in its own session and wait (at most 180 s) until its step-`step` checkpoint
+    exists; returns (the launcher's Popen, its rank pids). Fails if the run ended before that."""
+    victim = subprocess.Popen(_cmd(2, out_dir, extra), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpt = Path(out_dir) / "sft" / "checkpoints" / f"step_{step:08d}"
+    deadline = time.time() + 180
+    while time.time() < deadline and victim.poll() is None and not ckpt.is_dir():
+        time.sleep(0.1)
+    assert victim.poll() is None, "the run finished before it could be killed"
+    return victim, _descendants(victim.pid)
+
+
 def _descendants(pid: int) -> list:
     """Live (non-zombie) descendants of `pid`, from /proc."""
     children = {}
@@ -109,14 +122,7 @@ def resumed_run(tmp_path_factory, env):
     directory is started (it must be refused), then its launcher alone killed with SIGKILL (the ranks must follow)
     and the same command rerun."""
     tmp, extra = tmp_path_factory.mktemp("resume"), FULL
-    victim = subprocess.Popen(_cmd(2, tmp / "killed", extra), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
-    ckpts = tmp / "killed" / "sft" / "checkpoints"
-    deadline = time.time() + 180
-    while time.time() < deadline and victim.poll() is None and not (ckpts / "step_00000004").is_dir():
-        time.sleep(0.1)
-    assert victim.poll() is None, "the run finished before it could be killed"
-    ranks = _descendants(victim.pid)
+    victim, ranks = _start_until_checkpoint(tmp / "killed", extra, 4, env)
     facts = {"ranks": ranks}
     lock = tmp / "killed" / "sft" / ".ovr.lock"
     try:
