@@ -270,7 +270,7 @@ def advantages(rcfg, policy, critic, reference, batch, device) -> TokenTargets:
                                            temperature=rcfg.temperature).logprobs[k])
         old_T, ref_T = tokens(old_T) if recompute else None, tokens(ref_T) if reference is not None else None
         rollout_T = torch.tensor([lp for b in order for lp in batch.samples[b].logprobs], device=device)
-        like_T = rollout_T.float()  # any tensor with one entry per response token, for the shapes below
+        like_T = rollout_T  # fp32, one entry per response token: the shape of the per-token tensors below
         reward_T = torch.zeros_like(like_T)
         if len(order):
             reward_T[cu_T[1:].long() - 1] = batch.scores_B[order].to(device)  # the score sits on the last token
@@ -320,7 +320,8 @@ def update(rcfg, grad_clip, policy, critic, optims, batch, tt, device):
             at += mb.count
             logp = out.logprobs[k]
             old = logp.detach() if own_old else tt.old_T[sl]
-            old_parts.append(old)
+            if own_old:
+                old_parts.append(old)
             loss, met = policy_loss(rcfg, logp, out.entropy[k], old, tt.adv_T[sl], tt.weight_T[sl], cu, norm,
                                     tt.ref_T[sl] if tt.ref_T is not None else None)
             (loss + 0.0 * out.logprobs.sum()).backward()  # a filler still runs FSDP's backward collectives
