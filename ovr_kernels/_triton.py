@@ -1,6 +1,7 @@
 """Backend selection and shared Triton launch helpers.
 
-Every public op asks `use_triton(tensor)` once: CUDA tensors take the Triton/CUDA path, CPU tensors the reference.
+Every public op asks `use_triton(tensor)` once: CUDA tensors take the Triton/CUDA path, CPU tensors the torch path
+(the reference, or a faster torch implementation where the op has one: varlen attention runs torch SDPA).
 `OVR_BACKEND=triton` forces Triton (on a CPU-only machine through the interpreter), `OVR_BACKEND=reference` forces
 the reference. `TRITON_INTERPRET` must be set before triton is imported, so when Triton is forced on a machine
 without CUDA this module sets it before any kernel module imports triton.

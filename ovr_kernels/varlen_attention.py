@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from ovr_kernels._checks import check_cu_seqlens, check_tensor, max_seqlen_of
-from ovr_kernels._triton import HAS_TRITON, INTERPRET, use_triton
+from ovr_kernels._triton import HAS_TRITON, INTERPRET, backend, use_triton
 from ovr_kernels.reference import varlen_attention_ref
 
 if HAS_TRITON:
@@ -807,6 +807,67 @@ class VarlenAttnFn(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# CPU path: torch SDPA over length-sorted groups of padded segments
+# ----------------------------------------------------------------------------------------------------------------
+
+# Cap on one group's padded score grid (segments x longest q x longest k): its bool mask is that many bytes.
+SDPA_GROUP_ELEMENTS = 1 << 24
+
+
+def _sdpa_groups(lens_q: list, lens_k: list, budget: int) -> list:
+    """Segments with queries, longest keys first, cut into groups whose padded grid n * max_q * max_k stays within
+    `budget` (a longer segment alone may exceed it). Sorted lengths keep the padding inside a group small."""
+    order = sorted((b for b in range(len(lens_q)) if lens_q[b] > 0), key=lambda b: (-lens_k[b], -lens_q[b]))
+    groups, cur, max_q = [], [], 0
+    for b in order:  # lens_k of the group's first segment is its max
+        new_q = max(max_q, lens_q[b])
+        if cur and (len(cur) + 1) * new_q * max(lens_k[cur[0]], 1) > budget:
+            groups.append(cur)
+            cur, new_q = [], lens_q[b]
+        cur.append(b)
+        max_q = new_q
+    return groups + [cur] if cur else groups
+
+
+def varlen_attention_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale):
+    """varlen attention by torch's scaled_dot_product_attention (the CPU path; any device works): the segments
+    that have queries are sorted by length and cut into groups (`SDPA_GROUP_ELEMENTS`); each group is gathered into
+    a padded (n, H, L, D) batch with a boolean (n, 1, Lq, Lk) mask (key padding, and the bottom-right causal
+    diagonal), run by one SDPA call (torch's fused CPU flash kernel, GQA native), and the outputs are gathered
+    back into packed order. Autograd runs through SDPA's own backward. A query row that sees no key (its mask row
+    all False) gets output 0 and zero gradients from SDPA itself (torch >= 2.5: a safe softmax, no NaN).
+
+    Same arguments as `varlen_attention` (validated there), the scale resolved; returns out (Tq, Hq, D). Reads the
+    lengths on the host: one sync, free on the CPU."""
+    num_q, num_k = q.shape[0], k.shape[0]
+    if num_q == 0 or num_k == 0:  # nothing to attend to: the reference gives the all-zero output
+        return varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale)
+    cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    lens_q, lens_k = cu_seqlens_q.diff().tolist(), cu_seqlens_k.diff().tolist()
+    gqa = q.shape[1] != k.shape[1]
+    device = q.device
+    outs, rows = [], []
+    for group in _sdpa_groups(lens_q, lens_k, SDPA_GROUP_ELEMENTS):
+        gq = torch.tensor([lens_q[b] for b in group], device=device)
+        gk = torch.tensor([lens_k[b] for b in group], device=device)
+        max_q, max_k = int(gq.max()), max(int(gk.max()), 1)
+        pos_q, pos_k = torch.arange(max_q, device=device), torch.arange(max_k, device=device)
+        valid_q = pos_q < gq[:, None]  # (n, Lq)
+        idx_q = (torch.tensor([cu_q[b] for b in group], device=device)[:, None] + pos_q).clamp_(max=num_q - 1)
+        idx_k = (torch.tensor([cu_k[b] for b in group], device=device)[:, None] + pos_k).clamp_(max=num_k - 1)
+        allowed = (pos_k < gk[:, None])[:, None, :].expand(-1, max_q, -1)  # (n, Lq, Lk)
+        if causal:
+            allowed = allowed & (pos_k[None, None, :] - pos_q[None, :, None] <= (gk - gq)[:, None, None])
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q[idx_q].transpose(1, 2), k[idx_k].transpose(1, 2), v[idx_k].transpose(1, 2), attn_mask=allowed[:, None],
+            scale=softmax_scale, enable_gqa=gqa).transpose(1, 2)  # (n, Lq, Hq, D)
+        outs.append(out[valid_q])
+        rows.append(idx_q[valid_q])
+    # every query row belongs to exactly one group (segments without queries have no rows): undo the length sort
+    return torch.cat(outs)[torch.argsort(torch.cat(rows))]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # public function
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -899,15 +960,19 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         softmax_lse [if return_lse]: (nheads, total_q) fp32, natural log; -inf for rows that see no key. Not
             differentiable.
     Gradients flow to q, k and v (fp32 accumulation, returned in their dtype); never to cu_seqlens.
-    CUDA tensors run the Triton kernels, CPU tensors `ovr_kernels.reference.varlen_attention_ref`
-    (`OVR_BACKEND=triton|reference` forces one, see `ovr_kernels._triton`). Raises ValueError on bad inputs.
+    CUDA tensors run the Triton kernels; CPU tensors `varlen_attention_sdpa` (torch's fused CPU attention over
+    padded groups of segments, deterministic), or `ovr_kernels.reference.varlen_attention_ref` when return_lse is
+    asked (SDPA does not return the LSE). `OVR_BACKEND=triton|reference` forces one (`ovr_kernels._triton`).
+    Raises ValueError on bad inputs.
     """
     kernel = use_triton(q) if isinstance(q, torch.Tensor) else False
     _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
               check_cu_seqlens_values and not torch.compiler.is_compiling(), kernel)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if not kernel:
-        return varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, return_lse)
+        if return_lse or backend() == "reference":
+            return varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, return_lse)
+        return varlen_attention_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
     out, lse = VarlenAttnFn.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal),
                                   scale, bool(deterministic))
     return (out, lse) if return_lse else out

@@ -275,12 +275,82 @@ def test_torch_compile_custom_op(triton_backend):
     assert max_err(out, ref_out) < 1e-5 and max_err(dq, ref_dq) < 1e-4
 
 
-def test_cpu_default_is_reference(monkeypatch):
+def test_cpu_lse_is_the_reference(monkeypatch):
+    """return_lse on CPU tensors: SDPA has no LSE output, so the call is the reference's, bit for bit."""
     monkeypatch.delenv("OVR_BACKEND", raising=False)
     q, k, v, cu_q, cu_k = _inputs([3, 0, 5], [3, 0, 5], 4, 2, 24, torch.float64)
     out, lse = varlen_attention(q, k, v, cu_q, cu_k, 5, 5, causal=True, return_lse=True)
     ref_out, ref_lse = varlen_attention_ref(q, k, v, cu_q, cu_k, True, None, True)
     assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+
+
+SDPA_CASES = CASES + [
+    # more segments than a tiny group budget holds, length-1 and empty ones, causal rows before their keys
+    pytest.param([1, 1, 9, 0, 33, 2, 17, 1, 40], [1, 3, 4, 2, 33, 0, 20, 1, 38], 4, 2, 32, True, torch.float32, None,
+                 id="many-segments-rows-without-keys"),
+    pytest.param([6, 0, 3, 2], [0, 5, 0, 4], 2, 2, 16, False, torch.float32, None, id="empty-key-segments"),
+    pytest.param([64] * 6, None, 4, 4, 32, False, torch.bfloat16, None, id="vit-windows-bf16"),
+]
+
+
+@pytest.mark.parametrize("group_elements", [1 << 24, 512], ids=["one-group", "many-groups"])
+@pytest.mark.parametrize("lens_q, lens_k, hq, hkv, d, causal, dtype, scale", SDPA_CASES)
+def test_cpu_sdpa_path_matches_reference_fwd_bwd(monkeypatch, lens_q, lens_k, hq, hkv, d, causal, dtype, scale,
+                                                 group_elements):
+    """The CPU path (torch SDPA over padded groups, what CPU training runs) vs the same-dtype reference vs float64
+    truth, forward and every gradient; rows that see no key are exactly 0 with finite gradients."""
+    monkeypatch.delenv("OVR_BACKEND", raising=False)
+    monkeypatch.setattr(va, "SDPA_GROUP_ELEMENTS", group_elements)
+    calls = []
+    monkeypatch.setattr(va, "varlen_attention_sdpa", lambda *a: calls.append(1) or _SDPA(*a))
+    lens_k = lens_q if lens_k is None else lens_k
+    q, k, v, cu_q, cu_k = _inputs(lens_q, lens_k, hq, hkv, d, dtype)
+    do = torch.randn(q.shape, dtype=torch.float64)
+
+    def kernel(q, k, v):
+        return varlen_attention(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal,
+                                softmax_scale=scale), None
+
+    def ref(q, k, v):
+        return varlen_attention_ref(q, k, v, cu_q, cu_k, causal=causal, softmax_scale=scale), None
+
+    out, _, grads = _run(kernel, q, k, v, do)
+    ref_out, _, ref_grads = _run(ref, q, k, v, do)
+    truth_out, _, truth_grads = _run(ref, q.double(), k.double(), v.double(), do)
+    assert calls, "CPU tensors did not take the SDPA path"
+    assert out.dtype == dtype and out.shape == q.shape
+    atol = 1e-5 if dtype == torch.float32 else 1e-3
+    assert_close_3way("out", out, ref_out, truth_out, factor=2.0, atol=atol)
+    for name, g, rg, tg in zip(("dq", "dk", "dv"), grads, ref_grads, truth_grads):
+        assert g.dtype == dtype and bool(torch.isfinite(g).all())
+        assert_close_3way(name, g, rg, tg, factor=3.0, atol=atol)
+    blind = truth_out.abs().amax((1, 2)) == 0  # rows whose truth is 0: no key visible
+    assert torch.equal(out[blind], torch.zeros_like(out[blind]))
+
+
+_SDPA = va.varlen_attention_sdpa
+
+
+def test_sdpa_groups_cover_every_segment_once_within_the_budget():
+    lens_q = [5, 0, 70, 3, 1, 64, 64, 0, 9]
+    lens_k = [9, 4, 70, 0, 1, 64, 60, 2, 9]
+    groups = va._sdpa_groups(lens_q, lens_k, budget=64 * 64 * 2)
+    flat = [b for g in groups for b in g]
+    assert sorted(flat) == [b for b in range(len(lens_q)) if lens_q[b] > 0]  # each segment with queries, once
+    assert [lens_k[b] for b in flat] == sorted((lens_k[b] for b in flat), reverse=True)
+    for g in groups:
+        cells = len(g) * max(lens_q[b] for b in g) * max(max(lens_k[b] for b in g), 1)
+        assert len(g) == 1 or cells <= 64 * 64 * 2
+    assert groups[0] == [2]  # 70 x 70 alone exceeds the budget: its own group
+    assert va._sdpa_groups([0, 0], [3, 4], 100) == []
+
+
+def test_reference_backend_forces_the_reference_on_cpu(monkeypatch):
+    monkeypatch.setenv("OVR_BACKEND", "reference")
+    monkeypatch.setattr(va, "varlen_attention_sdpa", lambda *a: pytest.fail("took the SDPA path"))
+    q, k, v, cu_q, cu_k = _inputs([3, 0, 5], [3, 0, 5], 4, 2, 24, torch.float32)
+    out = varlen_attention(q, k, v, cu_q, cu_k, 5, 5, causal=True)
+    assert torch.equal(out, varlen_attention_ref(q, k, v, cu_q, cu_k, True))
 
 
 def test_head_dim_split():
