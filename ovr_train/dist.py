@@ -113,6 +113,7 @@ def apply_fsdp(model, mesh, param_dtype: torch.dtype, reshard_after_forward: boo
     return model
 
 
+@torch.no_grad()  # there `to_local()` is the gradient's own shard, so the in-place scale writes the gradient
 def clip_grad_norm(params: list, max_norm: float) -> torch.Tensor:
     """Global gradient norm over all shards as a 0-d fp32 tensor (no host sync); clips to max_norm when > 0. A
     non-finite norm makes the clipped gradients non-finite too: the caller skips that step.
@@ -137,8 +138,8 @@ def clip_grad_norm(params: list, max_norm: float) -> torch.Tensor:
             if placement.is_shard() and mesh.size(dim) > 1:
                 dist.all_reduce(sq, group=mesh.get_group(dim))
     norm = sq.sqrt()
-    if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(local, max_norm, norm, foreach=True)
+    if max_norm > 0:  # torch's clip_grad_norm_ coefficient (clip_grads_with_norm_ takes parameters, not gradients)
+        torch._foreach_mul_(local, (max_norm / (norm + 1e-6)).clamp(max=1.0))
     return norm
 
 
