@@ -386,7 +386,8 @@ DIFFERENCES = [
     "from the update's own forward, detached (ovr: rl.old_logprobs=auto); neither runs a separate no-grad pass"),
     ("ovr's update also pushes the new weights into its rollout engine's separate model copy; TRL generates with the "
     "training model itself (nothing to push)"),
-    ("batching: ovr packs sequences into token-budget varlen micro-batches (its own attention kernel); TRL pads the "
+    ("batching: ovr packs sequences into token-budget varlen micro-batches (its varlen attention op: on CPU torch "
+    "SDPA over length-sorted groups of padded sequences, on GPU its Triton kernel); TRL pads the "
     "RL batch to the longest sequence (sdpa) and, in SFT, concatenates the batch padding-free (sdpa, position ids)"),
     "scoring: ovr scores in a verifier subprocess pool with a hard timeout; TRL calls the same verifier in-process",
     "advantages: both z-score per group with the unbiased std; ovr adds 1e-6 to the std, TRL 1e-4",
