@@ -293,6 +293,9 @@ SDPA_CASES = CASES + [
 ]
 
 
+_SDPA = va.varlen_attention_sdpa  # the real CPU path, for the spy that records it was taken
+
+
 @pytest.mark.parametrize("group_elements", [1 << 24, 512], ids=["one-group", "many-groups"])
 @pytest.mark.parametrize("lens_q, lens_k, hq, hkv, d, causal, dtype, scale", SDPA_CASES)
 def test_cpu_sdpa_path_matches_reference_fwd_bwd(monkeypatch, lens_q, lens_k, hq, hkv, d, causal, dtype, scale,
@@ -327,8 +330,6 @@ def test_cpu_sdpa_path_matches_reference_fwd_bwd(monkeypatch, lens_q, lens_k, hq
     blind = truth_out.abs().amax((1, 2)) == 0  # rows whose truth is 0: no key visible
     assert torch.equal(out[blind], torch.zeros_like(out[blind]))
 
-
-_SDPA = va.varlen_attention_sdpa
 
 
 def test_sdpa_groups_cover_every_segment_once_within_the_budget():
