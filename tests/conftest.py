@@ -11,13 +11,26 @@ import subprocess
 if shutil.which("nvidia-smi") is None or subprocess.run(["nvidia-smi", "-L"], capture_output=True, check=False).returncode != 0:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per test worker: N workers on N cores, none oversubscribed
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 HAS_CUDA = torch.cuda.is_available()
 
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _worker_group(item) -> str:
+    """The tests `pytest -n N --dist loadgroup` (make test) keeps on one worker: a file's tests, except that every
+    test reading the RL start point (`init_dir`) and the RL runs launched under it (tests/train/shared_runs.py) joins
+    one group, so each of those launches still runs once per session."""
+    return "rl-runs" if "init_dir" in getattr(item, "fixturenames", ()) else str(item.path)
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects: the added markers must count for `-m gpu`
@@ -26,6 +39,11 @@ def pytest_collection_modifyitems(config, items):
     `-m gpu` selects every test that touches the GPU; without CUDA `gpu` tests skip."""
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     skip_nvcc = pytest.mark.skip(reason="needs nvcc")
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # collected by each worker of `pytest -n N`
+        # the multi-process (slow) tests first, so that no worker is left alone with a long one at the end
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+        for item in items:
+            item.add_marker(pytest.mark.xdist_group(_worker_group(item)))
     for item in items:
         if getattr(getattr(item, "module", None), "DEVICE", None) == "cuda":
             item.add_marker(pytest.mark.gpu)

@@ -82,6 +82,7 @@ def test_fallbacks_for_missing_keys(small_table):
     assert bc("fwd", 128, 4096, 80, torch.bfloat16, True) == va._FALLBACK_CONFIG
 
 
+@pytest.mark.slow
 def test_autotune_rehearsal_writes_winners_with_their_source(tmp_path):
     table, out = tmp_path / "table.json", tmp_path / "sweep.json"
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")

@@ -4,6 +4,7 @@ A launch that failed fails every test that asks for it again, without running it
 
 import atexit
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -27,3 +28,11 @@ def once(key: str, make):
     if not ok:
         raise value
     return value
+
+
+def torchrun(nproc: int) -> list:
+    """argv prefix of a `nproc`-rank torchrun launch (plain python for one rank). `--standalone` makes torchrun pick
+    a free rendezvous port, so launches from concurrent test workers never collide on a fixed one."""
+    if nproc == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]

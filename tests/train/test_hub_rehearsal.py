@@ -6,11 +6,11 @@ original layout and for the export. One launcher per stage, the smallest setting
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from shared_runs import torchrun
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
@@ -29,9 +29,7 @@ EVAL = ["--eval.num_text=2", "--eval.num_images=2", "--eval.num_samples=1", "--e
 
 
 def _run(env, nproc, *args, timeout=600):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-                str(29400 + os.getpid() % 500)] if nproc > 1 else [sys.executable]
-    proc = subprocess.run([*launcher, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+    proc = subprocess.run([*torchrun(nproc), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           check=False)
     assert proc.returncode == 0, f"{args[:4]} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
     return proc.stdout

@@ -5,12 +5,12 @@ evals and determinism. Plus the pieces: the base stage's perception corpus, its 
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from shared_runs import torchrun
 
 from ovr_train.config import load_config
 from ovr_train.report import PLOTS, SECTIONS, aggregate, main
@@ -31,8 +31,7 @@ SHORT = ["--base.steps=3", "--base.batch_size=8", "--base.num_train=64", "--sft.
 
 
 def _run_all(out: Path, cache: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(29600 + os.getpid() % 1000), "-m", "ovr_train.launch", "--stage", "all", f"--run.out_dir={out}",
+    cmd = [*torchrun(2), "-m", "ovr_train.launch", "--stage", "all", f"--run.out_dir={out}",
            f"--data.cache_dir={cache}", *TINY, *SHORT]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     env.pop("RANK", None)

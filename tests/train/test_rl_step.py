@@ -7,12 +7,11 @@ runs that several tests (here, test_rl_options.py, test_offload.py) read are lau
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from shared_runs import once
+from shared_runs import once, torchrun
 
 from ovr_kernels.reference import gae_ref, masked_whiten_ref
 from ovr_train.rewards import score
@@ -54,7 +53,7 @@ def init_dir():
 
 
 def launch(root, out, steps, *extra):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ovr_train.launch",
+    cmd = [*torchrun(2), "-m", "ovr_train.launch",
            "--stage", "rl", f"--rl.init_from={root / 'hf'}", f"--run.out_dir={out}", f"--rl.steps={steps}",
            f"--data.cache_dir={root / 'cache'}", *TINY, *RL, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -91,7 +90,7 @@ def faults_run(init_dir):
         rows.append({"id": "long", "question": "Compute 1 + 1. " + "Think hard. " * 60, "answer": "2"})
         (tmp / "prompts.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
         out, probe = tmp / "run", tmp / "probe"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(Path(__file__).parent /
+        cmd = [*torchrun(2), str(Path(__file__).parent /
                "rl_faults.py"), str(probe), "--stage", "rl", f"--rl.init_from={init_dir / 'hf'}",
                f"--run.out_dir={out}", "--rl.steps=4", f"--data.cache_dir={init_dir / 'cache'}", *TINY, *RL,
                "--rl.prompts_per_step=4", f"--rl.prompt_files=[{tmp / 'prompts.jsonl'}]",

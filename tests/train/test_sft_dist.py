@@ -7,13 +7,12 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from shared_runs import once
+from shared_runs import once, torchrun
 
 from ovr_train.checkpoint import latest_checkpoint, list_checkpoints
 
@@ -31,14 +30,12 @@ def env(tmp_path_factory):
     return e
 
 
-def _cmd(nproc: int, out_dir, extra: list, port_offset: int = 0) -> list:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                "--master_port", str(29500 + os.getpid() % 1000 + port_offset)] if nproc > 1 else [sys.executable]
-    return launcher + ["-m", "ovr_train.launch", "--stage", "sft", f"--run.out_dir={out_dir}", *SMALL, *extra]
+def _cmd(nproc: int, out_dir, extra: list) -> list:
+    return torchrun(nproc) + ["-m", "ovr_train.launch", "--stage", "sft", f"--run.out_dir={out_dir}", *SMALL, *extra]
 
 
-def _run(nproc, out_dir, extra, env, check=True, port_offset=0):
-    proc = subprocess.run(_cmd(nproc, out_dir, extra, port_offset), env=env, cwd=ROOT, capture_output=True, text=True,
+def _run(nproc, out_dir, extra, env, check=True):
+    proc = subprocess.run(_cmd(nproc, out_dir, extra), env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=240, check=False)
     if check and proc.returncode != 0:
         raise AssertionError(f"launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -130,7 +127,7 @@ def resumed_run(tmp_path_factory, env):
             os.kill(pid, signal.SIGSTOP)
         facts["holder"] = lock.read_text().split() if lock.is_file() else []
         before, t0 = _snapshot(tmp / "killed"), time.time()
-        facts["second"] = _run(2, tmp / "killed", extra, env, check=False, port_offset=1)
+        facts["second"] = _run(2, tmp / "killed", extra, env, check=False)
         facts["second_s"], facts["changed"] = time.time() - t0, before != _snapshot(tmp / "killed")
     finally:
         for pid in [victim.pid, *ranks]:
