@@ -1,7 +1,7 @@
 """The optimizer of SFT and RL: `torch.optim.AdamW` on the device, or with `optim.offload=cpu` DeepSpeed's CPU Adam
 (AVX C++, JIT-compiled by DeepSpeed on first use) stepping FSDP2's CPU-offloaded fp32 parameter shards.
 
-Both are torch Optimizers over the model's DTensor parameters, so LambdaLR, gradient clipping, the NaN-guarded
+Both are torch Optimizers over the model's DTensor parameters that step their local shards, so LambdaLR, gradient clipping, the NaN-guarded
 step and DCP checkpoints (optimizer state saved and resharded by parameter name) are the same code either way.
 """
 
@@ -11,16 +11,16 @@ import os
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+from torch.optim.adam import adam
 from torch.utils.cpp_extension import get_default_build_root
 
 
 def build_optimizer(params: list, offload: str, lr: float, betas, weight_decay: float, eps: float = 1e-8):
-    """AdamW over `params` (the trainable parameters of an FSDP2 model): torch's fused AdamW for offload="none"
-    (one kernel per step on CPU and GPU; on the tiny model's DTensor shards on CPU a step took 2.7 ms against the
-    foreach one's 7.1 ms), ShardedCPUAdam (DeepSpeed's CPU Adam) for offload="cpu" (the model sharded
-    with CPU offload)."""
+    """AdamW over `params` (the trainable parameters of an FSDP2 model): ShardedAdamW (torch's fused AdamW kernel
+    on the local shards) for offload="none", ShardedCPUAdam (DeepSpeed's CPU Adam) for offload="cpu" (the model
+    sharded with CPU offload)."""
     if offload == "none":
-        return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=True)
+        return ShardedAdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=True)
     if offload != "cpu":
         raise ValueError(f"optim.offload={offload!r}: must be one of ['none', 'cpu']")
     load_cpu_adam_op()
@@ -50,6 +50,37 @@ def load_cpu_adam_op():
 def _local(t: torch.Tensor) -> torch.Tensor:
     # Under no_grad `to_local()` is the DTensor's own local tensor: writing it updates the shard in place.
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+class ShardedAdamW(torch.optim.AdamW):
+    """torch's AdamW whose step runs on the local shards of DTensor parameters.
+
+    The parameters, moments and state are torch AdamW's own (DTensors, the same state keys), so LambdaLR, DCP
+    checkpoints and resharding see no difference. Only the step's kernel is given the local tensors. Given the
+    DTensors themselves, the fused kernel re-derives their sharding on every step (DTensor's propagation cache
+    does not cover an op over tensor lists): on the tiny model on 2 CPU cores that was 5.7% of an SFT step (a
+    profile), against 1.5% for the update itself; stepping the shards made the step 2-3% faster. The update is
+    elementwise on each shard, so the result is bit-identical."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
+            has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
+            beta1, beta2 = group["betas"]
+            adam(
+                [_local(t) for t in params], [_local(t) for t in grads], [_local(t) for t in exp_avgs],
+                [_local(t) for t in exp_avg_sqs], [_local(t) for t in max_exp_avg_sqs], steps,
+                amsgrad=group["amsgrad"], has_complex=has_complex, beta1=beta1, beta2=beta2, lr=group["lr"],
+                weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
+                foreach=group["foreach"], capturable=group["capturable"], differentiable=group["differentiable"],
+                fused=group["fused"], grad_scale=getattr(self, "grad_scale", None),
+                found_inf=getattr(self, "found_inf", None), decoupled_weight_decay=group["decoupled_weight_decay"])
+        return loss
 
 
 @functools.cache
