@@ -52,6 +52,14 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def _closure_loss(closure):
+    """An optimizer step's `closure` convention: the loss it returns, evaluated with gradients on (None without one)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class ShardedAdamW(torch.optim.AdamW):
     """torch's AdamW whose step runs on the local shards of DTensor parameters.
 
@@ -64,10 +72,7 @@ class ShardedAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
             has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
@@ -107,10 +112,7 @@ def sharded_cpu_adam_class():
 
         @torch.no_grad()
         def step(self, closure=None):
-            loss = None
-            if closure is not None:
-                with torch.enable_grad():
-                    loss = closure()
+            loss = _closure_loss(closure)
             for group in self.param_groups:
                 beta1, beta2 = group["betas"]
                 # A fresh C++ optimizer: its bias-correction cache (beta**t) is then pow(beta, t), never a product

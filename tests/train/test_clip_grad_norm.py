@@ -1,13 +1,11 @@
 """dist.clip_grad_norm (local shards, one all-reduce of the squared norm) equals torch's clip_grad_norm_ on the
 DTensors, on 2 ranks: FSDP-style Shard(0) over both, and a 2-D (replicate, shard) mesh each way round."""
 
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from shared_runs import spawn_ranks
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
@@ -26,38 +24,25 @@ def _params(mesh, placements, seed):
     return params
 
 
-def _worker(rank, port, failures):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        layouts = [((2,), ("shard",), [Shard(0)]), ((1, 2), ("replicate", "shard"), [Replicate(), Shard(0)]),
-                   ((2, 1), ("replicate", "shard"), [Replicate(), Shard(0)])]
-        for shape, names, placements in layouts:
-            mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
-            for max_norm in (0.0, 1.0, 1e6):
-                ours, theirs = _params(mesh, placements, 0), _params(mesh, placements, 0)
-                norm = clip_grad_norm(ours, max_norm)
-                ref = torch.nn.utils.clip_grad_norm_(theirs, max_norm if max_norm > 0 else float("inf"))
-                ref = ref.full_tensor() if hasattr(ref, "full_tensor") else ref
-                if not torch.allclose(norm, ref, rtol=1e-6):
-                    failures.put(f"{shape} max_norm={max_norm}: norm {norm.item()} != {ref.item()}")
-                for a, b in zip(ours, theirs):
-                    if not torch.allclose(a.grad.full_tensor(), b.grad.full_tensor(), rtol=1e-6, atol=1e-7):
-                        failures.put(f"{shape} max_norm={max_norm}: clipped gradients differ")
-    finally:
-        dist.destroy_process_group()
+def _ranks(rank, failures):
+    layouts = [((2,), ("shard",), [Shard(0)]), ((1, 2), ("replicate", "shard"), [Replicate(), Shard(0)]),
+               ((2, 1), ("replicate", "shard"), [Replicate(), Shard(0)])]
+    for shape, names, placements in layouts:
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
+        for max_norm in (0.0, 1.0, 1e6):
+            ours, theirs = _params(mesh, placements, 0), _params(mesh, placements, 0)
+            norm = clip_grad_norm(ours, max_norm)
+            ref = torch.nn.utils.clip_grad_norm_(theirs, max_norm if max_norm > 0 else float("inf"))
+            ref = ref.full_tensor() if hasattr(ref, "full_tensor") else ref
+            if not torch.allclose(norm, ref, rtol=1e-6):
+                failures.put(f"{shape} max_norm={max_norm}: norm {norm.item()} != {ref.item()}")
+            for a, b in zip(ours, theirs):
+                if not torch.allclose(a.grad.full_tensor(), b.grad.full_tensor(), rtol=1e-6, atol=1e-7):
+                    failures.put(f"{shape} max_norm={max_norm}: clipped gradients differ")
 
 
 def test_matches_torch_on_dtensors_across_ranks():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    failures = ctx.Queue()
-    mp.start_processes(_worker, args=(port, failures), nprocs=2, start_method="spawn")
-    found = []
-    while not failures.empty():
-        found.append(failures.get())
+    found = spawn_ranks(_ranks)
     assert not found, found
 
 

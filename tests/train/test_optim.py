@@ -3,12 +3,9 @@ DTensors, on 2 ranks with uneven shards (one rank empty), keeps the same state, 
 on plain tensors it is torch's AdamW."""
 
 import copy
-import os
-import socket
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from shared_runs import spawn_ranks
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
@@ -59,26 +56,15 @@ def _check(place, full) -> list:
     return failures
 
 
-def _worker(rank, port, failures):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("shard",))
-        for f in _check(lambda t: distribute_tensor(t, mesh, [Shard(0)]), lambda t: t.full_tensor() if isinstance(t, DTensor) else t):
-            failures.put(f"rank {rank}: {f}")
-    finally:
-        dist.destroy_process_group()
+def _ranks(rank, failures):
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("shard",))
+    full = lambda t: t.full_tensor() if isinstance(t, DTensor) else t  # the step counts are plain tensors
+    for f in _check(lambda t: distribute_tensor(t, mesh, [Shard(0)]), full):
+        failures.put(f"rank {rank}: {f}")
 
 
 def test_matches_torch_fused_adamw_on_dtensors_across_ranks():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    failures = mp.get_context("spawn").Queue()
-    mp.start_processes(_worker, args=(port, failures), nprocs=2, start_method="spawn")
-    found = []
-    while not failures.empty():
-        found.append(failures.get())
+    found = spawn_ranks(_ranks)
     assert not found, found
 
 
