@@ -1,8 +1,9 @@
 """The optimizer of SFT and RL: `torch.optim.AdamW` on the device, or with `optim.offload=cpu` DeepSpeed's CPU Adam
 (AVX C++, JIT-compiled by DeepSpeed on first use) stepping FSDP2's CPU-offloaded fp32 parameter shards.
 
-Both are torch Optimizers over the model's DTensor parameters that step their local shards, so LambdaLR, gradient clipping, the NaN-guarded
-step and DCP checkpoints (optimizer state saved and resharded by parameter name) are the same code either way.
+Both are torch Optimizers over the model's DTensor parameters that step their local shards, so LambdaLR, gradient
+clipping, the NaN-guarded step and DCP checkpoints (optimizer state saved and resharded by parameter name) are the
+same code either way.
 """
 
 import functools
@@ -72,6 +73,8 @@ class ShardedAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
+        # torch 2.13's Adam.step (torch/optim/adam.py) with the lists made local: the same `_init_group` (state
+        # created on the DTensors) and the same call of the functional `adam`
         loss = _closure_loss(closure)
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []

@@ -11,13 +11,16 @@ import subprocess
 if shutil.which("nvidia-smi") is None or subprocess.run(["nvidia-smi", "-L"], capture_output=True, check=False).returncode != 0:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per test worker: N workers on N cores, none oversubscribed
+# A worker of `pytest -n N` (make test): one thread per worker (and for what it launches), so N workers on N cores
+# are not oversubscribed
+XDIST_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+if XDIST_WORKER:
     os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest
 import torch
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
+if XDIST_WORKER:  # also when a plugin imported torch before the variable was set
     torch.set_num_threads(1)
 
 HAS_CUDA = torch.cuda.is_available()
@@ -39,7 +42,7 @@ def pytest_collection_modifyitems(config, items):
     `-m gpu` selects every test that touches the GPU; without CUDA `gpu` tests skip."""
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     skip_nvcc = pytest.mark.skip(reason="needs nvcc")
-    if os.environ.get("PYTEST_XDIST_WORKER"):  # collected by each worker of `pytest -n N`
+    if XDIST_WORKER:  # each worker collects
         # the multi-process (slow) tests first, so that no worker is left alone with a long one at the end
         items.sort(key=lambda item: item.get_closest_marker("slow") is None)
         for item in items:

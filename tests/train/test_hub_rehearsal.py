@@ -29,8 +29,8 @@ EVAL = ["--eval.num_text=2", "--eval.num_images=2", "--eval.num_samples=1", "--e
 
 
 def _run(env, nproc, *args, timeout=600):
-    proc = subprocess.run([*torchrun(nproc), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          check=False)
+    proc = subprocess.run([*torchrun(nproc), *args], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, check=False)
     assert proc.returncode == 0, f"{args[:4]} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
     return proc.stdout
 

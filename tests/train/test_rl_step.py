@@ -90,8 +90,8 @@ def faults_run(init_dir):
         rows.append({"id": "long", "question": "Compute 1 + 1. " + "Think hard. " * 60, "answer": "2"})
         (tmp / "prompts.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
         out, probe = tmp / "run", tmp / "probe"
-        cmd = [*torchrun(2), str(Path(__file__).parent /
-               "rl_faults.py"), str(probe), "--stage", "rl", f"--rl.init_from={init_dir / 'hf'}",
+        cmd = [*torchrun(2), str(Path(__file__).parent / "rl_faults.py"), str(probe), "--stage", "rl",
+               f"--rl.init_from={init_dir / 'hf'}",
                f"--run.out_dir={out}", "--rl.steps=4", f"--data.cache_dir={init_dir / 'cache'}", *TINY, *RL,
                "--rl.prompts_per_step=4", f"--rl.prompt_files=[{tmp / 'prompts.jsonl'}]",
                f"--data.system_prompt={SYSTEM}", f"--data.answer_instruction={INSTRUCTION}", "--data.max_seq_len=100",
