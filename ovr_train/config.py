@@ -79,6 +79,9 @@ class ModelCfg:
     """ViT patches merged per side into one LLM token."""
     init_seed: int = 1234
     """Seed of the random initialisation when `path` is empty (same on every rank, so shards agree)."""
+    init_std: float = 0.02
+    """Std of the normal init of every weight matrix and embedding (LLM, ViT, merger, head) when `path` is empty:
+    transformers' `initializer_range`. Unused when `path` loads weights."""
     attn_implementation: str = "ovr_flash_varlen"
     """"ovr_flash_varlen" (packed varlen kernel, needs data.packing) or "sdpa" (padded batches)."""
     deterministic_attention: bool = False
@@ -103,6 +106,7 @@ class ModelCfg:
                      "vision_hidden_size", "vision_intermediate_size", "vision_num_heads", "patch_size",
                      "spatial_merge_size"):
             _check(getattr(self, name) > 0, f"model.{name}", getattr(self, name), "must be > 0")
+        _check(self.init_std > 0, "model.init_std", self.init_std, "must be > 0")
         _check(self.bpe_vocab_size >= 300, "model.bpe_vocab_size", self.bpe_vocab_size, "must be >= 300 (256 bytes + "
                "special tokens)")
         _check(self.vocab_size >= 0, "model.vocab_size", self.vocab_size, "must be >= 0")

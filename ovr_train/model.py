@@ -131,7 +131,10 @@ def hf_config(mcfg, vocab_size: int, ids: dict):
             "rope_parameters": {"rope_type": "default", "rope_theta": mcfg.rope_theta,
                                 "mrope_section": list(mcfg.mrope_section)},
             "bos_token_id": ids["endoftext"], "eos_token_id": ids["im_end"], "pad_token_id": ids["endoftext"]}
-    vision = {"depth": mcfg.vision_depth, "hidden_size": mcfg.vision_hidden_size,
+    # initializer_range is read per sub-model: the LLM's modules, the ViT's and the top-level head each look at
+    # their own config's (transformers PreTrainedModel._init_weights).
+    text["initializer_range"] = mcfg.init_std
+    vision = {"initializer_range": mcfg.init_std, "depth": mcfg.vision_depth, "hidden_size": mcfg.vision_hidden_size,
               "intermediate_size": mcfg.vision_intermediate_size, "num_heads": mcfg.vision_num_heads,
               "out_hidden_size": mcfg.hidden_size, "patch_size": mcfg.patch_size,
               "spatial_merge_size": mcfg.spatial_merge_size, "window_size": mcfg.vision_window_size,
@@ -139,7 +142,8 @@ def hf_config(mcfg, vocab_size: int, ids: dict):
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["image_pad"],
                             video_token_id=ids["video_pad"], vision_start_token_id=ids["vision_start"],
                             vision_end_token_id=ids["vision_end"], tie_word_embeddings=mcfg.tie_word_embeddings,
-                            bos_token_id=ids["endoftext"], eos_token_id=ids["im_end"], pad_token_id=ids["endoftext"])
+                            bos_token_id=ids["endoftext"], eos_token_id=ids["im_end"], pad_token_id=ids["endoftext"],
+                            initializer_range=mcfg.init_std)
 
 
 def model_vocab_size(mcfg, tokenizer_size: int) -> int:

@@ -203,9 +203,80 @@ def write_report(out_dir, summary: dict) -> Path:
     return path
 
 
+def _gain(x, a, b, set_name):
+    """(acc of stage b - acc of stage a, combined s.e.) on `set_name` in summary x; None when a stage is missing."""
+    ev = x["evals"]
+    if a not in ev or b not in ev or set_name not in ev[b]["metrics"]:
+        return None
+    return (ev[b]["metrics"][set_name]["pass@1"] - ev[a]["metrics"][set_name]["pass@1"],
+            math.hypot(ev[a]["stderr"][set_name], ev[b]["stderr"][set_name]))
+
+
+def _claims_over_runs(run_dirs, sums) -> list:
+    """Per run and pooled: RL vs the cold start and vs the base model on held-out images, RL vs the cold start on
+    text. Pooled = the mean difference over runs, its s.e. sqrt(sum of the runs' combined s.e.^2) / runs (the
+    question sets are the same, the runs independent). 'above' means the difference exceeds 2 s.e."""
+    rows = [("image: RL - cold start", "sft", "rl", "synth_images"), ("image: RL - base", "base", "rl", "synth_images"),
+            ("text: RL - cold start", "sft", "rl", "synth_text")]
+    md = ["Claims over runs (difference of held-out pass@1 +- combined s.e.; **above** = difference > 2 s.e., "
+          "**not below** = difference > -2 s.e.):", "",
+          "| comparison | " + " | ".join(Path(d).name for d in run_dirs) + " | pooled | verdict |",
+          "|---|" + "---|" * (len(run_dirs) + 2)]
+    for title, a, b, set_name in rows:
+        gains = [_gain(x, a, b, set_name) for x in sums]
+        if any(g is None for g in gains):
+            continue
+        mean = statistics.mean(g for g, _ in gains)
+        se = math.sqrt(sum(e * e for _, e in gains)) / len(gains)
+        above, not_below = mean > 2 * se, mean > -2 * se
+        verdict = "above" if above else ("not below" if not_below else "below")
+        md.append(f"| {title} | " + " | ".join(f"{g:+.3f} +- {e:.3f}" for g, e in gains)
+                  + f" | {mean:+.3f} +- {se:.3f} | **{verdict}** |")
+    return md
+
+
+def _behaviour_change_in_rl(run_dirs, sums) -> list:
+    """Behaviour rates of the RL rollouts (image prompts, text prompts, transfer = image / text) in the first and
+    last 10% of the RL steps, and of the held-out image answers of the cold-start and RL models; mean over runs.
+    'amplified' = a behaviour whose held-out image rate rose from the cold start to RL in every run."""
+    records = [read_metrics(Path(d) / "rl" / "metrics.jsonl") for d in run_dirs]
+    if not all(records) or not all("sft" in x["evals"] and "rl" in x["evals"] for x in sums):
+        return []
+
+    def window(rows, key, last):
+        k = max(1, len(rows) // 10)
+        vals = [r[key] for r in (rows[-k:] if last else rows[:k]) if key in r and not math.isnan(r[key])]
+        return statistics.mean(vals) if vals else float("nan")
+
+    def mean_over_runs(fn):
+        vals = [v for v in (fn(i) for i in range(len(sums))) if v is not None and not math.isnan(v)]
+        return statistics.mean(vals) if vals else None
+
+    md = ["Behaviours during RL (mean over runs; rollouts: first -> last 10% of the RL steps; held-out: image "
+          "answers of the cold-start -> RL model):", "",
+          "| behaviour | rollouts, image | rollouts, text | rollouts, transfer | held-out image | amplified by RL |",
+          "|---|---|---|---|---|---|"]
+    for b in BEHAVIORS:
+        cells = []
+        for kind in ("image", "text", "transfer"):
+            key = f"behav/{kind}/{b}"
+            first = mean_over_runs(lambda i: window(records[i], key, False))
+            last = mean_over_runs(lambda i: window(records[i], key, True))
+            cells.append(f"{_fmt(first)} -> {_fmt(last)}")
+        held = [(_rate(x, "sft", "synth_images", b), _rate(x, "rl", "synth_images", b)) for x in sums]
+        sft_mean = mean_over_runs(lambda i: held[i][0])
+        rl_mean = mean_over_runs(lambda i: held[i][1])
+        amplified = all(a is not None and r is not None and r > a for a, r in held)
+        md.append(f"| {b} | " + " | ".join(cells) + f" | {_fmt(sft_mean)} -> {_fmt(rl_mean)} | "
+                  f"{'yes' if amplified else 'no'} |")
+    return md
+
+
 def aggregate(run_dirs: list) -> str:
-    """Markdown table of per-stage held-out accuracy (mean and spread over runs, e.g. seeds) and behaviour rates,
-    from each run's summary.json: `python -m ovr_train.report RUN_DIR [RUN_DIR ...]`."""
+    """Markdown tables from each run's summary.json and rl/metrics.jsonl (`python -m ovr_train.report RUN_DIR
+    [RUN_DIR ...]`): per-stage held-out accuracy and behaviour rates (mean and spread over runs, e.g. seeds), the
+    claims per run and pooled (RL vs cold start and base on images, RL vs cold start on text), the behaviour rates
+    during RL, and the wall times."""
     if not run_dirs:
         raise ValueError("aggregate: no run directory given")
     missing = [str(d) for d in run_dirs if not (Path(d) / "summary.json").is_file()]
@@ -231,6 +302,7 @@ def aggregate(run_dirs: list) -> str:
             t = [_rate(x, s, "synth_text", b) or 0.0 for x in sums]
             i = [_rate(x, s, "synth_images", b) or 0.0 for x in sums]
             md.append(f"| {s} | {b} | {ms(t)} | {ms(i)} |")
+    md += [""] + _claims_over_runs(run_dirs, sums) + [""] + _behaviour_change_in_rl(run_dirs, sums)
     md += ["", "| run | " + " | ".join(f"{s} train / eval (s)" for s in stages) + " | total (min) |",
            "|---|" + "---|" * (len(stages) + 1)]
     for d, x in zip(run_dirs, sums):

@@ -107,6 +107,27 @@ def test_vision_freeze_counts_and_errors(setup):
     assert DataCfg().packing
 
 
+@pytest.mark.parametrize("std", [0.02, 0.09])
+def test_init_std_sets_every_weight_matrix_and_embedding(setup, std):
+    """model.init_std reaches the LLM, the ViT, the merger and the head alike; norms start at one, biases at zero."""
+    tok, ids, _ = setup
+    model = build_model(ModelCfg(freeze_vision=False, init_std=std), ids, len(tok))
+    parts = {"hf.model.language_model.", "hf.model.visual.blocks.", "hf.model.visual.patch_embed.",
+             "hf.model.visual.merger.", "hf.lm_head."}
+    seen = set()
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            assert abs(p.std().item() / std - 1) < 0.1, (name, p.std().item())
+            seen |= {part for part in parts if name.startswith(part)}
+        elif "norm" in name or name.endswith(("ln_q.weight",)):
+            assert torch.all(p == 1), name
+        elif name.endswith(".bias"):
+            assert torch.all(p == 0), name
+    assert seen == parts
+    with pytest.raises(ValueError, match="model.init_std"):
+        ModelCfg(init_std=0.0)
+
+
 def test_checkpoint_with_fewer_vocab_rows_than_the_tokenizer_is_refused(setup, tmp_path):
     """Targets are tokenizer ids: a model.path whose embedding has fewer rows would send out-of-range targets to
     the fused head, so the build refuses it (one check per run instead of a host sync per batch)."""

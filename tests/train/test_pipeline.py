@@ -105,6 +105,54 @@ def test_report_cli_refuses_missing_runs(tmp_path, capsys):
     assert f"no summary.json (written at the end of a `--stage all` run) in: {tmp_path}" in capsys.readouterr().err
 
 
+def _fake_run(path, seed, acc, se, image_rates, rollouts):
+    """A run directory with a summary.json (acc[stage][set], one s.e. for all) and an RL metrics.jsonl."""
+    from ovr_train.behaviors import BEHAVIORS
+
+    evals = {}
+    for stage, sets in acc.items():
+        metrics = {n: {"pass@1": a, "num_questions": 600, "num_samples": 2} for n, a in sets.items()}
+        for b in BEHAVIORS:
+            metrics["synth_images"][f"behavior/{b}"] = image_rates[stage].get(b, 0.0)
+            metrics["synth_text"][f"behavior/{b}"] = 0.5
+        evals[stage] = {"metrics": metrics, "stderr": {n: se for n in sets}, "by_task": {}}
+    times = {f"{s}_{k}_s": 1.0 for s in acc for k in ("train", "eval")} | {"total_s": 60.0}
+    path.mkdir(parents=True)
+    (path / "summary.json").write_text(json.dumps({"seed": seed, "evals": evals, "times": times}))
+    (path / "rl").mkdir()
+    (path / "rl" / "metrics.jsonl").write_text("\n".join(json.dumps({"step": i + 1, **r})
+                                                         for i, r in enumerate(rollouts)))
+
+
+def test_aggregate_claims_and_behaviour_change(tmp_path):
+    acc = [{"base": {"synth_text": 0.10, "synth_images": 0.20}, "sft": {"synth_text": 0.30, "synth_images": 0.10},
+            "rl": {"synth_text": 0.31, "synth_images": 0.26}},
+           {"base": {"synth_text": 0.10, "synth_images": 0.22}, "sft": {"synth_text": 0.34, "synth_images": 0.12},
+            "rl": {"synth_text": 0.30, "synth_images": 0.24}}]
+    rates = [{"base": {}, "sft": {"verification": 0.2, "reflection": 0.4}, "rl": {"verification": 0.5}},
+             {"base": {}, "sft": {"verification": 0.1, "reflection": 0.3}, "rl": {"verification": 0.3,
+                                                                                  "reflection": 0.35}}]
+    # 20 steps: the first and last 10% are steps 1-2 and 19-20
+    rollouts = [{"behav/image/verification": 0.1 if i < 2 else (0.9 if i >= 18 else 0.5),
+                 "behav/text/verification": 1.0, "behav/transfer/verification": float("nan") if i == 0 else 0.2}
+                for i in range(20)]
+    runs = [tmp_path / "s0", tmp_path / "s1"]
+    for i, run in enumerate(runs):
+        _fake_run(run, i, acc[i], 0.01, rates[i], rollouts)
+    lines = aggregate(runs).splitlines()
+    row = {line.split(" | ")[0].lstrip("| "): line for line in lines if line.startswith("| ")}
+    # image: +0.16 and +0.12, each s.e. hypot(0.01, 0.01); pooled +0.14 +- sqrt(2 * 0.0002) / 2
+    assert row["image: RL - cold start"] == ("| image: RL - cold start | +0.160 +- 0.014 | +0.120 +- 0.014 | "
+                                             "+0.140 +- 0.010 | **above** |")
+    assert row["image: RL - base"].endswith("| +0.040 +- 0.010 | **above** |")
+    # text: +0.01 and -0.04 -> pooled -0.015 +- 0.010: within 2 s.e. of zero
+    assert row["text: RL - cold start"].endswith("| -0.015 +- 0.010 | **not below** |")
+    # rollouts 0.1 -> 0.9 on images, transfer skips the NaN step; held-out 0.15 -> 0.40, up in both runs
+    assert row["verification"] == ("| verification | 0.100 -> 0.900 | 1.000 -> 1.000 | 0.200 -> 0.200 | "
+                                   "0.150 -> 0.400 | yes |")
+    assert row["reflection"].endswith("| 0.350 -> 0.175 | no |")  # down in run 0 (0.4 -> 0), up in run 1
+
+
 def test_perception_corpus_answers_in_boxed_form(tmp_path):
     path = ensure_perception_corpus(str(tmp_path), 24, seed=1)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
