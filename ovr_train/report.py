@@ -218,8 +218,8 @@ def _claims_over_runs(run_dirs, sums) -> list:
     question sets are the same, the runs independent). 'above' means the difference exceeds 2 s.e."""
     rows = [("image: RL - cold start", "sft", "rl", "synth_images"), ("image: RL - base", "base", "rl", "synth_images"),
             ("text: RL - cold start", "sft", "rl", "synth_text")]
-    md = ["Claims over runs (difference of held-out pass@1 +- combined s.e.; **above** = difference > 2 s.e., "
-          "**not below** = difference > -2 s.e.):", "",
+    md = [("Claims over runs (difference of held-out pass@1 +- combined s.e.; **above** = difference > 2 s.e., "
+           "**not below** = difference > -2 s.e.):"), "",
           "| comparison | " + " | ".join(Path(d).name for d in run_dirs) + " | pooled | verdict |",
           "|---|" + "---|" * (len(run_dirs) + 2)]
     for title, a, b, set_name in rows:
@@ -248,27 +248,24 @@ def _behaviour_change_in_rl(run_dirs, sums) -> list:
         vals = [r[key] for r in (rows[-k:] if last else rows[:k]) if key in r and not math.isnan(r[key])]
         return statistics.mean(vals) if vals else float("nan")
 
-    def mean_over_runs(fn):
-        vals = [v for v in (fn(i) for i in range(len(sums))) if v is not None and not math.isnan(v)]
+    def mean_over_runs(vals):
+        vals = [v for v in vals if v is not None and not math.isnan(v)]
         return statistics.mean(vals) if vals else None
 
-    md = ["Behaviours during RL (mean over runs; rollouts: first -> last 10% of the RL steps; held-out: image "
-          "answers of the cold-start -> RL model):", "",
+    md = [("Behaviours during RL (mean over runs; rollouts: first -> last 10% of the RL steps; held-out: image "
+           "answers of the cold-start -> RL model):"), "",
           "| behaviour | rollouts, image | rollouts, text | rollouts, transfer | held-out image | amplified by RL |",
           "|---|---|---|---|---|---|"]
     for b in BEHAVIORS:
         cells = []
         for kind in ("image", "text", "transfer"):
-            key = f"behav/{kind}/{b}"
-            first = mean_over_runs(lambda i: window(records[i], key, False))
-            last = mean_over_runs(lambda i: window(records[i], key, True))
+            first = mean_over_runs([window(r, f"behav/{kind}/{b}", False) for r in records])
+            last = mean_over_runs([window(r, f"behav/{kind}/{b}", True) for r in records])
             cells.append(f"{_fmt(first)} -> {_fmt(last)}")
         held = [(_rate(x, "sft", "synth_images", b), _rate(x, "rl", "synth_images", b)) for x in sums]
-        sft_mean = mean_over_runs(lambda i: held[i][0])
-        rl_mean = mean_over_runs(lambda i: held[i][1])
         amplified = all(a is not None and r is not None and r > a for a, r in held)
-        md.append(f"| {b} | " + " | ".join(cells) + f" | {_fmt(sft_mean)} -> {_fmt(rl_mean)} | "
-                  f"{'yes' if amplified else 'no'} |")
+        md.append(f"| {b} | " + " | ".join(cells) + f" | {_fmt(mean_over_runs([a for a, _ in held]))} -> "
+                  f"{_fmt(mean_over_runs([r for _, r in held]))} | {'yes' if amplified else 'no'} |")
     return md
 
 
