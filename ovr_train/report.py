@@ -32,6 +32,12 @@ def _stages(summary) -> list:
     return [s for s in ("base", "sft", "rl") if s in summary["evals"]]
 
 
+def _tenths(records: list) -> tuple:
+    """The first and the last 10% (at least one) of the RL steps' records."""
+    k = max(1, len(records) // 10)
+    return records[:k], records[-k:]
+
+
 def _rate(summary, stage, set_name, behavior):
     m = summary["evals"][stage]["metrics"].get(set_name)
     return m.get(f"behavior/{behavior}") if m else None
@@ -112,16 +118,26 @@ def plot_wall_time(summary, path: Path):
     plt.close(fig)
 
 
+def _gain(x, a, b, set_name):
+    """(acc of stage b - acc of stage a, combined s.e.) on `set_name` in summary x; None when a stage is missing."""
+    ev = x["evals"]
+    if a not in ev or b not in ev or set_name not in ev[b]["metrics"]:
+        return None
+    return (ev[b]["metrics"][set_name]["pass@1"] - ev[a]["metrics"][set_name]["pass@1"],
+            math.hypot(ev[a]["stderr"][set_name], ev[b]["stderr"][set_name]))
+
+
 def claims(summary) -> list:
     """The issue's two claims, stated as measured (no thresholds tuned after the fact: 'clear margin' means the RL
     gain exceeds twice the combined standard error of the two accuracies)."""
     lines = []
     ev = summary["evals"]
-    if "sft" in ev and "rl" in ev and "synth_images" in ev["rl"]["metrics"]:
+    gain = _gain(summary, "sft", "rl", "synth_images")
+    if gain is not None:
         a, b = ev["sft"]["metrics"]["synth_images"]["pass@1"], ev["rl"]["metrics"]["synth_images"]["pass@1"]
-        se = math.hypot(ev["sft"]["stderr"]["synth_images"], ev["rl"]["stderr"]["synth_images"])
+        se = gain[1]
         q = ev["rl"]["metrics"]["synth_images"]["num_questions"]
-        verdict = "holds" if b - a > 2 * se else "does NOT hold"
+        verdict = "holds" if gain[0] > 2 * se else "does NOT hold"
         lines.append(f"1. RL raises held-out image accuracy over the cold-start model: {a:.3f} -> {b:.3f} "
                      f"({b - a:+.3f}, combined s.e. {se:.3f}, {q} questions): **{verdict}** in this run "
                      "(criterion: gain > 2 s.e.).")
@@ -191,7 +207,7 @@ def write_report(out_dir, summary: dict) -> Path:
             md.append(f"| {s} | {b} | {_fmt(t)} | {_fmt(i)} | {_fmt(tr, '{:.2f}')} |")
     md += ["", "![behaviours](plots/behaviors.png)", "", "## RL curves", ""]
     if records:
-        first, last = records[: max(1, len(records) // 10)], records[-max(1, len(records) // 10):]
+        first, last = _tenths(records)
         avg = lambda rows, k: sum(r.get(k, 0.0) for r in rows) / len(rows)
         md.append(f"Sampled reward (mean of the first / last 10% of {len(records)} steps): "
                   f"{avg(first, 'reward_mean'):.3f} -> {avg(last, 'reward_mean'):.3f}; image prompts "
@@ -203,19 +219,11 @@ def write_report(out_dir, summary: dict) -> Path:
     return path
 
 
-def _gain(x, a, b, set_name):
-    """(acc of stage b - acc of stage a, combined s.e.) on `set_name` in summary x; None when a stage is missing."""
-    ev = x["evals"]
-    if a not in ev or b not in ev or set_name not in ev[b]["metrics"]:
-        return None
-    return (ev[b]["metrics"][set_name]["pass@1"] - ev[a]["metrics"][set_name]["pass@1"],
-            math.hypot(ev[a]["stderr"][set_name], ev[b]["stderr"][set_name]))
-
-
 def _claims_over_runs(run_dirs, sums) -> list:
     """Per run and pooled: RL vs the cold start and vs the base model on held-out images, RL vs the cold start on
-    text. Pooled = the mean difference over runs, its s.e. sqrt(sum of the runs' combined s.e.^2) / runs (the
-    question sets are the same, the runs independent). 'above' means the difference exceeds 2 s.e."""
+    text. Pooled = the mean difference over runs, its s.e. sqrt(sum of the runs' combined s.e.^2) / runs: the runs'
+    errors taken as independent, though they answer the same questions, so it can understate the spread that
+    question difficulty shares. 'above' means the difference exceeds 2 s.e."""
     rows = [("image: RL - cold start", "sft", "rl", "synth_images"), ("image: RL - base", "base", "rl", "synth_images"),
             ("text: RL - cold start", "sft", "rl", "synth_text")]
     md = [("Claims over runs (difference of held-out pass@1 +- combined s.e.; **above** = difference > 2 s.e., "
@@ -244,8 +252,7 @@ def _behaviour_change_in_rl(run_dirs, sums) -> list:
         return []
 
     def window(rows, key, last):
-        k = max(1, len(rows) // 10)
-        vals = [r[key] for r in (rows[-k:] if last else rows[:k]) if key in r and not math.isnan(r[key])]
+        vals = [r[key] for r in _tenths(rows)[last] if key in r and not math.isnan(r[key])]
         return statistics.mean(vals) if vals else float("nan")
 
     def mean_over_runs(vals):
