@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from ovr_train.synth_images import TASKS
+from ovr_train.synth_images import REASONING_TASKS, TASKS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
@@ -357,6 +357,9 @@ class RLCfg:
     """Prompt pool size of the built-in task (files: all their rows)."""
     text_fraction: float = 0.25
     """Built-in task: fraction of prompts drawn from the text corpus instead of the image task."""
+    image_tasks: list = field(default_factory=lambda: list(REASONING_TASKS))
+    """Built-in task: the synth_images tasks of the image prompts, round-robin (any but "describe", which has no
+    single verifiable answer); the held-out image set stays the reasoning tasks."""
     prefilter_samples: int = 0
     """Pre-filter the prompt pool by pass rate with this many samples per prompt before training (0: off)."""
     prefilter_min_pass: float = 0.0
@@ -402,6 +405,8 @@ class RLCfg:
                    " set both, or --rl.length_curriculum=[] to use rl.max_new_tokens at every step")
         _check(self.reward_timeout_s > 0, "rl.reward_timeout_s", self.reward_timeout_s, "must be > 0")
         _check(0 <= self.text_fraction <= 1, "rl.text_fraction", self.text_fraction, "must be in [0, 1]")
+        _check(bool(self.image_tasks) and all(t in TASKS and t != "describe" for t in self.image_tasks),
+               "rl.image_tasks", self.image_tasks, f"must be a non-empty subset of {[t for t in TASKS if t != 'describe']}")
         _check(self.num_prompts > 0 and self.reward_workers >= 0 and self.prefilter_samples >= 0,
                "rl.num_prompts/reward_workers/prefilter_samples",
                (self.num_prompts, self.reward_workers, self.prefilter_samples), "must be > 0, >= 0, >= 0")

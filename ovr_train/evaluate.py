@@ -123,7 +123,7 @@ def run_items(engine, tok, ids: dict, items: list, *, num_samples: int, max_new_
               fmt=None, reward_timeout_s: float = 5.0, keep_chars: int = 2000) -> list:
     """Generate `num_samples` responses per item with `engine` (rollout.HFEngine / VLLMEngine) and score them.
 
-    Returns one dict per item: id, where, answer, correct [0/1] * n, lengths (response tokens) * n, truncated * n,
+    Returns one dict per item: id, where, group (Item.group, else the id), answer, correct [0/1] * n, lengths (response tokens) * n, truncated * n,
     status (verifier 'ok' | 'timeout' | 'error') * n, behaviors [{name: bool}] * n, has_image, response (the first
     sample, cut to `keep_chars`). `pool`: a rewards.RewardPool running `rewards.score` (made here if None). `fmt`:
     the data.PromptFormat (None: no system prompt, no instruction).
@@ -143,7 +143,8 @@ def run_items(engine, tok, ids: dict, items: list, *, num_samples: int, max_new_
             for j, item in enumerate(chunk):
                 mine = range(j * num_samples, (j + 1) * num_samples)  # samples are prompt-major
                 assert all(samples[i].prompt_index == j for i in mine)
-                out.append({"id": item.id, "where": item.where, "answer": item.answer, "has_image": item.has_image,
+                out.append({"id": item.id, "where": item.where, "group": item.group or item.id,
+                            "answer": item.answer, "has_image": item.has_image,
                             "correct": [int(scored.rewards[i] >= 1.0) for i in mine],
                             "lengths": [len(samples[i].token_ids) for i in mine],
                             "truncated": [bool(samples[i].truncated) for i in mine],

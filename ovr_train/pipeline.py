@@ -15,12 +15,12 @@ configs/tiny.yaml sizes them so the whole run takes ~12 minutes on 2 quiet CPU c
 import copy
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 from ovr_train import synth_images
+from ovr_train.behaviors import BEHAVIORS
 from ovr_train.data import image_processor
 from ovr_train.evaluate import evaluate_with_config
 from ovr_train.report import write_report
@@ -53,15 +53,57 @@ def by_task(details: dict, tasks_of_set: dict) -> dict:
     return out
 
 
+def behaviour_accuracy(details: dict, tasks_of_set: dict) -> dict:
+    """Does a behaviour go with right answers? {set: {behaviour: {"with", "n_with", "without", "n_without",
+    "within_task"}}} over every sample: the accuracy of the samples that show the behaviour and of those that do
+    not (None when there are none), and their difference within tasks (the per-task differences weighted by the
+    samples showing it, over the tasks that have both; None when none has), since tasks differ both in difficulty
+    and in how often a behaviour shows."""
+    out = {}
+    for name, rows in details.items():
+        out[name] = {}
+        for b in BEHAVIORS:
+            per_task = {}  # task -> [right with, n with, right without, n without]
+            for r in rows:
+                cell = per_task.setdefault(_task_of(name, r, tasks_of_set), [0, 0, 0, 0])
+                for c, hit in zip(r["correct"], r["behaviors"]):
+                    k = 0 if hit[b] else 2
+                    cell[k] += c
+                    cell[k + 1] += 1
+            tot = [sum(cell[i] for cell in per_task.values()) for i in range(4)]
+            both = [cell for cell in per_task.values() if cell[1] and cell[3]]
+            weight = sum(cell[1] for cell in both)
+            out[name][b] = {"with": tot[0] / tot[1] if tot[1] else None, "n_with": tot[1],
+                            "without": tot[2] / tot[3] if tot[3] else None, "n_without": tot[3],
+                            "within_task": sum(cell[1] * (cell[0] / cell[1] - cell[2] / cell[3]) for cell in both)
+                            / weight if weight else None}
+    return out
+
+
 def std_error(details_rows: list) -> float:
-    """Standard error of pass@1 over questions (per-question accuracy c/n, sample std / sqrt(Q))."""
+    """Standard error of pass@1 over questions (per-question accuracy c/n), clustered by content group: questions
+    of one group (the same image and question, asked again) move together, so each group counts once. With every
+    group a single question this is the sample std / sqrt(Q); NaN with fewer than two groups."""
     accs = [sum(r["correct"]) / len(r["correct"]) for r in details_rows]
-    return statistics.stdev(accs) / len(accs) ** 0.5 if len(accs) > 1 else float("nan")
+    sums = {}
+    mean = sum(accs) / len(accs) if accs else 0.0
+    for r, a in zip(details_rows, accs):
+        g = r.get("group", r["id"])
+        sums[g] = sums.get(g, 0.0) + a - mean
+    if len(sums) < 2:
+        return float("nan")
+    return (len(sums) / (len(sums) - 1) * sum(v * v for v in sums.values())) ** 0.5 / len(accs)
+
+
+def distinct(details_rows: list) -> int:
+    """Content groups among the questions (see `std_error`)."""
+    return len({r.get("group", r["id"]) for r in details_rows})
 
 
 def evaluate_model(cfg, info, model_dir, label: str) -> dict:
     """Collective: evaluate the HF model in `model_dir` on the embedded default's held-out sets with cfg.eval's sampling settings.
-    Returns {"metrics": {set: summarize(...)}, "stderr": {set: SE of pass@1}, "by_task": ..., "seconds"} (same on
+    Returns {"metrics": {set: summarize(...)}, "stderr": {set: SE of pass@1}, "distinct": {set: content groups},
+    "by_task": ..., "behaviour_accuracy": ..., "seconds"} (same on
     every rank); rank 0 writes <run.out_dir>/eval/<label>.json with the per-question results."""
     ecfg, t0 = cfg.eval, time.perf_counter()
     tok = load_tokenizer(str(model_dir))
@@ -76,7 +118,9 @@ def evaluate_model(cfg, info, model_dir, label: str) -> dict:
     tasks_of_set = {"synth_images": list(synth_images.REASONING_TASKS),
                     "synth_perception": list(perception_tasks_of(cfg.base.tasks))}
     result = {"label": label, "model": str(model_dir), "metrics": metrics,
-              "stderr": {k: std_error(v) for k, v in details.items()}, "by_task": by_task(details, tasks_of_set),
+              "stderr": {k: std_error(v) for k, v in details.items()},
+              "distinct": {k: distinct(v) for k, v in details.items()}, "by_task": by_task(details, tasks_of_set),
+              "behaviour_accuracy": behaviour_accuracy(details, tasks_of_set),
               "seconds": time.perf_counter() - t0}
     if info.is_main:
         path = Path(cfg.run.out_dir) / "eval" / f"{label}.json"
@@ -84,7 +128,8 @@ def evaluate_model(cfg, info, model_dir, label: str) -> dict:
         path.write_text(json.dumps({**result, "questions": details}, indent=1))
         for name, m in metrics.items():
             print(f"[eval] {label} {name}: pass@1 {m['pass@1']:.3f} +- {result['stderr'][name]:.3f} over "
-                  f"{m['num_questions']} questions x {m['num_samples']}, mean length {m['mean_length']:.0f}")
+                  f"{m['num_questions']} questions ({result['distinct'][name]} distinct) x {m['num_samples']}, "
+                  f"mean length {m['mean_length']:.0f}")
     return result
 
 

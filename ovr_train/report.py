@@ -1,7 +1,8 @@
 """The `--stage all` run report: <out_dir>/report.md and PNG plots under <out_dir>/plots/.
 
 Sections (tests/train/test_pipeline.py checks them): Command, Wall time per stage, Accuracy per stage, Accuracy per
-task, Behaviour rates per stage (text vs image responses and the transfer ratio image / text), RL curves, Claims.
+task, Behaviour rates per stage (text vs image responses and the transfer ratio image / text), Behaviours and right
+answers on images (accuracy with vs without each behaviour), RL curves, Claims.
 Plots: rl_curves.png (sampled reward, all / image / text prompts, and mean response length per RL step),
 accuracy.png (held-out pass@1 per stage per set), behaviors.png (behaviour rate per stage, text vs image),
 wall_time.png (training and eval seconds per stage). Everything is read from the summary `pipeline.run_all` builds
@@ -18,7 +19,7 @@ from ovr_train.behaviors import BEHAVIORS
 from ovr_train.metrics import pyplot, read_metrics
 
 SECTIONS = ("## Command", "## Wall time per stage", "## Accuracy per stage", "## Accuracy per task",
-            "## Behaviour rates per stage", "## RL curves", "## Claims")
+            "## Behaviour rates per stage", "## Behaviours and right answers on images", "## RL curves", "## Claims")
 PLOTS = ("rl_curves.png", "accuracy.png", "behaviors.png", "wall_time.png")
 SET_TITLES = {"synth_text": "text (held-out arithmetic)", "synth_images": "image (held-out reasoning)",
               "synth_perception": "image perception (held-out)"}
@@ -36,6 +37,13 @@ def _tenths(records: list) -> tuple:
     """The first and the last 10% (at least one) of the RL steps' records."""
     k = max(1, len(records) // 10)
     return records[:k], records[-k:]
+
+
+def _questions(stage_eval, set_name) -> str:
+    """'600 Q', or '600 Q, 342 distinct' when some questions repeat the same content."""
+    q = stage_eval["metrics"][set_name]["num_questions"]
+    d = stage_eval.get("distinct", {}).get(set_name, q)
+    return f"{q} Q" if d == q else f"{q} Q, {d} distinct"
 
 
 def _rate(summary, stage, set_name, behavior):
@@ -180,8 +188,8 @@ def write_report(out_dir, summary: dict) -> Path:
     md += ["", f"Total: {times.get('total_s', 0):.0f} s ({times.get('total_s', 0) / 60:.1f} min).", "",
            "![wall time](plots/wall_time.png)", "",
            "## Accuracy per stage", "", "pass@1 on held-out questions, +- 1 standard error over questions.", "",
-           "| stage | " + " | ".join(f"{SET_TITLES.get(n, n)} ({ev[stages[0]]['metrics'][n]['num_questions']} Q)"
-                                    for n in sets) + " | image mean length |",
+           "| stage | " + " | ".join(f"{SET_TITLES.get(n, n)} ({_questions(ev[stages[0]], n)})" for n in sets)
+           + " | image mean length |",
            "|---|" + "---|" * (len(sets) + 1)]
     for s in stages:
         cells = [f"{ev[s]['metrics'][n]['pass@1']:.3f} +- {ev[s]['stderr'][n]:.3f}" for n in sets]
@@ -205,7 +213,17 @@ def write_report(out_dir, summary: dict) -> Path:
             t, i = _rate(summary, s, "synth_text", b), _rate(summary, s, "synth_images", b)
             tr = i / t if t and i is not None else None
             md.append(f"| {s} | {b} | {_fmt(t)} | {_fmt(i)} | {_fmt(tr, '{:.2f}')} |")
-    md += ["", "![behaviours](plots/behaviors.png)", "", "## RL curves", ""]
+    md += ["", "![behaviours](plots/behaviors.png)", "", "## Behaviours and right answers on images", "",
+           ("Held-out image reasoning: accuracy of the sampled answers that show a behaviour vs those that do not "
+            "(samples in brackets), and the difference within tasks (per-task differences weighted by the samples "
+            "showing it). A behaviour that goes with right answers gives RL a reason to keep it."), "",
+           "| stage | behaviour | with | without | within tasks |", "|---|---|---|---|---|"]
+    for s in stages:
+        for b, row in ev[s].get("behaviour_accuracy", {}).get("synth_images", {}).items():
+            if row["n_with"]:
+                md.append(f"| {s} | {b} | {_fmt(row['with'])} ({row['n_with']}) | {_fmt(row['without'])} "
+                          f"({row['n_without']}) | {_fmt(row['within_task'], '{:+.3f}')} |")
+    md += ["", "## RL curves", ""]
     if records:
         first, last = _tenths(records)
         avg = lambda rows, k: sum(r.get(k, 0.0) for r in rows) / len(rows)
@@ -276,11 +294,33 @@ def _behaviour_change_in_rl(run_dirs, sums) -> list:
     return md
 
 
+def _behaviour_accuracy_over_runs(sums, stages) -> list:
+    """Per stage and behaviour shown on held-out image reasoning: accuracy with vs without it and the
+    within-task difference, each the mean over the runs that have it; samples summed over runs."""
+    rows = []
+    for s in stages:
+        per_run = [x["evals"][s].get("behaviour_accuracy", {}).get("synth_images", {}) for x in sums]
+        for b in BEHAVIORS:
+            cells = [r[b] for r in per_run if b in r and r[b]["n_with"]]
+            if not cells:
+                continue
+            mean = {k: statistics.mean(v) if (v := [c[k] for c in cells if c[k] is not None]) else None
+                    for k in ("with", "without", "within_task")}
+            rows.append(f"| {s} | {b} | {_fmt(mean['with'])} ({sum(c['n_with'] for c in cells)}) | "
+                        f"{_fmt(mean['without'])} ({sum(c['n_without'] for c in cells)}) | "
+                        f"{_fmt(mean['within_task'], '{:+.3f}')} |")
+    if not rows:
+        return []
+    return [("Behaviours and right answers on held-out images (accuracy of the answers showing a behaviour vs the "
+             "rest, samples over all runs in brackets, difference within tasks; mean over runs):"), "",
+            "| stage | behaviour | with | without | within tasks |", "|---|---|---|---|---|"] + rows
+
+
 def aggregate(run_dirs: list) -> str:
     """Markdown tables from each run's summary.json and rl/metrics.jsonl (`python -m ovr_train.report RUN_DIR
     [RUN_DIR ...]`): per-stage held-out accuracy and behaviour rates (mean and spread over runs, e.g. seeds), the
     claims per run and pooled (RL vs cold start and base on images, RL vs cold start on text), the behaviour rates
-    during RL, and the wall times."""
+    during RL, accuracy with vs without each behaviour on images, and the wall times."""
     if not run_dirs:
         raise ValueError("aggregate: no run directory given")
     missing = [str(d) for d in run_dirs if not (Path(d) / "summary.json").is_file()]
@@ -307,6 +347,7 @@ def aggregate(run_dirs: list) -> str:
             i = [_rate(x, s, "synth_images", b) or 0.0 for x in sums]
             md.append(f"| {s} | {b} | {ms(t)} | {ms(i)} |")
     md += [""] + _claims_over_runs(run_dirs, sums) + [""] + _behaviour_change_in_rl(run_dirs, sums)
+    md += [""] + _behaviour_accuracy_over_runs(sums, stages)
     md += ["", "| run | " + " | ".join(f"{s} train / eval (s)" for s in stages) + " | total (min) |",
            "|---|" + "---|" * (len(stages) + 1)]
     for d, x in zip(run_dirs, sums):

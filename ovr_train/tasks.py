@@ -45,13 +45,16 @@ _IMAGE_TAG_RE = re.compile(r"<image\s*\d*>", re.IGNORECASE)  # MathVision's "<im
 @dataclass
 class Item:
     """One prompt: chat messages [(role, [str | ImageRef])] ending with the user turn, the gold answer, optional
-    multiple-choice options (option i has letter LETTERS[i]), and where it came from."""
+    multiple-choice options (option i has letter LETTERS[i]), where it came from, and its content group: items of
+    one group ask the same question about the same content (the generated digit tasks draw from only 100 digit
+    pairs), so a standard error counts a group once (`pipeline.std_error`); empty = the item's own id."""
 
     id: str
     messages: list
     answer: str
     choices: list = field(default_factory=list)
     where: str = ""
+    group: str = ""
 
     @property
     def has_image(self) -> bool:
@@ -226,19 +229,20 @@ def synth_text_items(num: int, seed: int, split: str) -> list:
 def synth_image_items(num: int, seed: int, split: str, prefix: str = "image", tasks=synth_images.REASONING_TASKS,
                       image_size: int = 112) -> list:
     """Generated image questions 0 .. num-1 of a synth_images split as Items `{prefix}-{i}` (the image inline as a
-    PNG data URL)."""
+    PNG data URL; the group is the content key, shared by repeats of a digit pair)."""
     rows = synth_images.make_dataset(num, seed, split, tasks=tasks, image_size=image_size)
     return [Item(f"{prefix}-{i}", [("user", [ImageRef(synth_images.png_data_url(r["image"])), r["question"]])], r["answer"],
-                 where=f"synth_images:{split}:{r['task']}:{i}") for i, r in enumerate(rows)]
+                 where=f"synth_images:{split}:{r['task']}:{i}", group=r["key"]) for i, r in enumerate(rows)]
 
 
 def prompt_pool(rcfg, seed: int) -> list:
-    """The RL prompts: rows of rl.prompt_files, or the built-in task (generated image questions from synth_images'
-    train split, plus a `text_fraction` of synth_text train problems, text first)."""
+    """The RL prompts: rows of rl.prompt_files, or the built-in task (generated image questions of rl.image_tasks
+    from synth_images' train split, plus a `text_fraction` of synth_text train problems, text first)."""
     if rcfg.prompt_files:
         return [it for f in rcfg.prompt_files for it in load_items(f)]
     num_text = round(rcfg.num_prompts * rcfg.text_fraction)
-    return synth_text_items(num_text, seed, "train") + synth_image_items(rcfg.num_prompts - num_text, seed, "train")
+    return synth_text_items(num_text, seed, "train") + synth_image_items(rcfg.num_prompts - num_text, seed, "train",
+                                                                          tasks=tuple(rcfg.image_tasks))
 
 
 def perception_tasks_of(tasks) -> tuple:

@@ -3,7 +3,9 @@ through the real launcher (torchrun, 2 ranks, gloo), run twice with the same see
 evals and determinism. Plus the pieces: the base stage's perception corpus, its config, the SFT init resolution."""
 
 import json
+import math
 import os
+import statistics
 import subprocess
 from pathlib import Path
 
@@ -12,7 +14,9 @@ import torch
 from safetensors.torch import load_file
 from shared_runs import torchrun
 
+from ovr_train.behaviors import BEHAVIORS
 from ovr_train.config import load_config
+from ovr_train.pipeline import behaviour_accuracy, distinct, std_error
 from ovr_train.report import PLOTS, SECTIONS, aggregate, main
 from ovr_train.rewards import extract_boxed
 from ovr_train.sft import base_stage_config, resolve_sft_init
@@ -66,6 +70,9 @@ def test_stage_all_end_to_end_and_deterministic(tmp_path):
         assert summary["times"][f"{stage}_train_s"] > 0 and summary["times"][f"{stage}_eval_s"] > 0
         per_q = json.loads((out / "eval" / f"{stage}.json").read_text())["questions"]
         assert len(per_q["synth_images"]) == 6
+        assert all(r["group"].startswith(("more_than|", "total_two|", "digit_")) for r in per_q["synth_images"])
+        assert summary["evals"][stage]["distinct"]["synth_images"] == len({r["group"] for r in per_q["synth_images"]})
+        assert set(summary["evals"][stage]["behaviour_accuracy"]["synth_images"]) == set(BEHAVIORS)
     assert set(summary["evals"]["rl"]["by_task"]["synth_images"]) == {"more_than", "total_two", "digit_sum",
                                                                       "digit_diff"}
     # the table shows what the summary holds (no recomputation in the report)
@@ -107,15 +114,16 @@ def test_report_cli_refuses_missing_runs(tmp_path, capsys):
 
 def _fake_run(path, seed, acc, se, image_rates, rollouts):
     """A run directory with a summary.json (acc[stage][set], one s.e. for all) and an RL metrics.jsonl."""
-    from ovr_train.behaviors import BEHAVIORS
-
     evals = {}
     for stage, sets in acc.items():
         metrics = {n: {"pass@1": a, "num_questions": 600, "num_samples": 2} for n, a in sets.items()}
         for b in BEHAVIORS:
             metrics["synth_images"][f"behavior/{b}"] = image_rates[stage].get(b, 0.0)
             metrics["synth_text"][f"behavior/{b}"] = 0.5
-        evals[stage] = {"metrics": metrics, "stderr": {n: se for n in sets}, "by_task": {}}
+        shown = {"with": 0.4 + 0.1 * seed, "n_with": 100, "without": 0.2, "n_without": 50, "within_task": 0.1}
+        evals[stage] = {"metrics": metrics, "stderr": {n: se for n in sets}, "by_task": {},
+                        "behaviour_accuracy": {"synth_images": {"verification": shown, "reflection": {
+                            "with": None, "n_with": 0, "without": 0.3, "n_without": 150, "within_task": None}}}}
     times = {f"{s}_{k}_s": 1.0 for s in acc for k in ("train", "eval")} | {"total_s": 60.0}
     path.mkdir(parents=True)
     (path / "summary.json").write_text(json.dumps({"seed": seed, "evals": evals, "times": times}))
@@ -151,6 +159,46 @@ def test_aggregate_claims_and_behaviour_change(tmp_path):
     assert row["verification"] == ("| verification | 0.100 -> 0.900 | 1.000 -> 1.000 | 0.200 -> 0.200 | "
                                    "0.150 -> 0.400 | yes |")
     assert row["reflection"].endswith("| 0.350 -> 0.175 | no |")  # down in run 0 (0.4 -> 0), up in run 1
+    # accuracy with vs without verification: the mean over runs, samples summed; never-shown behaviours left out
+    shown = lines[next(i for i, line in enumerate(lines) if line.startswith("Behaviours and right answers")):]
+    shown = [line for line in shown[:next(i for i, line in enumerate(shown) if line.startswith("| run |"))]
+             if line.startswith("| ") and "---" not in line][1:]
+    assert shown == [f"| {s} | verification | 0.450 (200) | 0.200 (100) | +0.100 |" for s in ("base", "sft", "rl")]
+
+
+def _rows(accs, groups=None):
+    """Per-question result rows of 2 samples each with the given accuracies (0, 0.5 or 1)."""
+    return [{"id": f"q-{i}", "correct": [int(a >= 0.5), int(a >= 1.0)],
+             **({"group": groups[i]} if groups else {})} for i, a in enumerate(accs)]
+
+
+def test_std_error_counts_a_content_group_once():
+    accs = [0.0, 0.5, 1.0, 1.0, 0.0, 0.5, 1.0]
+    plain = statistics.stdev(accs) / len(accs) ** 0.5
+    assert std_error(_rows(accs)) == pytest.approx(plain, rel=1e-12)  # no groups: each question its own
+    assert distinct(_rows(accs)) == len(accs)
+    # every question asked 4 times over (same content, same answers): the s.e. of the 7 distinct questions, where
+    # treating the 28 as independent would halve it
+    repeated = _rows([a for a in accs for _ in range(4)], [f"g{i}" for i in range(len(accs)) for _ in range(4)])
+    assert std_error(repeated) == pytest.approx(plain, rel=1e-12) and distinct(repeated) == 7
+    assert math.isnan(std_error(_rows([0.0, 1.0], ["g", "g"])))
+
+
+def test_behaviour_accuracy_with_without_and_within_tasks():
+    def row(i, correct, verified):
+        return {"id": f"image-{i}", "correct": correct, "behaviors": [{b: b == "verification" and v for b in
+                                                                       BEHAVIORS} for v in verified]}
+    # ids 0 and 2 are task "a", id 1 is task "b" (round-robin over ["a", "b"])
+    details = {"synth_images": [row(0, [1, 0], [True, False]), row(1, [1, 1], [False, False]),
+                                row(2, [1, 0], [True, True])]}
+    out = behaviour_accuracy(details, {"synth_images": ["a", "b"]})["synth_images"]
+    v = out["verification"]
+    # with: 2 of the 3 verified samples right; without: 2 of 3 (task a's miss, task b's two hits)
+    assert (v["with"], v["n_with"], v["without"], v["n_without"]) == (pytest.approx(2 / 3), 3, pytest.approx(2 / 3), 3)
+    # within tasks: only task a has both (2/3 with vs 0/1 without), weighted by its 3 verified samples
+    assert v["within_task"] == pytest.approx(2 / 3)
+    r = out["reflection"]
+    assert r["with"] is None and r["n_with"] == 0 and r["without"] == pytest.approx(4 / 6) and r["within_task"] is None
 
 
 def test_perception_corpus_answers_in_boxed_form(tmp_path):

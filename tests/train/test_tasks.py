@@ -157,6 +157,9 @@ def test_generated_items_are_the_generators_rows():
     pool = prompt_pool(RLCfg(num_prompts=10, text_fraction=0.3), 0)
     assert [it.id for it in pool] == [f"text-{i}" for i in range(3)] + [f"image-{i}" for i in range(7)]
     assert pool[:3] == synth_text_items(3, 0, "train") and pool[3:] == synth_image_items(7, 0, "train")
+    assert all(it.group == r["key"] for it, r in zip(images, rows))  # the content key: repeats share it
+    mixed = prompt_pool(RLCfg(num_prompts=4, text_fraction=0.0, image_tasks=["count_color", "total_two"]), 0)
+    assert [it.where.split(":")[2] for it in mixed] == ["count_color", "total_two"] * 2
 
 
 def test_eval_sets_default_files_and_perception(tmp_path):
