@@ -123,9 +123,9 @@ def run_items(engine, tok, ids: dict, items: list, *, num_samples: int, max_new_
               fmt=None, reward_timeout_s: float = 5.0, keep_chars: int = 2000) -> list:
     """Generate `num_samples` responses per item with `engine` (rollout.HFEngine / VLLMEngine) and score them.
 
-    Returns one dict per item: id, where, group (Item.group, else the id), answer, correct [0/1] * n, lengths (response tokens) * n, truncated * n,
-    status (verifier 'ok' | 'timeout' | 'error') * n, behaviors [{name: bool}] * n, has_image, response (the first
-    sample, cut to `keep_chars`). `pool`: a rewards.RewardPool running `rewards.score` (made here if None). `fmt`:
+    Returns one dict per item: id, where, group (Item.group, else the id), answer, correct [0/1] * n, lengths
+    (response tokens) * n, truncated * n, status (verifier 'ok' | 'timeout' | 'error') * n, behaviors
+    [{name: bool}] * n, has_image, response (the first sample, cut to `keep_chars`). `pool`: a rewards.RewardPool running `rewards.score` (made here if None). `fmt`:
     the data.PromptFormat (None: no system prompt, no instruction).
     """
     fmt = fmt or PromptFormat()

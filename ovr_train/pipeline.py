@@ -88,8 +88,7 @@ def std_error(details_rows: list) -> float:
     sums = {}
     mean = sum(accs) / len(accs) if accs else 0.0
     for r, a in zip(details_rows, accs):
-        g = r.get("group", r["id"])
-        sums[g] = sums.get(g, 0.0) + a - mean
+        sums[_group(r)] = sums.get(_group(r), 0.0) + a - mean
     if len(sums) < 2:
         return float("nan")
     return (len(sums) / (len(sums) - 1) * sum(v * v for v in sums.values())) ** 0.5 / len(accs)
@@ -97,7 +96,12 @@ def std_error(details_rows: list) -> float:
 
 def distinct(details_rows: list) -> int:
     """Content groups among the questions (see `std_error`)."""
-    return len({r.get("group", r["id"]) for r in details_rows})
+    return len({_group(r) for r in details_rows})
+
+
+def _group(row: dict) -> str:
+    """A result row's content group (rows written before groups existed: their own id)."""
+    return row.get("group", row["id"])
 
 
 def evaluate_model(cfg, info, model_dir, label: str) -> dict:
