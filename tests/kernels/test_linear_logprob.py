@@ -291,27 +291,59 @@ def test_target_value_check_switch(monkeypatch):
         ll.check_targets(torch.tensor([-100, 3]), 31, ignore_index=-1)
 
 
-def _bf16_ulps(a, b):
-    """|a - b| in units of the last place of bf16 at max(|a|, |b|) (8 significant bits)."""
+def _bf16_ulps(a, b, floor):
+    """|a - b| in units of the last place of bf16 (8 significant bits) at max(|a|, |b|, floor)."""
     a, b = a.double(), b.double()
-    _, exp = torch.frexp(torch.maximum(a.abs(), b.abs()))
+    _, exp = torch.frexp(torch.maximum(torch.maximum(a.abs(), b.abs()), floor))
     return ((a - b).abs() / torch.ldexp(torch.ones_like(a), exp - 8)).nan_to_num(0.0)
 
 
+def _chunked_bwd(hidden, weight, targets, stats, g_lp, g_ent, round_chunks=False):
+    """The backward with dz chunks of 64 tokens x 128 vocabulary entries, and the dz it used, (T, V) fp64, read off
+    the per-chunk GEMMs. round_chunks=True rounds every chunk's GEMM to bf16 (the defect the test must catch)."""
+    dz = torch.zeros(hidden.shape[0], weight.shape[0], dtype=torch.float64)
+    t0 = [0]
+    mm_fp32 = ll._mm_fp32
+
+    def recording_mm(a, b, out=None):
+        offset = b.storage_offset() // b.shape[1]
+        if b.untyped_storage().data_ptr() == hidden.untyped_storage().data_ptr():
+            t0[0] = offset  # dweight GEMM: dz^T @ hidden[t0:t1], issued first for each chunk
+        else:
+            dz[t0[0]:t0[0] + a.shape[0], offset:offset + a.shape[1]] = a.double()  # dhidden GEMM: dz @ weight[v0:v1]
+        result = mm_fp32(a, b, out=out)
+        return result.copy_(result.to(torch.bfloat16)) if round_chunks else result
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ll, "MIN_VOCAB_CHUNK", 128)
+        mp.setattr(ll, "SCRATCH_BYTES", 64 * 128 * 2)
+        mp.setattr(ll, "_mm_fp32", recording_mm)
+        grads = linear_logprob_bwd(hidden, weight, targets, 1.0, -100, stats, g_lp, g_ent)
+    return grads, dz
+
+
 @pytest.mark.parametrize("with_entropy", [False, True])
-def test_chunked_backward_accumulates_in_fp32(triton_backend, monkeypatch, with_entropy):
-    """bf16, 4 token x 8 vocabulary chunks vs one chunk: the per-chunk GEMMs sum in fp32 and round to bf16 once,
-    so the two differ by at most one bf16 ulp (summation order) on every entry of both gradients."""
+def test_chunked_backward_accumulates_in_fp32(triton_backend, with_entropy):
+    """bf16, 8 vocabulary x 4 token chunks vs one chunk: the per-chunk GEMMs sum in fp32 and round to bf16 once.
+
+    Both results are fp32 sums of the same bf16 products in different orders, each rounded to bf16 once, so they
+    differ by at most one bf16 ulp of the result plus the fp32 order error, <= 2 K 2^-24 S for a sum of K terms of
+    absolute sum S. Measuring ulps at no less than K 2^-15 S puts that error under one ulp: <= 2 ulps in all. Where
+    a gradient entry nearly cancels, the fp32 order error alone is many ulps of the entry, so ulps at the entry
+    itself would be no bound. Rounding each chunk to bf16 instead breaks the bound by a wide margin (10+ ulps)."""
     hidden, weight, targets = make_inputs(256, 64, 1024, torch.bfloat16)
     g_lp, g_ent = torch.randn(256), (torch.randn(256) if with_entropy else None)
     _, _, stats = linear_logprob_fwd(hidden, weight, targets, 1.0, -100, with_entropy=with_entropy)
     one_chunk = linear_logprob_bwd(hidden, weight, targets, 1.0, -100, stats, g_lp, g_ent)
-    monkeypatch.setattr(ll, "MIN_VOCAB_CHUNK", 128)
-    monkeypatch.setattr(ll, "SCRATCH_BYTES", 64 * 128 * 2)  # dz chunks of 64 tokens x 128 vocabulary entries
-    chunked = linear_logprob_bwd(hidden, weight, targets, 1.0, -100, stats, g_lp, g_ent)
-    for name, a, b in zip(("grad_hidden", "grad_weight"), chunked, one_chunk):
-        ulps = _bf16_ulps(a, b)
-        assert float(ulps.max()) <= 1.0, f"{name}: {float(ulps.max())} bf16 ulps between chunked and one chunk"
+    chunked, dz = _chunked_bwd(hidden, weight, targets, stats, g_lp, g_ent)
+    rounded, _ = _chunked_bwd(hidden, weight, targets, stats, g_lp, g_ent, round_chunks=True)
+    abs_sums = (dz.abs() @ weight.double().abs(), dz.abs().t() @ hidden.double().abs())
+    for name, a, b, bad, abs_sum, num_terms in zip(("grad_hidden", "grad_weight"), chunked, one_chunk, rounded,
+                                                   abs_sums, (weight.shape[0], hidden.shape[0])):
+        floor = num_terms * 2.0**-15 * abs_sum
+        ulps = float(_bf16_ulps(a, b, floor).max())
+        assert ulps <= 2.0, f"{name}: {ulps} bf16 ulps between chunked and one chunk"
+        assert float(_bf16_ulps(bad, b, floor).max()) > 4.0, f"{name}: per-chunk bf16 rounding went unnoticed"
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
