@@ -139,6 +139,9 @@ class DataCfg:
     """Held-out problems generated beside it (disjoint questions)."""
     synth_seed: int = 0
     """Seed of the generated corpus."""
+    synth_picture_fraction: float = 0.0
+    """Share of the generated training corpus that is described pictures: the image reasoning questions asked about a
+    scene told in words, with traces that read it first and look again after a misread (ovr_train/synth_text.py)."""
     cache_dir: str = ""
     """Where the generated corpus and tokenizer are cached; empty: $OVR_CACHE or ~/.cache/ovr."""
     image_root: str = ""
@@ -172,6 +175,8 @@ class DataCfg:
         _check(self.build_workers >= 1, "data.build_workers", self.build_workers, "must be >= 1")
         _check(self.synth_num_train > 0, "data.synth_num_train", self.synth_num_train, "must be > 0")
         _check(self.synth_num_eval >= 0, "data.synth_num_eval", self.synth_num_eval, "must be >= 0")
+        _check(0.0 <= self.synth_picture_fraction <= 1.0, "data.synth_picture_fraction", self.synth_picture_fraction,
+               "must be in [0, 1]")
         for name in ("min_pixels", "max_pixels"):
             _check(getattr(self, name) >= 0, f"data.{name}", getattr(self, name), "must be >= 0 (0: the checkpoint's)")
         _check(not (self.min_pixels and self.max_pixels) or self.min_pixels <= self.max_pixels, "data.min_pixels",

@@ -64,6 +64,12 @@ def perception_files(cfg: Config) -> list:
                                      tuple(cfg.base.tasks))]
 
 
+def _corpus(dcfg) -> Path:
+    """The generated training corpus of DataCfg `dcfg` (written once, then cached)."""
+    return ensure_corpus(dcfg.cache_dir, dcfg.synth_num_train, dcfg.synth_num_eval, dcfg.synth_seed,
+                         dcfg.synth_picture_fraction)[0]
+
+
 def resolve_sft_init(cfg: Config, say: bool = False) -> str:
     """The HF dir the SFT stage starts from ("" = random init): a path in sft.init_from, else an explicit
     model.path (it always wins over a base model some earlier run left in the run directory), else with "auto" the
@@ -88,7 +94,7 @@ def setup_tokenizer_and_data(cfg: Config, info: DistInfo, stage: str = "sft"):
         if stage == "base":
             perception_files(cfg)
         elif not cfg.data.train_files:
-            ensure_corpus(cfg.data.cache_dir, cfg.data.synth_num_train, cfg.data.synth_num_eval, cfg.data.synth_seed)
+            _corpus(cfg.data)
         load_tokenizer(cfg.model.path, cfg.model.tokenizer, cfg.model.bpe_vocab_size, cfg.data.cache_dir,
                        cfg.data.synth_seed)
     barrier()
@@ -98,8 +104,7 @@ def setup_tokenizer_and_data(cfg: Config, info: DistInfo, stage: str = "sft"):
     if stage == "base":
         files = perception_files(cfg)
     else:
-        files = cfg.data.train_files or [ensure_corpus(cfg.data.cache_dir, cfg.data.synth_num_train,
-                                                       cfg.data.synth_num_eval, cfg.data.synth_seed)[0]]
+        files = cfg.data.train_files or [_corpus(cfg.data)]
     image_proc = image_processor(cfg)
     store = open_store(files, tok, ids, image_proc, cfg.data, info.rank, info.local_rank)
     return tok, ids, store

@@ -115,8 +115,9 @@ def describe_shapes(shapes):
     return ", ".join(f"{s.color} {s.kind}" for s in ordered)
 
 
-def _shape_task(task, rng, image_size, max_shapes):
-    """Scene + question + answer for a shape task. Colours are chosen so that every answer is well defined."""
+def shape_task(task, rng, image_size=112, max_shapes=6):
+    """(shapes, question, answer, asked) of a shape task drawn from `rng` (random.Random); `asked` is the colours
+    the question names, in its order. Colours are chosen so that every answer is well defined."""
     names = list(COLORS)
     if task in ("more_than", "total_two"):
         a, b = rng.sample(names, 2)
@@ -136,7 +137,7 @@ def _shape_task(task, rng, image_size, max_shapes):
             q, ans = f"How many more {a} shapes than {b} shapes are there?", n_a - n_b
         else:
             q, ans = f"How many {a} and {b} shapes are there in total?", n_a + n_b
-        return shapes, q, str(ans)
+        return shapes, q, str(ans), (a, b)
     n = rng.randint(1, max_shapes)
     colors = [rng.choice(names) for _ in range(n)]
     shapes = _place_shapes(rng, n, image_size, colors)
@@ -144,16 +145,17 @@ def _shape_task(task, rng, image_size, max_shapes):
         shapes = _place_shapes(rng, n, image_size, colors)  # redraw until the largest is clearly the largest
     if task == "count_color":
         c = rng.choice(names)
-        return shapes, f"How many {c} shapes are there?", str(_count(shapes, c))
+        return shapes, f"How many {c} shapes are there?", str(_count(shapes, c)), (c,)
     if task == "count_all":
-        return shapes, "How many shapes are there?", str(n)
+        return shapes, "How many shapes are there?", str(n), ()
     if task == "color_largest":
-        return shapes, "What is the colour of the largest shape?", max(shapes, key=_area).color
+        return shapes, "What is the colour of the largest shape?", max(shapes, key=_area).color, ()
     assert task == "describe", task
-    return shapes, "Describe the image.", describe_shapes(shapes)
+    return shapes, "Describe the image.", describe_shapes(shapes), ()
 
 
-def _digit_task(task, rng):
+def digit_task(task, rng):
+    """(digits [left, right], question, answer) of a digit task drawn from `rng` (random.Random)."""
     d0, d1 = rng.randint(0, 9), rng.randint(0, 9)
     if task == "digit_read":  # perception only: read one glyph
         side = rng.choice(("left", "right"))
@@ -191,12 +193,12 @@ def make_item(index, seed=0, split="train", tasks=REASONING_TASKS, image_size=11
     for attempt in range(1000):  # redraw the content until its hash falls in this split
         rng = random.Random(f"ovr-synth-images:{seed}:{split}:{index}:{attempt}")
         if task.startswith("digit"):
-            digits, question, answer = _digit_task(task, rng)
+            digits, question, answer = digit_task(task, rng)
             key = f"{task}|{digits}|{image_size}" + (f"|{question}" if task == "digit_read" else "")
             desc = " ".join(map(str, digits))
             make_image = (lambda d=digits: render_digits(d, image_size))
         else:
-            shapes, question, answer = _shape_task(task, rng, image_size, max_shapes)
+            shapes, question, answer, _ = shape_task(task, rng, image_size, max_shapes)
             key = f"{task}|{question}|{sorted((s.kind, s.color, s.x, s.y, s.r) for s in shapes)}|{image_size}"
             desc = describe_shapes(shapes)
             make_image = (lambda s=shapes: render_shapes(s, image_size))

@@ -6,8 +6,14 @@ me check") and backtracking (a slip, "Wait, that's wrong", the fix). Problems: t
 operands, linear equations, and comparisons. Everything is deterministic per seed; held-out questions come from a
 disjoint part of the question space (chosen by a hash of the question), so no eval question is ever trained on.
 
-`ensure_corpus(cache_dir, num_train, num_eval, seed)` writes `train.jsonl` / `eval.jsonl` (OpenAI `messages` style,
-plus an `answer` field) on first use and returns their paths.
+Described pictures (optional, a fraction of the training split): the image questions of synth_images' reasoning
+tasks, asked word for word about a scene told in text ("An image shows 4 red shapes and 1 blue shape. How many
+more red shapes than blue shapes are there?"). Their traces read the scene first ("First, count the red shapes: 4.")
+and a misread is corrected by looking again ("Wait, let me look at the image again: 4."), so the text-only cold
+start teaches the shape of an image answer: read, then compute, then verify. The held-out split has none.
+
+`ensure_corpus(cache_dir, num_train, num_eval, seed, picture_fraction)` writes `train.jsonl` / `eval.jsonl` (OpenAI
+`messages` style, plus an `answer` field) on first use and returns their paths.
 """
 
 import hashlib
@@ -20,6 +26,8 @@ VERIFY_PHRASES = ("Let me verify", "Wait, let me check", "Let me double-check")
 """Phrases every trace uses to verify its result (behaviours.py counts these)."""
 BACKTRACK_PHRASES = ("Wait, that's wrong", "Wait, that is not right", "Hmm, let me recheck")
 """Phrases that open a correction after a deliberate slip."""
+LOOK_AGAIN_PHRASES = ("Wait, let me look at the image again", "Hmm, let me check the image again", "Wait, let me recount")
+"""Phrases that open the correction of a misread picture (visual reflection in behaviours.py)."""
 
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 _WORDS = {"+": "plus", "-": "minus", "*": "times"}
@@ -71,12 +79,62 @@ def _compare(rng: random.Random) -> tuple:
     return question, steps, check, result
 
 
+def _picture(rng: random.Random) -> tuple:
+    """A reasoning task of synth_images told in words: the image question word for word after a description of the
+    scene. Steps that read the picture are ("read", what, value); the first look may be wrong (see `_trace`)."""
+    from ovr_train import synth_images  # here, not at the top: synth_images imports this module
+
+    task = rng.choice(synth_images.REASONING_TASKS)
+    if task.startswith("digit"):
+        (left, right), question, answer = synth_images.digit_task(task, rng)
+        scene = f"An image shows the digits {left} and {right}."
+        steps = [("read", "read the left digit", left), ("read", "read the right digit", right)]
+        if task == "digit_sum":
+            steps.append((f"{left} + {right}", left + right))
+            check = f"{left + right} - {right} = {left}, which matches the left digit"
+        else:
+            hi, lo = max(left, right), min(left, right)
+            steps.append((f"{hi} - {lo}", hi - lo))
+            check = f"{hi - lo} + {lo} = {hi}, which matches the larger digit"
+    else:
+        shapes, question, answer, (a, b) = synth_images.shape_task(task, rng)
+        counts = {}
+        for s in shapes:
+            counts[s.color] = counts.get(s.color, 0) + 1
+        told = [f"{n} {color} shape" + ("s" if n > 1 else "") for color, n in counts.items()]
+        scene = "An image shows " + (", ".join(told[:-1]) + " and " + told[-1] if len(told) > 1 else told[0]) + "."
+        n_a, n_b = counts.get(a, 0), counts.get(b, 0)
+        steps = [("read", f"count the {a} shapes", n_a), ("read", f"count the {b} shapes", n_b)]
+        if task == "more_than":
+            steps.append((f"{n_a} - {n_b}", n_a - n_b))
+            check = f"{n_a - n_b} + {n_b} = {n_a}, which matches the {a} count"
+        else:
+            steps.append((f"{n_a} + {n_b}", n_a + n_b))
+            check = f"{n_a + n_b} - {n_b} = {n_a}, which matches the {a} count"
+    assert str(steps[-1][1]) == answer, (task, steps, answer)
+    return f"{scene} {question}{synth_images.ANSWER_FORMAT}", steps, check, int(answer)
+
+
 def _trace(rng: random.Random, steps: list, check: str, result: int) -> str:
-    """Reasoning with a verification phrase; in ~1/3 of traces a slip on one step, then backtracking."""
+    """Reasoning with a verification phrase; in ~1/3 of traces a slip on one step, then backtracking. A trace that
+    reads a picture slips only in a reading ("count the red shapes: 5"), which a second look corrects."""
     lines = []
-    slip_at = rng.randrange(len(steps)) if rng.random() < 0.35 else -1
-    for i, (expr, value) in enumerate(steps):
+    reads = [i for i, step in enumerate(steps) if step[0] == "read"]
+    if rng.random() < 0.35:
+        slip_at = rng.choice(reads) if reads else rng.randrange(len(steps))
+    else:
+        slip_at = -1
+    for i, step in enumerate(steps):
         word = "First" if i == 0 else "Then"
+        if step[0] == "read":
+            _, what, value = step
+            if i == slip_at:
+                wrong = rng.choice([v for v in (value - 2, value - 1, value + 1, value + 2) if v >= 0])
+                lines.append(f"{word}, {what}: {wrong}. {rng.choice(LOOK_AGAIN_PHRASES)}: {value}.")
+            else:
+                lines.append(f"{word}, {what}: {value}.")
+            continue
+        expr, value = step
         if i == slip_at:
             wrong = value + rng.choice([-2, -1, 1, 2])
             lines.append(f"{word}, {expr} = {wrong}. {rng.choice(BACKTRACK_PHRASES)}: {expr} = {value}.")
@@ -86,10 +144,16 @@ def _trace(rng: random.Random, steps: list, check: str, result: int) -> str:
     return "<think>" + " ".join(lines) + "</think>\nThe answer is \\boxed{" + str(result) + "}."
 
 
-def generate_items(num: int, seed: int, split: str) -> list:
-    """`num` distinct problems of `split` ("train" or "eval"), each {"messages": [...], "answer": str}."""
+def generate_items(num: int, seed: int, split: str, picture_fraction: float = 0.0) -> list:
+    """`num` distinct problems of `split` ("train" or "eval"), each {"messages": [...], "answer": str}; in "train",
+    a `picture_fraction` of them (in expectation) are described pictures. The text problems drawn do not depend on
+    the fraction being 0 or not given."""
     if split not in ("train", "eval"):
         raise ValueError(f"split={split!r}: must be 'train' or 'eval'")
+    if not 0.0 <= picture_fraction <= 1.0:
+        raise ValueError(f"picture_fraction={picture_fraction}: must be in [0, 1]")
+    if split == "eval":
+        picture_fraction = 0.0  # the held-out text set measures text reasoning; the image sets measure pictures
     rng = random.Random(f"{seed}-{split}")
     makers = (_arith, _arith, _equation, _compare)  # arithmetic twice as often: it carries the 2-step reasoning
     items, seen = [], set()
@@ -98,7 +162,8 @@ def generate_items(num: int, seed: int, split: str) -> list:
         attempts += 1
         if attempts > 50 * num + 10000:
             raise ValueError(f"cannot draw {num} distinct {split} problems (question space exhausted)")
-        question, steps, check, result = rng.choice(makers)(rng)
+        maker = _picture if picture_fraction and rng.random() < picture_fraction else rng.choice(makers)
+        question, steps, check, result = maker(rng)
         if _is_eval_question(question) != (split == "eval"):
             continue
         if split == "eval" and question in seen:
@@ -122,13 +187,15 @@ def _write_atomic(path: Path, items: list):
     os.replace(tmp, path)  # concurrent ranks may race: each writes the same bytes, the rename is atomic
 
 
-def ensure_corpus(cache_dir: str, num_train: int, num_eval: int, seed: int) -> tuple:
-    """Write (once) and return (train_path, eval_path) of the generated corpus under the cache directory."""
-    root = default_cache_dir(cache_dir) / "synth_text" / f"seed{seed}_train{num_train}_eval{num_eval}"
+def ensure_corpus(cache_dir: str, num_train: int, num_eval: int, seed: int, picture_fraction: float = 0.0) -> tuple:
+    """Write (once) and return (train_path, eval_path) of the generated corpus under the cache directory (a
+    `picture_fraction` of described pictures in the training file, see `generate_items`)."""
+    name = f"seed{seed}_train{num_train}_eval{num_eval}" + (f"_pictures{picture_fraction:g}" if picture_fraction else "")
+    root = default_cache_dir(cache_dir) / "synth_text" / name
     root.mkdir(parents=True, exist_ok=True)
     train, held = root / "train.jsonl", root / "eval.jsonl"
     if not train.exists():
-        _write_atomic(train, generate_items(num_train, seed, "train"))
+        _write_atomic(train, generate_items(num_train, seed, "train", picture_fraction))
     if not held.exists():
         _write_atomic(held, generate_items(num_eval, seed, "eval"))
     return train, held

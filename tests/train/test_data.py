@@ -4,11 +4,14 @@ the resumable sampler, and the generated corpus."""
 import base64
 import io
 import json
+import re
 
 import pytest
 import torch
 from PIL import Image
 
+from ovr_train import synth_images
+from ovr_train.behaviors import detect
 from ovr_train.config import DataCfg
 from ovr_train.data import (
     IGNORE,
@@ -22,7 +25,7 @@ from ovr_train.data import (
     load_sft_samples,
     step_plan,
 )
-from ovr_train.synth_text import BACKTRACK_PHRASES, VERIFY_PHRASES, ensure_corpus, generate_items
+from ovr_train.synth_text import BACKTRACK_PHRASES, LOOK_AGAIN_PHRASES, VERIFY_PHRASES, ensure_corpus, generate_items
 from ovr_train.tokenizer import special_ids
 
 
@@ -194,3 +197,56 @@ def test_synth_corpus_deterministic_disjoint_with_behaviours(tmp_path):
     assert all(any(p in a for p in VERIFY_PHRASES) for a in answers)
     backtracks = sum(any(p in a for p in BACKTRACK_PHRASES) for a in answers)
     assert 0.2 < backtracks / len(answers) < 0.5
+
+
+def _answer_of_described_picture(question):
+    """The answer of a described-picture problem recomputed from its text alone (independent of the generator)."""
+    digits = re.match(r"An image shows the digits (\d) and (\d)\. ", question)
+    if digits:
+        left, right = int(digits[1]), int(digits[2])
+        return left + right if "sum of the two digits" in question else abs(left - right)
+    counts = {color: int(n) for n, color in re.findall(r"(\d+) (red|blue|green|yellow) shapes?\b", question.split("?")[0])}
+    more = re.search(r"How many more (\w+) shapes than (\w+) shapes are there\?", question)
+    if more:
+        return counts.get(more[1], 0) - counts.get(more[2], 0)
+    total = re.search(r"How many (\w+) and (\w+) shapes are there in total\?", question)
+    return counts.get(total[1], 0) + counts.get(total[2], 0)
+
+
+def test_described_pictures_ask_the_image_questions(tmp_path):
+    """A fraction of the training corpus are the image reasoning questions, word for word, about a scene told in
+    text; the answers are right, every trace reads the scene first, a misread is corrected by a second look (a
+    visual-reflection phrase), and the held-out split stays text problems only."""
+    rows = generate_items(600, 5, "train", picture_fraction=0.4)
+    pictures = [r for r in rows if r["messages"][0]["content"].startswith("An image shows ")]
+    assert 0.3 < len(pictures) / len(rows) < 0.5
+    image_questions = {r["question"] for r in synth_images.make_dataset(400, 0, "train")}
+    slips = 0
+    for r in pictures:
+        question, trace = r["messages"][0]["content"], r["messages"][1]["content"]
+        asked = question.split(". ", 1)[1]  # the scene is the first sentence
+        assert asked in image_questions, question
+        assert str(_answer_of_described_picture(question)) == r["answer"], question
+        assert trace.endswith("\\boxed{" + r["answer"] + "}.") and any(p in trace for p in VERIFY_PHRASES)
+        assert trace.startswith(("<think>First, count the ", "<think>First, read the left digit: ")), trace
+        looked_again = [p for p in LOOK_AGAIN_PHRASES if p in trace]
+        assert not any(p in trace for p in BACKTRACK_PHRASES)  # a picture trace slips only in a reading
+        if looked_again:
+            slips += 1
+            assert detect(trace)["visual_reflection"]
+            wrong, right = re.search(r": (\d+)\. " + re.escape(looked_again[0]) + r": (\d+)\.", trace).groups()
+            assert wrong != right
+    assert 0.2 < slips / len(pictures) < 0.5
+    assert generate_items(200, 5, "eval", picture_fraction=0.4) == generate_items(200, 5, "eval")
+    assert generate_items(200, 5, "train", picture_fraction=0.0) == generate_items(200, 5, "train")
+    with_pictures, _ = ensure_corpus(str(tmp_path), 100, 10, seed=5, picture_fraction=0.4)
+    without, _ = ensure_corpus(str(tmp_path), 100, 10, seed=5)
+    assert with_pictures.parent != without.parent and "An image shows" in with_pictures.read_text()
+    assert "An image shows" not in without.read_text()
+    from ovr_train.sft import _corpus  # the cold start's corpus follows the config
+    assert _corpus(DataCfg(cache_dir=str(tmp_path), synth_num_train=100, synth_num_eval=10, synth_seed=5,
+                           synth_picture_fraction=0.4)) == with_pictures
+    with pytest.raises(ValueError, match="picture_fraction=1.5: must be in"):
+        generate_items(10, 5, "train", picture_fraction=1.5)
+    with pytest.raises(ValueError, match="data.synth_picture_fraction"):
+        DataCfg(synth_picture_fraction=-0.1)
