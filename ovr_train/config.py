@@ -262,6 +262,9 @@ class BaseCfg:
     """Generated training items (synth_images "train" split; the held-out sets use its "test" split)."""
     tasks: list = field(default_factory=lambda: ["count_color", "count_all", "color_largest", "digit_read"])
     """Perception tasks of ovr_train/synth_images.py (no reasoning tasks: those are the RL stage's)."""
+    read_first: bool = False
+    """Replies read the image in a one-step trace before the answer ("<think>First, count the red shapes: 4.</think>
+    The answer is \\boxed{4}."), in the wording of the described pictures' traces (data.synth_picture_fraction)."""
 
     def __post_init__(self):
         _check(self.steps > 0, "base.steps", self.steps, "must be > 0")

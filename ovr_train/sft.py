@@ -61,7 +61,7 @@ def base_stage_config(cfg: Config) -> Config:
 def perception_files(cfg: Config) -> list:
     """The base stage's training file (generated and cached on first use)."""
     return [ensure_perception_corpus(cfg.data.cache_dir, cfg.base.num_train, cfg.data.synth_seed,
-                                     tuple(cfg.base.tasks))]
+                                     tuple(cfg.base.tasks), read_first=cfg.base.read_first)]
 
 
 def _corpus(dcfg) -> Path:

@@ -35,6 +35,11 @@ SPLITS = ("train", "val", "test")
 TEST_FRACTION = 0.2
 VAL_FRACTION = 0.1  # carved from what was "train": the "test" split is the same with or without it
 ANSWER_FORMAT = " Put the final answer in \\boxed{}."
+READS = {"count_color": "count the {} shapes", "count_all": "count the shapes", "color_largest": "find the largest shape",
+         "digit_read": "read the {} digit"}
+"""How a trace reads the image for a perception task ("First, count the red shapes: 4."), the blank filled with the
+colour or side the question asks about: one wording for the base stage's read-first answers and the described
+pictures of the text corpus (ovr_train/synth_text.py)."""
 
 # Seven-segment layout: segment -> ((x0, y0), (x1, y1)) in a 0..1 x 0..2 cell; digit -> lit segments.
 _SEGMENTS = {"a": ((0, 0), (1, 0)), "b": ((1, 0), (1, 1)), "c": ((1, 1), (1, 2)), "d": ((0, 2), (1, 2)),
@@ -155,15 +160,16 @@ def shape_task(task, rng, image_size=112, max_shapes=6):
 
 
 def digit_task(task, rng):
-    """(digits [left, right], question, answer) of a digit task drawn from `rng` (random.Random)."""
+    """(digits [left, right], question, answer, asked) of a digit task drawn from `rng` (random.Random); `asked` is
+    ("left",) or ("right",) for digit_read, else ()."""
     d0, d1 = rng.randint(0, 9), rng.randint(0, 9)
     if task == "digit_read":  # perception only: read one glyph
         side = rng.choice(("left", "right"))
-        return [d0, d1], f"What is the {side} digit in the image?", str(d0 if side == "left" else d1)
+        return [d0, d1], f"What is the {side} digit in the image?", str(d0 if side == "left" else d1), (side,)
     if task == "digit_sum":
-        return [d0, d1], "What is the sum of the two digits in the image?", str(d0 + d1)
+        return [d0, d1], "What is the sum of the two digits in the image?", str(d0 + d1), ()
     hi, lo = max(d0, d1), min(d0, d1)
-    return [d0, d1], "What is the larger digit minus the smaller digit in the image?", str(hi - lo)
+    return [d0, d1], "What is the larger digit minus the smaller digit in the image?", str(hi - lo), ()
 
 
 def _split_of(key):
@@ -175,10 +181,12 @@ def _split_of(key):
 
 
 def make_item(index, seed=0, split="train", tasks=REASONING_TASKS, image_size=112, max_shapes=6):
-    """Item `index` of a split: {"question", "image" (PIL RGB), "answer" (str), "task", "description", "key"}.
+    """Item `index` of a split: {"question", "image" (PIL RGB), "answer" (str), "task", "description", "key",
+    "read"}.
 
     `question` ends with the boxed-answer instruction; `description` is the scene caption (for perception
-    pretraining); `key` identifies the content (the split is a hash of it). Deterministic in all arguments.
+    pretraining); `key` identifies the content (the split is a hash of it); `read` is the perception task's reading
+    step (READS; "" for the others). Deterministic in all arguments.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -193,18 +201,19 @@ def make_item(index, seed=0, split="train", tasks=REASONING_TASKS, image_size=11
     for attempt in range(1000):  # redraw the content until its hash falls in this split
         rng = random.Random(f"ovr-synth-images:{seed}:{split}:{index}:{attempt}")
         if task.startswith("digit"):
-            digits, question, answer = digit_task(task, rng)
+            digits, question, answer, asked = digit_task(task, rng)
             key = f"{task}|{digits}|{image_size}" + (f"|{question}" if task == "digit_read" else "")
             desc = " ".join(map(str, digits))
             make_image = (lambda d=digits: render_digits(d, image_size))
         else:
-            shapes, question, answer, _ = shape_task(task, rng, image_size, max_shapes)
+            shapes, question, answer, asked = shape_task(task, rng, image_size, max_shapes)
             key = f"{task}|{question}|{sorted((s.kind, s.color, s.x, s.y, s.r) for s in shapes)}|{image_size}"
             desc = describe_shapes(shapes)
             make_image = (lambda s=shapes: render_shapes(s, image_size))
         if _split_of(key) == split:
+            read = READS[task].format(*asked) if task in READS else ""
             return {"question": question + ANSWER_FORMAT, "image": make_image(), "answer": answer, "task": task,
-                    "description": desc, "key": key}
+                    "description": desc, "key": key, "read": read}
     raise RuntimeError("no item found for this split in 1000 attempts")  # unreachable: each split holds >= 10%
 
 
@@ -225,20 +234,24 @@ def png_data_url(image):
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def perception_answer(answer):
-    """The base stage's reply: no reasoning, only the answer in the same `\\boxed{}` form the cold start and the
-    verifier use (bare-word replies would leave nothing for the text-only SFT to bridge to)."""
-    return "The answer is \\boxed{" + answer + "}."
+def perception_answer(answer, read=""):
+    """The base stage's reply: only the answer in the same `\\boxed{}` form the cold start and the verifier use
+    (bare-word replies would leave nothing for the text-only SFT to bridge to); with `read` (READS), the reading
+    step first, in a trace as the cold start writes one: "<think>First, count the red shapes: 4.</think>"."""
+    boxed = "The answer is \\boxed{" + answer + "}."
+    return f"<think>First, {read}: {answer}.</think>\n{boxed}" if read else boxed
 
 
 def ensure_perception_corpus(cache_dir, num, seed=0, tasks=("count_color", "count_all", "color_largest",
-                                                            "digit_read"), image_size=112, max_shapes=6):
+                                                            "digit_read"), image_size=112, max_shapes=6,
+                             read_first=False):
     """Write (once) and return the base stage's training JSONL: `num` items of the "train" split of `tasks`, each
     {"messages": [user: image + question, assistant: perception_answer], "answer", "task"}, images inline as PNG
-    data URLs. Cached under <cache>/synth_images/ by every argument; written atomically (ranks may race)."""
+    data URLs; `read_first`: replies read first (`perception_answer` with the item's read). Cached under
+    <cache>/synth_images/ by every argument; written atomically (ranks may race)."""
     # the split fractions are in the name: a cache written under other splits would hold another "train" set
     name = (f"seed{seed}_n{num}_{'-'.join(tasks)}_{image_size}px_max{max_shapes}_test{TEST_FRACTION}"
-            f"_val{VAL_FRACTION}.jsonl")
+            f"_val{VAL_FRACTION}{'_reads' if read_first else ''}.jsonl")
     path = default_cache_dir(cache_dir) / "synth_images" / name
     if path.exists():
         return path
@@ -249,7 +262,8 @@ def ensure_perception_corpus(cache_dir, num, seed=0, tasks=("count_color", "coun
             item = make_item(i, seed, "train", tuple(tasks), image_size, max_shapes)
             user = [{"type": "image", "image": png_data_url(item["image"])}, {"type": "text", "text": item["question"]}]
             f.write(json.dumps({"messages": [{"role": "user", "content": user},
-                                             {"role": "assistant", "content": perception_answer(item["answer"])}],
+                                             {"role": "assistant", "content": perception_answer(
+                                                 item["answer"], item["read"] if read_first else "")}],
                                 "answer": item["answer"], "task": item["task"]}) + "\n")
     os.replace(tmp, path)
     return path

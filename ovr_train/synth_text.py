@@ -86,9 +86,10 @@ def _picture(rng: random.Random) -> tuple:
 
     task = rng.choice(synth_images.REASONING_TASKS)
     if task.startswith("digit"):
-        (left, right), question, answer = synth_images.digit_task(task, rng)
+        (left, right), question, answer, _ = synth_images.digit_task(task, rng)
         scene = f"An image shows the digits {left} and {right}."
-        steps = [("read", "read the left digit", left), ("read", "read the right digit", right)]
+        read = synth_images.READS["digit_read"]
+        steps = [("read", read.format("left"), left), ("read", read.format("right"), right)]
         if task == "digit_sum":
             steps.append((f"{left} + {right}", left + right))
             check = f"{left + right} - {right} = {left}, which matches the left digit"
@@ -104,7 +105,8 @@ def _picture(rng: random.Random) -> tuple:
         told = [f"{n} {color} shape" + ("s" if n > 1 else "") for color, n in counts.items()]
         scene = "An image shows " + (", ".join(told[:-1]) + " and " + told[-1] if len(told) > 1 else told[0]) + "."
         n_a, n_b = counts.get(a, 0), counts.get(b, 0)
-        steps = [("read", f"count the {a} shapes", n_a), ("read", f"count the {b} shapes", n_b)]
+        read = synth_images.READS["count_color"]
+        steps = [("read", read.format(a), n_a), ("read", read.format(b), n_b)]
         if task == "more_than":
             steps.append((f"{n_a} - {n_b}", n_a - n_b))
             check = f"{n_a - n_b} + {n_b} = {n_a}, which matches the {a} count"

@@ -3,6 +3,7 @@ through the real launcher (torchrun, 2 ranks, gloo), run twice with the same see
 evals and determinism. Plus the pieces: the base stage's perception corpus, its config, the SFT init resolution."""
 
 import json
+import re
 import math
 import os
 import statistics
@@ -212,6 +213,25 @@ def test_perception_corpus_answers_in_boxed_form(tmp_path):
         assert extract_boxed(reply["content"]) == r["answer"]
         assert "<think>" not in reply["content"]  # no reasoning traces in the base stage
     assert ensure_perception_corpus(str(tmp_path), 24, seed=1).read_text() == path.read_text()  # cached, stable
+
+
+def test_perception_corpus_read_first(tmp_path):
+    """read_first: each reply reads the image in the described pictures' wording, then answers; its own cache file;
+    the question, image and answer of every row are those of the plain corpus."""
+    plain = [json.loads(line) for line in ensure_perception_corpus(str(tmp_path), 24, seed=1).read_text().splitlines()]
+    path = ensure_perception_corpus(str(tmp_path), 24, seed=1, read_first=True)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert path.name.endswith("_reads.jsonl") and len(rows) == 24
+    wording = {"count_color": r"count the (red|blue|green|yellow) shapes", "count_all": "count the shapes",
+               "color_largest": "find the largest shape", "digit_read": "read the (left|right) digit"}
+    for r, p in zip(rows, plain):
+        assert r["messages"][0] == p["messages"][0] and r["answer"] == p["answer"]
+        reply, question = r["messages"][1]["content"], r["messages"][0]["content"][1]["text"]
+        m = re.fullmatch(r"<think>First, (" + wording[r["task"]] + r"): (\w+)\.</think>\nThe answer is \\boxed\{(\w+)\}\.",
+                         reply)
+        assert m and m[m.lastindex - 1] == m[m.lastindex] == r["answer"], reply
+        if m.lastindex == 4:  # the colour or side the question asks about
+            assert m[2] in question, (reply, question)
 
 
 def test_perception_corpus_cache_follows_the_splits(tmp_path, monkeypatch):
