@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-from ovr_train.synth_text import default_cache_dir
+from ovr_train.synth_text import default_cache_dir, read_line, reply
 
 COLORS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (30, 160, 60), "yellow": (235, 190, 20)}
 KINDS = ("circle", "square", "triangle")
@@ -238,8 +238,7 @@ def perception_answer(answer, read=""):
     """The base stage's reply: only the answer in the same `\\boxed{}` form the cold start and the verifier use
     (bare-word replies would leave nothing for the text-only SFT to bridge to); with `read` (READS), the reading
     step first, in a trace as the cold start writes one: "<think>First, count the red shapes: 4.</think>"."""
-    boxed = "The answer is \\boxed{" + answer + "}."
-    return f"<think>First, {read}: {answer}.</think>\n{boxed}" if read else boxed
+    return reply(answer, [read_line("First", read, answer)] if read else ())
 
 
 def ensure_perception_corpus(cache_dir, num, seed=0, tasks=("count_color", "count_all", "color_largest",

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import random
+from collections import Counter
 from pathlib import Path
 
 VERIFY_PHRASES = ("Let me verify", "Wait, let me check", "Let me double-check")
@@ -31,6 +32,18 @@ LOOK_AGAIN_PHRASES = ("Wait, let me look at the image again", "Hmm, let me check
 
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 _WORDS = {"+": "plus", "-": "minus", "*": "times"}
+
+
+def reply(result, lines=()) -> str:
+    """An assistant reply: the reasoning `lines` inside <think> tags (none: no tags), then the boxed answer, the form
+    the verifier reads. The corpus traces and the base stage's perception replies are both written by it."""
+    boxed = "The answer is \\boxed{" + str(result) + "}."
+    return "<think>" + " ".join(lines) + "</think>\n" + boxed if lines else boxed
+
+
+def read_line(word: str, what: str, value) -> str:
+    """One reading step of a trace: "First, count the red shapes: 4." (`what` from synth_images.READS)."""
+    return f"{word}, {what}: {value}."
 
 
 def _is_eval_question(question: str) -> bool:
@@ -99,12 +112,10 @@ def _picture(rng: random.Random) -> tuple:
             check = f"{hi - lo} + {lo} = {hi}, which matches the larger digit"
     else:
         shapes, question, answer, (a, b) = synth_images.shape_task(task, rng)
-        counts = {}
-        for s in shapes:
-            counts[s.color] = counts.get(s.color, 0) + 1
+        counts = Counter(s.color for s in shapes)  # colours in the order they were drawn
         told = [f"{n} {color} shape" + ("s" if n > 1 else "") for color, n in counts.items()]
         scene = "An image shows " + (", ".join(told[:-1]) + " and " + told[-1] if len(told) > 1 else told[0]) + "."
-        n_a, n_b = counts.get(a, 0), counts.get(b, 0)
+        n_a, n_b = counts[a], counts[b]
         read = synth_images.READS["count_color"]
         steps = [("read", read.format(a), n_a), ("read", read.format(b), n_b)]
         if task == "more_than":
@@ -132,9 +143,9 @@ def _trace(rng: random.Random, steps: list, check: str, result: int) -> str:
             _, what, value = step
             if i == slip_at:
                 wrong = rng.choice([v for v in (value - 2, value - 1, value + 1, value + 2) if v >= 0])
-                lines.append(f"{word}, {what}: {wrong}. {rng.choice(LOOK_AGAIN_PHRASES)}: {value}.")
+                lines.append(f"{read_line(word, what, wrong)} {rng.choice(LOOK_AGAIN_PHRASES)}: {value}.")
             else:
-                lines.append(f"{word}, {what}: {value}.")
+                lines.append(read_line(word, what, value))
             continue
         expr, value = step
         if i == slip_at:
@@ -143,7 +154,7 @@ def _trace(rng: random.Random, steps: list, check: str, result: int) -> str:
         else:
             lines.append(f"{word}, {expr} = {value}.")
     lines.append(f"{rng.choice(VERIFY_PHRASES)}: {check}.")
-    return "<think>" + " ".join(lines) + "</think>\nThe answer is \\boxed{" + str(result) + "}."
+    return reply(result, lines)
 
 
 def generate_items(num: int, seed: int, split: str, picture_fraction: float = 0.0) -> list:

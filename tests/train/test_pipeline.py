@@ -3,9 +3,9 @@ through the real launcher (torchrun, 2 ranks, gloo), run twice with the same see
 evals and determinism. Plus the pieces: the base stage's perception corpus, its config, the SFT init resolution."""
 
 import json
-import re
 import math
 import os
+import re
 import statistics
 import subprocess
 from pathlib import Path
