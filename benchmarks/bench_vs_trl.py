@@ -16,8 +16,8 @@ What runs, each side as its own process tree (peak RSS = the largest sum of RSS 
 - RL: the embedded default's generated image questions (image only: TRL 1.16's GRPO cannot batch text-only rows
   beside image rows), exactly `steps * prompts_per_step` prompts so each side sees every prompt once; group size,
   max new tokens, temperature 1, top-p 1, no top-k, constant lr without warmup, AdamW(0.9, 0.95), grad clip 1,
-  no KL, clip 0.2, one optimizer step per rollout batch, group z-score advantages, token-level loss normalised by
-  the batch's response tokens. ovr: `python -m ovr_train.launch --stage rl --rl.algo=grpo` (HF engine); TRL:
+  no KL, clip 0.2, ViT frozen, one optimizer step per rollout batch, group z-score advantages, token-level loss
+  normalised by the batch's response tokens. ovr: `python -m ovr_train.launch --stage rl --rl.algo=grpo` (HF engine); TRL:
   GRPOTrainer (loss_type="dapo", scale_rewards="group", beta=0, transformers generate). The reward is ovr's
   verifier (`ovr_train.rewards.score`, 0 for a truncated response) on both sides.
 - SFT: the same JSONL (`steps * batch_size` rows of the generated text corpus), batch, steps, lr, ViT frozen,
@@ -274,6 +274,9 @@ def _processor(hf: str):
                 name, arg)
 
     tok = _tokenizer(hf)
+    # TRL left-pads the prompt ids it generates from but takes mm_token_type_ids from this processor's own padding:
+    # right padding (the exported tokenizer's default) shifts the image positions of every shorter prompt
+    tok.padding_side = "left"
     return ImageOnly(image_processor=AutoImageProcessor.from_pretrained(hf), tokenizer=tok, video_processor=None,
                      chat_template=tok.chat_template)
 
@@ -286,7 +289,9 @@ def trl_rl_worker(s: dict, inp: dict, work: Path) -> dict:
 
     from ovr_train.data import load_image
     from ovr_train.rewards import score
+    from ovr_train.rollout import blocked_token_ids
     from ovr_train.tasks import load_items
+    from ovr_train.tokenizer import special_ids
 
     torch.set_num_threads(s["threads"])
     items = load_items(inp["prompts"])  # no answer instruction: tiny.yaml sets data.answer_instruction ""
@@ -298,6 +303,11 @@ def trl_rl_worker(s: dict, inp: dict, work: Path) -> dict:
     processor = _processor(inp["hf"])
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(inp["hf"], dtype=torch.float32,
                                                                attn_implementation="sdpa")
+    model.model.visual.requires_grad_(False)  # as ovr's RL (model.freeze_vision, its default): no ViT gradient
+    # ovr's sampler never samples special tokens; without the same rule TRL can sample an <|image_pad|>, and its
+    # next forward then fails on the image-token count (transformers' get_rope_index)
+    blocked = blocked_token_ids(special_ids(processor.tokenizer), len(processor.tokenizer),
+                                model.get_output_embeddings().weight.shape[0])
     ends = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
                else [model.generation_config.eos_token_id])
     timing = {"gen_s": 0.0, "score_s": 0.0, "response_tokens": 0}
@@ -326,7 +336,8 @@ def trl_rl_worker(s: dict, inp: dict, work: Path) -> dict:
                       num_generations=s["group_size"], max_completion_length=s["max_new_tokens"],
                       temperature=s["temperature"], top_p=1.0, top_k=0, beta=0.0, epsilon=0.2,
                       loss_type="dapo", scale_rewards="group", num_iterations=1, steps_per_generation=1,
-                      use_vllm=False, log_completions=False, shuffle_dataset=True)
+                      use_vllm=False, log_completions=False, shuffle_dataset=True,
+                      generation_kwargs={"suppress_tokens": blocked})
     timer = _StepTimer()
     trainer = Timed(model=model, reward_funcs=reward, args=args, train_dataset=Dataset.from_list(rows),
                     processing_class=processor, callbacks=[timer])
@@ -380,8 +391,9 @@ def trl_sft_worker(s: dict, inp: dict, work: Path) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 
 DIFFERENCES = [
-    ("sampler: ovr's HF engine samples with Gumbel-max on a seeded generator and never samples special tokens (image "
-    "pads, vision markers); TRL uses transformers' multinomial sampling (top_k=0) over the whole vocabulary"),
+    ("sampler: ovr's HF engine samples with Gumbel-max on a seeded generator, TRL with transformers' multinomial "
+     "sampling (top_k=0); both never sample the special tokens but the two end tokens (image pads, vision markers; "
+     "TRL: suppress_tokens)"),
     ("old log-probs: strictly on-policy (one optimizer step per batch, no mismatch correction) both sides take them "
     "from the update's own forward, detached (ovr: rl.old_logprobs=auto); neither runs a separate no-grad pass"),
     ("ovr's update also pushes the new weights into its rollout engine's separate model copy; TRL generates with the "

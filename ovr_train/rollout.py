@@ -460,7 +460,13 @@ def rollout(kind, model_path, tok, ids, device, rollout_cfg, image_pixels, *, se
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(model_path), dtype=dtype,
                                                                attn_implementation="sdpa").to(device)
-    blocked = [v for k, v in ids.items() if k not in ("im_end", "endoftext")]
-    blocked += list(range(len(tok), model.get_output_embeddings().weight.shape[0]))  # padding rows
+    blocked = blocked_token_ids(ids, len(tok), model.get_output_embeddings().weight.shape[0])
     return HFEngine(model, tok, [ids["im_end"], ids["endoftext"]], ids["endoftext"], blocked,
                     max_batch_size=max_batch_size)
+
+
+def blocked_token_ids(ids: dict, tokenizer_size: int, vocab_rows: int) -> list:
+    """The ids the HF engine never samples: every special token in `ids` (tokenizer.special_ids) but the two end
+    tokens, and the output embedding's padding rows past the tokenizer (a sampled <|image_pad|> would break the
+    next forward's image-token count)."""
+    return [v for k, v in ids.items() if k not in ("im_end", "endoftext")] + list(range(tokenizer_size, vocab_rows))

@@ -228,3 +228,11 @@ def test_checkpoint_generation_config_adds_no_logits_processor(tmp_path, tok):
     for s in samples:
         want = teacher_forced_logprobs(model, prompts[s.prompt_index], s.token_ids, 1.0)
         torch.testing.assert_close(torch.tensor(s.logprobs), want, atol=2e-5, rtol=1e-5)
+
+
+def test_blocked_token_ids_keep_the_end_tokens_and_block_the_rest():
+    from ovr_train.rollout import blocked_token_ids
+
+    ids = {"endoftext": 0, "im_start": 1, "im_end": 2, "image_pad": 3, "vision_start": 4}
+    assert blocked_token_ids(ids, 10, 13) == [1, 3, 4, 10, 11, 12]  # specials but the two ends, then padding rows
+    assert blocked_token_ids(ids, 10, 10) == [1, 3, 4]
