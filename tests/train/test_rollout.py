@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ovr_train.rollout import HFEngine, Prompt
+from ovr_train.rollout import HFEngine, Prompt, blocked_token_ids
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
             "<|video_pad|>"]
@@ -231,8 +231,6 @@ def test_checkpoint_generation_config_adds_no_logits_processor(tmp_path, tok):
 
 
 def test_blocked_token_ids_keep_the_end_tokens_and_block_the_rest():
-    from ovr_train.rollout import blocked_token_ids
-
     ids = {"endoftext": 0, "im_start": 1, "im_end": 2, "image_pad": 3, "vision_start": 4}
     assert blocked_token_ids(ids, 10, 13) == [1, 3, 4, 10, 11, 12]  # specials but the two ends, then padding rows
     assert blocked_token_ids(ids, 10, 10) == [1, 3, 4]
