@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from ovr_train import synth_images
@@ -104,6 +105,39 @@ def _group(row: dict) -> str:
     return row.get("group", row["id"])
 
 
+def blind_baseline(cfg, num_train_per_task: int = 500) -> dict:
+    """What a model that ignores the image scores on the held-out image sets: {set: {"prior": the expected pass@1
+    of sampling each task's answer from its frequencies in the "train" split, "majority": pass@1 of always giving
+    the train split's most common answer of the task, "ceiling": pass@1 of always giving the held-out set's own
+    most common answer of the task (what the best single answer per task scores: the question says nothing about
+    the answer, so this bounds an image-blind model up to how the wording varies), "by_task": {task: {"prior", "majority", "ceiling"}}}}. Accuracy at or below
+    these uses the question and the answer format, not the picture; `num_train_per_task` train items per task
+    estimate the frequencies (deterministic for the data seed)."""
+    seed, ecfg = cfg.data.synth_seed, cfg.eval
+    held_out = {"synth_images": (ecfg.num_images, synth_images.REASONING_TASKS),
+                "synth_perception": (ecfg.num_perception, perception_tasks_of(cfg.base.tasks))}
+    out = {}
+    for name, (num, tasks) in held_out.items():
+        if num <= 0:
+            continue
+        train = synth_images.make_dataset(num_train_per_task * len(tasks), seed, "train", tasks=tasks)
+        test = synth_images.make_dataset(num, seed, "test", tasks=tasks)
+        rows = {}
+        for task in tasks:
+            freq = Counter(r["answer"] for r in train if r["task"] == task)
+            gold = [r["answer"] for r in test if r["task"] == task]
+            if not gold:
+                continue
+            total, majority = sum(freq.values()), freq.most_common(1)[0][0]
+            rows[task] = {"prior": sum(freq[a] for a in gold) / total / len(gold),
+                          "majority": sum(a == majority for a in gold) / len(gold),
+                          "ceiling": Counter(gold).most_common(1)[0][1] / len(gold), "n": len(gold)}
+        keys = ("prior", "majority", "ceiling")
+        out[name] = {k: sum(r[k] * r["n"] for r in rows.values()) / len(test) for k in keys}
+        out[name]["by_task"] = {t: {k: r[k] for k in keys} for t, r in rows.items()}
+    return out
+
+
 def evaluate_model(cfg, info, model_dir, label: str) -> dict:
     """Collective: evaluate the HF model in `model_dir` on the embedded default's held-out sets with cfg.eval's sampling settings.
     Returns {"metrics": {set: summarize(...)}, "stderr": {set: SE of pass@1}, "distinct": {set: content groups},
@@ -171,7 +205,7 @@ def run_all(cfg, info) -> dict:
                "steps": {"base": cfg.base.steps, "sft": cfg.sft.steps, "rl": cfg.rl.steps},
                "eval_settings": {"num_samples": cfg.eval.num_samples, "temperature": cfg.eval.temperature,
                                  "max_new_tokens": cfg.eval.max_new_tokens, "seed": cfg.eval.seed},
-               "times": times, "evals": evals}
+               "times": times, "evals": evals, "blind": blind_baseline(cfg)}
     if info.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         write_report(out, summary)

@@ -21,6 +21,12 @@ from ovr_train.metrics import pyplot, read_metrics
 SECTIONS = ("## Command", "## Wall time per stage", "## Accuracy per stage", "## Accuracy per task",
             "## Behaviour rates per stage", "## Behaviours and right answers on images", "## RL curves", "## Claims")
 PLOTS = ("rl_curves.png", "accuracy.png", "behaviors.png", "wall_time.png")
+BLIND_ROW = "image-blind (train answer prior)"
+CEILING_ROW = "image-blind ceiling (best constant answer)"
+BLIND_NOTE = ("image-blind (pipeline.blind_baseline): the expected pass@1 of a model that ignores the image and samples "
+              "each task's answer from its frequencies in the training split; the ceiling: always the held-out "
+              "set's most common answer of each task, what the best single answer per task scores. "
+              "Accuracy at or below them does not show that the picture is used.")
 SET_TITLES = {"synth_text": "text (held-out arithmetic)", "synth_images": "image (held-out reasoning)",
               "synth_perception": "image perception (held-out)"}
 
@@ -127,8 +133,13 @@ def plot_wall_time(summary, path: Path):
 
 
 def _gain(x, a, b, set_name):
-    """(acc of stage b - acc of stage a, combined s.e.) on `set_name` in summary x; None when a stage is missing."""
+    """(acc of stage b - acc of stage a, combined s.e.) on `set_name` in summary x; None when a stage is missing.
+    a = "blind": the image-blind ceiling (a constant of the set: the s.e. is stage b's alone)."""
     ev = x["evals"]
+    if a == "blind":
+        if b not in ev or set_name not in ev[b]["metrics"] or set_name not in x.get("blind", {}):
+            return None
+        return ev[b]["metrics"][set_name]["pass@1"] - x["blind"][set_name]["ceiling"], ev[b]["stderr"][set_name]
     if a not in ev or b not in ev or set_name not in ev[b]["metrics"]:
         return None
     return (ev[b]["metrics"][set_name]["pass@1"] - ev[a]["metrics"][set_name]["pass@1"],
@@ -136,8 +147,9 @@ def _gain(x, a, b, set_name):
 
 
 def claims(summary) -> list:
-    """The issue's two claims, stated as measured (no thresholds tuned after the fact: 'clear margin' means the RL
-    gain exceeds twice the combined standard error of the two accuracies)."""
+    """The run's claims, stated as measured (no thresholds tuned after the fact: 'clear margin' means the RL gain
+    exceeds twice the combined standard error of the two accuracies): RL over the cold start on images, behaviours
+    carried into image answers by the cold start, RL over the image-blind ceiling on images."""
     lines = []
     ev = summary["evals"]
     gain = _gain(summary, "sft", "rl", "synth_images")
@@ -158,6 +170,14 @@ def claims(summary) -> list:
         verdict = "holds" if found else "does NOT hold"
         lines.append("2. Behaviours learned from text appear in image responses after the cold start where the base "
                      f"had none: **{verdict}** ({', '.join(found) if found else 'no behaviour went from 0 to > 0'}).")
+    blind = summary.get("blind", {}).get("synth_images")
+    if blind and "rl" in ev and "synth_images" in ev["rl"]["metrics"]:
+        acc, se = ev["rl"]["metrics"]["synth_images"]["pass@1"], ev["rl"]["stderr"]["synth_images"]
+        verdict = "holds" if acc - blind["ceiling"] > 2 * se else "does NOT hold"
+        lines.append(f"3. RL's held-out image accuracy is above what the best single answer per task scores "
+                     f"without the image (the image-blind ceiling): {acc:.3f} vs {blind['ceiling']:.3f} "
+                     f"({acc - blind['ceiling']:+.3f}, s.e. {se:.3f}; the training answers' prior scores "
+                     f"{blind['prior']:.3f}): **{verdict}** in this run (criterion: difference > 2 s.e.).")
     return lines
 
 
@@ -195,6 +215,11 @@ def write_report(out_dir, summary: dict) -> Path:
         cells = [f"{ev[s]['metrics'][n]['pass@1']:.3f} +- {ev[s]['stderr'][n]:.3f}" for n in sets]
         img = ev[s]["metrics"].get("synth_images", {})
         md.append(f"| {s} | " + " | ".join(cells) + f" | {_fmt(img.get('mean_length'), '{:.0f}')} |")
+    blind = summary.get("blind", {})
+    if blind:
+        for key, title in (("prior", BLIND_ROW), ("ceiling", CEILING_ROW)):
+            md.append(f"| {title} | " + " | ".join(_fmt(blind.get(n, {}).get(key)) for n in sets) + " | - |")
+        md += ["", BLIND_NOTE]
     md += ["", "![accuracy](plots/accuracy.png)", "", "## Accuracy per task", ""]
     for n in sets:
         tasks = sorted({t for s in stages for t in ev[s]["by_task"].get(n, {})})
@@ -203,6 +228,10 @@ def write_report(out_dir, summary: dict) -> Path:
         md += [f"{SET_TITLES.get(n, n)}:", "", "| stage | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
         md += [f"| {s} | " + " | ".join(_fmt(ev[s]["by_task"][n].get(t, {}).get("acc")) for t in tasks) + " |"
                for s in stages]
+        if n in blind:
+            for key, title in (("prior", BLIND_ROW), ("ceiling", CEILING_ROW)):
+                md.append(f"| {title} | " + " | ".join(_fmt(blind[n]["by_task"].get(t, {}).get(key)) for t in tasks)
+                          + " |")
         md.append("")
     md += ["## Behaviour rates per stage", "",
            ("Fraction of held-out responses showing each behaviour (keyword proxy, ovr_train/behaviors.py), in "
@@ -238,8 +267,8 @@ def write_report(out_dir, summary: dict) -> Path:
 
 
 def _claims_over_runs(run_dirs, sums) -> list:
-    """Per run and pooled: RL vs the cold start and vs the base model on held-out images, RL vs the cold start on
-    text. Pooled = the mean difference over runs, its s.e. sqrt(sum of the runs' combined s.e.^2) / runs: the runs'
+    """Per run and pooled: RL vs the cold start, the base model and the image-blind ceiling on held-out images,
+    RL vs the cold start on text. Pooled = the mean difference over runs, its s.e. sqrt(sum of the runs' combined s.e.^2) / runs: the runs'
     errors taken as independent, though they answer the same questions, so it can understate the spread that
     question difficulty shares. 'above' means the difference exceeds 2 s.e."""
     rows = [("image: RL - cold start", "sft", "rl", "synth_images"), ("image: RL - base", "base", "rl", "synth_images"),
@@ -248,6 +277,8 @@ def _claims_over_runs(run_dirs, sums) -> list:
            "**not below** = difference > -2 s.e.):"), "",
           "| comparison | " + " | ".join(Path(d).name for d in run_dirs) + " | pooled | verdict |",
           "|---|" + "---|" * (len(run_dirs) + 2)]
+    if all("synth_images" in x.get("blind", {}) for x in sums):
+        rows.insert(2, ("image: RL - image-blind ceiling", "blind", "rl", "synth_images"))
     for title, a, b, set_name in rows:
         gains = [_gain(x, a, b, set_name) for x in sums]
         if any(g is None for g in gains):
@@ -340,6 +371,12 @@ def aggregate(run_dirs: list) -> str:
     for s in stages:
         md.append(f"| {s} | " + " | ".join(ms([x["evals"][s]["metrics"][n]["pass@1"] for x in sums]) for n in sets)
                   + " |")
+    if all(x.get("blind") for x in sums):
+        for key, title in (("prior", BLIND_ROW), ("ceiling", CEILING_ROW)):
+            md.append(f"| {title} | " + " | ".join(
+                ms([x["blind"][n][key] for x in sums]) if all(n in x["blind"] for x in sums) else "-" for n in sets)
+                + " |")
+        md += ["", BLIND_NOTE]
     md += ["", "| stage | behaviour | text | image |", "|---|---|---|---|"]
     for s in stages:
         for b in BEHAVIORS:

@@ -15,10 +15,11 @@ import torch
 from safetensors.torch import load_file
 from shared_runs import torchrun
 
+from ovr_train import synth_images
 from ovr_train.behaviors import BEHAVIORS
 from ovr_train.config import load_config
-from ovr_train.pipeline import behaviour_accuracy, distinct, std_error
-from ovr_train.report import PLOTS, SECTIONS, aggregate, main
+from ovr_train.pipeline import behaviour_accuracy, blind_baseline, distinct, std_error
+from ovr_train.report import BLIND_ROW, CEILING_ROW, PLOTS, SECTIONS, aggregate, claims, main
 from ovr_train.rewards import extract_boxed
 from ovr_train.sft import base_stage_config, resolve_sft_init
 from ovr_train.synth_images import PERCEPTION_TASKS, ensure_perception_corpus
@@ -79,6 +80,10 @@ def test_stage_all_end_to_end_and_deterministic(tmp_path):
     # the table shows what the summary holds (no recomputation in the report)
     acc = summary["evals"]["rl"]["metrics"]["synth_images"]["pass@1"]
     assert any(line.startswith("| rl |") and f"{acc:.3f}" in line for line in report.splitlines())
+    # the image-blind answer prior of the run's held-out image sets, shown beside the stages and in the claims
+    assert set(summary["blind"]) == {"synth_images", "synth_perception"}
+    assert all(0 <= summary["blind"][n][k] <= 1 for n in summary["blind"] for k in ("prior", "majority", "ceiling"))
+    assert all(f"| {r} |" in report for r in (BLIND_ROW, CEILING_ROW)) and "3. RL's held-out image accuracy" in report
     rl_metrics = [json.loads(line) for line in (out / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert len(rl_metrics) == 2 and all("reward_image" in r and "reward_text" in r for r in rl_metrics)
     # the SFT stage started from the base stage's export; model.freeze_vision=false (the tiny default, so that RL
@@ -113,8 +118,9 @@ def test_report_cli_refuses_missing_runs(tmp_path, capsys):
     assert f"no summary.json (written at the end of a `--stage all` run) in: {tmp_path}" in capsys.readouterr().err
 
 
-def _fake_run(path, seed, acc, se, image_rates, rollouts):
-    """A run directory with a summary.json (acc[stage][set], one s.e. for all) and an RL metrics.jsonl."""
+def _fake_run(path, seed, acc, se, image_rates, rollouts, blind=None):
+    """A run directory with a summary.json (acc[stage][set], one s.e. for all; `blind`: the image-blind prior of
+    synth_images) and an RL metrics.jsonl."""
     evals = {}
     for stage, sets in acc.items():
         metrics = {n: {"pass@1": a, "num_questions": 600, "num_samples": 2} for n, a in sets.items()}
@@ -127,7 +133,11 @@ def _fake_run(path, seed, acc, se, image_rates, rollouts):
                             "with": None, "n_with": 0, "without": 0.3, "n_without": 150, "within_task": None}}}}
     times = {f"{s}_{k}_s": 1.0 for s in acc for k in ("train", "eval")} | {"total_s": 60.0}
     path.mkdir(parents=True)
-    (path / "summary.json").write_text(json.dumps({"seed": seed, "evals": evals, "times": times}))
+    summary = {"seed": seed, "evals": evals, "times": times}
+    if blind is not None:
+        summary["blind"] = {"synth_images": {"prior": blind - 0.05, "majority": blind, "ceiling": blind,
+                                             "by_task": {}}}
+    (path / "summary.json").write_text(json.dumps(summary))
     (path / "rl").mkdir()
     (path / "rl" / "metrics.jsonl").write_text("\n".join(json.dumps({"step": i + 1, **r})
                                                          for i, r in enumerate(rollouts)))
@@ -147,13 +157,18 @@ def test_aggregate_claims_and_behaviour_change(tmp_path):
                 for i in range(20)]
     runs = [tmp_path / "s0", tmp_path / "s1"]
     for i, run in enumerate(runs):
-        _fake_run(run, i, acc[i], 0.01, rates[i], rollouts)
+        _fake_run(run, i, acc[i], 0.01, rates[i], rollouts, blind=0.25)
     lines = aggregate(runs).splitlines()
     row = {line.split(" | ")[0].lstrip("| "): line for line in lines if line.startswith("| ")}
     # image: +0.16 and +0.12, each s.e. hypot(0.01, 0.01); pooled +0.14 +- sqrt(2 * 0.0002) / 2
     assert row["image: RL - cold start"] == ("| image: RL - cold start | +0.160 +- 0.014 | +0.120 +- 0.014 | "
                                              "+0.140 +- 0.010 | **above** |")
     assert row["image: RL - base"].endswith("| +0.040 +- 0.010 | **above** |")
+    # the image-blind ceiling (0.25, a constant of the set) against RL 0.26 / 0.24, each RL's own s.e. 0.01
+    assert row["image: RL - image-blind ceiling"] == ("| image: RL - image-blind ceiling | +0.010 +- 0.010 | "
+                                                      "-0.010 +- 0.010 | +0.000 +- 0.007 | **not below** |")
+    assert row[BLIND_ROW].startswith(f"| {BLIND_ROW} | - | 0.200 +- 0.000")
+    assert row[CEILING_ROW].startswith(f"| {CEILING_ROW} | - | 0.250 +- 0.000")
     # text: +0.01 and -0.04 -> pooled -0.015 +- 0.010: within 2 s.e. of zero
     assert row["text: RL - cold start"].endswith("| -0.015 +- 0.010 | **not below** |")
     # rollouts 0.1 -> 0.9 on images, transfer skips the NaN step; held-out 0.15 -> 0.40, up in both runs
@@ -165,6 +180,41 @@ def test_aggregate_claims_and_behaviour_change(tmp_path):
     shown = [line for line in shown[:next(i for i, line in enumerate(shown) if line.startswith("| run |"))]
              if line.startswith("| ") and "---" not in line][1:]
     assert shown == [f"| {s} | verification | 0.450 (200) | 0.200 (100) | +0.100 |" for s in ("base", "sft", "rl")]
+
+
+def test_blind_baseline_is_the_train_answer_prior(monkeypatch):
+    # train: task a answers 1, 1, 1, 2 and task b 3, 3; held out: a 1, 2 and b 3, 4, 3
+    answers = {"train": {"more_than": ["1", "1", "1", "2"], "total_two": ["3", "3"]},
+               "test": {"more_than": ["1", "2"], "total_two": ["3", "4", "3"]}}
+
+    def fake_dataset(num, seed=0, split="train", tasks=(), **_):
+        return [{"task": t, "answer": a} for t, rows in answers[split].items() if t in tasks for a in rows]
+
+    monkeypatch.setattr(synth_images, "make_dataset", fake_dataset)
+    monkeypatch.setattr(synth_images, "REASONING_TASKS", ("more_than", "total_two"))
+    cfg = load_config(None, ["--eval.num_images=5", "--eval.num_perception=0"])
+    out = blind_baseline(cfg)
+    assert list(out) == ["synth_images"]  # no perception set asked for
+    # a: sampling from {1: 3/4, 2: 1/4} is right (3/4 + 1/4) / 2; always "1" is right 1/2. b: 2/3 either way
+    # ceiling: the held-out set's own most common answer, a: 1 of 2, b: "3" 2 of 3
+    assert out["synth_images"]["by_task"] == {"more_than": {"prior": 0.5, "majority": 0.5, "ceiling": 0.5},
+                                              "total_two": {"prior": 2 / 3, "majority": 2 / 3, "ceiling": 2 / 3}}
+    assert out["synth_images"]["prior"] == pytest.approx((0.5 * 2 + 2 / 3 * 3) / 5)
+    # train majority "3" for b, held out mostly "4": majority 1/3, ceiling 2/3
+    answers["test"]["total_two"] = ["4", "4", "3"]
+    b = blind_baseline(cfg)["synth_images"]["by_task"]["total_two"]
+    assert b == {"prior": pytest.approx(1 / 3), "majority": pytest.approx(1 / 3), "ceiling": pytest.approx(2 / 3)}
+
+
+def test_claims_rl_against_the_blind_prior():
+    ev = {s: {"metrics": {"synth_images": {"pass@1": a, "num_questions": 600}}, "stderr": {"synth_images": 0.01}}
+          for s, a in (("sft", 0.05), ("rl", 0.20))}
+    above = claims({"evals": ev, "blind": {"synth_images": {"prior": 0.1, "ceiling": 0.15}}})[-1]
+    assert above.startswith("3. ") and "0.200 vs 0.150 (+0.050, s.e. 0.010; the training answers' prior scores " \
+        "0.100): **holds**" in above
+    below = claims({"evals": ev, "blind": {"synth_images": {"prior": 0.1, "ceiling": 0.19}}})[-1]
+    assert "(+0.010, s.e. 0.010; the training answers' prior scores 0.100): **does NOT hold**" in below
+    assert not any(line.startswith("3. ") for line in claims({"evals": ev}))  # summaries written before the prior
 
 
 def _rows(accs, groups=None):
