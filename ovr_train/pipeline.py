@@ -110,9 +110,10 @@ def blind_baseline(cfg, num_train_per_task: int = 500) -> dict:
     of sampling each task's answer from its frequencies in the "train" split, "majority": pass@1 of always giving
     the train split's most common answer of the task, "ceiling": pass@1 of always giving the held-out set's own
     most common answer of the task (what the best single answer per task scores: the question says nothing about
-    the answer, so this bounds an image-blind model up to how the wording varies), "by_task": {task: {"prior", "majority", "ceiling"}}}}. Accuracy at or below
-    these uses the question and the answer format, not the picture; `num_train_per_task` train items per task
-    estimate the frequencies (deterministic for the data seed)."""
+    the answer, so this bounds an image-blind model up to how the wording varies), "by_task": {task: {"prior",
+    "majority", "ceiling"}}}}. Accuracy at or below these uses the question and the answer format, not the
+    picture; `num_train_per_task` train items per task estimate the frequencies (deterministic for the data
+    seed)."""
     seed, ecfg = cfg.data.synth_seed, cfg.eval
     held_out = {"synth_images": (ecfg.num_images, synth_images.REASONING_TASKS),
                 "synth_perception": (ecfg.num_perception, perception_tasks_of(cfg.base.tasks))}

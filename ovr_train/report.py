@@ -23,9 +23,9 @@ SECTIONS = ("## Command", "## Wall time per stage", "## Accuracy per stage", "##
 PLOTS = ("rl_curves.png", "accuracy.png", "behaviors.png", "wall_time.png")
 BLIND_ROW = "image-blind (train answer prior)"
 CEILING_ROW = "image-blind ceiling (best constant answer)"
-BLIND_NOTE = ("image-blind (pipeline.blind_baseline): the expected pass@1 of a model that ignores the image and samples "
-              "each task's answer from its frequencies in the training split; the ceiling: always the held-out "
-              "set's most common answer of each task, what the best single answer per task scores. "
+BLIND_NOTE = ("image-blind (pipeline.blind_baseline): the expected pass@1 of a model that ignores the image and "
+              "samples each task's answer from its frequencies in the training split; the ceiling: always the "
+              "held-out set's most common answer of each task, what the best single answer per task scores. "
               "Accuracy at or below them does not show that the picture is used.")
 SET_TITLES = {"synth_text": "text (held-out arithmetic)", "synth_images": "image (held-out reasoning)",
               "synth_perception": "image perception (held-out)"}
@@ -268,9 +268,9 @@ def write_report(out_dir, summary: dict) -> Path:
 
 def _claims_over_runs(run_dirs, sums) -> list:
     """Per run and pooled: RL vs the cold start, the base model and the image-blind ceiling on held-out images,
-    RL vs the cold start on text. Pooled = the mean difference over runs, its s.e. sqrt(sum of the runs' combined s.e.^2) / runs: the runs'
-    errors taken as independent, though they answer the same questions, so it can understate the spread that
-    question difficulty shares. 'above' means the difference exceeds 2 s.e."""
+    RL vs the cold start on text. Pooled = the mean difference over runs, its s.e. sqrt(sum of the runs' combined
+    s.e.^2) / runs: the runs' errors taken as independent, though they answer the same questions, so it can
+    understate the spread that question difficulty shares. 'above' means the difference exceeds 2 s.e."""
     rows = [("image: RL - cold start", "sft", "rl", "synth_images"), ("image: RL - base", "base", "rl", "synth_images"),
             ("text: RL - cold start", "sft", "rl", "synth_text")]
     md = [("Claims over runs (difference of held-out pass@1 +- combined s.e.; **above** = difference > 2 s.e., "
