@@ -105,6 +105,12 @@ def _group(row: dict) -> str:
     return row.get("group", row["id"])
 
 
+def image_tasks_of_sets(cfg) -> dict:
+    """{held-out image set: its synth_images tasks, in the round-robin order its items were generated in}."""
+    return {"synth_images": list(synth_images.REASONING_TASKS),
+            "synth_perception": list(perception_tasks_of(cfg.base.tasks))}
+
+
 def blind_baseline(cfg, num_train_per_task: int = 500) -> dict:
     """What a model that ignores the image scores on the held-out image sets: {set: {"prior": the expected pass@1
     of sampling each task's answer from its frequencies in the "train" split, "majority": pass@1 of always giving
@@ -114,11 +120,11 @@ def blind_baseline(cfg, num_train_per_task: int = 500) -> dict:
     "majority", "ceiling"}}}}. Accuracy at or below these uses the question and the answer format, not the
     picture; `num_train_per_task` train items per task estimate the frequencies (deterministic for the data
     seed)."""
-    seed, ecfg = cfg.data.synth_seed, cfg.eval
-    held_out = {"synth_images": (ecfg.num_images, synth_images.REASONING_TASKS),
-                "synth_perception": (ecfg.num_perception, perception_tasks_of(cfg.base.tasks))}
+    seed = cfg.data.synth_seed
+    sizes = {"synth_images": cfg.eval.num_images, "synth_perception": cfg.eval.num_perception}
     out = {}
-    for name, (num, tasks) in held_out.items():
+    for name, tasks in image_tasks_of_sets(cfg).items():
+        num = sizes[name]
         if num <= 0:
             continue
         train = synth_images.make_dataset(num_train_per_task * len(tasks), seed, "train", tasks=tasks)
@@ -154,8 +160,7 @@ def evaluate_model(cfg, info, model_dir, label: str) -> dict:
                      max_batch_size=ecfg.batch_size * ecfg.num_samples)
     metrics, details = evaluate_with_config(cfg, engine, tok, ids, sets, image_proc, info)
     engine.close()  # free its memory before the next stage trains
-    tasks_of_set = {"synth_images": list(synth_images.REASONING_TASKS),
-                    "synth_perception": list(perception_tasks_of(cfg.base.tasks))}
+    tasks_of_set = image_tasks_of_sets(cfg)
     result = {"label": label, "model": str(model_dir), "metrics": metrics,
               "stderr": {k: std_error(v) for k, v in details.items()},
               "distinct": {k: distinct(v) for k, v in details.items()}, "by_task": by_task(details, tasks_of_set),

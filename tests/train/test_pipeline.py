@@ -80,7 +80,7 @@ def test_stage_all_end_to_end_and_deterministic(tmp_path):
     # the table shows what the summary holds (no recomputation in the report)
     acc = summary["evals"]["rl"]["metrics"]["synth_images"]["pass@1"]
     assert any(line.startswith("| rl |") and f"{acc:.3f}" in line for line in report.splitlines())
-    # the image-blind answer prior of the run's held-out image sets, shown beside the stages and in the claims
+    # the image-blind prior and ceiling of the run's held-out image sets, beside the stages and in the claims
     assert set(summary["blind"]) == {"synth_images", "synth_perception"}
     assert all(0 <= summary["blind"][n][k] <= 1 for n in summary["blind"] for k in ("prior", "majority", "ceiling"))
     assert all(f"| {r} |" in report for r in (BLIND_ROW, CEILING_ROW)) and "3. RL's held-out image accuracy" in report
@@ -119,8 +119,8 @@ def test_report_cli_refuses_missing_runs(tmp_path, capsys):
 
 
 def _fake_run(path, seed, acc, se, image_rates, rollouts, blind=None):
-    """A run directory with a summary.json (acc[stage][set], one s.e. for all; `blind`: the image-blind prior of
-    synth_images) and an RL metrics.jsonl."""
+    """A run directory with a summary.json (acc[stage][set], one s.e. for all; `blind`: the image-blind ceiling of
+    synth_images, its prior 0.05 below) and an RL metrics.jsonl."""
     evals = {}
     for stage, sets in acc.items():
         metrics = {n: {"pass@1": a, "num_questions": 600, "num_samples": 2} for n, a in sets.items()}
@@ -206,7 +206,7 @@ def test_blind_baseline_is_the_train_answer_prior(monkeypatch):
     assert b == {"prior": pytest.approx(1 / 3), "majority": pytest.approx(1 / 3), "ceiling": pytest.approx(2 / 3)}
 
 
-def test_claims_rl_against_the_blind_prior():
+def test_claims_rl_against_the_blind_ceiling():
     ev = {s: {"metrics": {"synth_images": {"pass@1": a, "num_questions": 600}}, "stderr": {"synth_images": 0.01}}
           for s, a in (("sft", 0.05), ("rl", 0.20))}
     above = claims({"evals": ev, "blind": {"synth_images": {"prior": 0.1, "ceiling": 0.15}}})[-1]
