@@ -261,10 +261,13 @@ class BaseCfg:
     num_train: int = 8000
     """Generated training items (synth_images "train" split; the held-out sets use its "test" split)."""
     tasks: list = field(default_factory=lambda: ["count_color", "count_all", "color_largest", "digit_read"])
-    """Perception tasks of ovr_train/synth_images.py (no reasoning tasks: those are the RL stage's)."""
+    """Tasks of ovr_train/synth_images.py the base stage trains on: its perception tasks by default; reasoning tasks
+    (more_than, total_two, digit_sum, digit_diff) may be added, answered directly or, with read_first, worked."""
     read_first: bool = False
-    """Replies read the image in a one-step trace before the answer ("<think>First, count the red shapes: 4.</think>
-    The answer is \\boxed{4}."), in the wording of the described pictures' traces (data.synth_picture_fraction)."""
+    """Replies work the item's steps in a trace before the answer, in the wording of the described pictures' traces
+    (data.synth_picture_fraction), without their slips and checks: a perception task reads once ("<think>First,
+    count the red shapes: 4.</think> The answer is \\boxed{4}."), a reasoning task reads twice and computes
+    ("First, read the left digit: 8. Then, read the right digit: 5. Then, 8 + 5 = 13.")."""
 
     def __post_init__(self):
         _check(self.steps > 0, "base.steps", self.steps, "must be > 0")

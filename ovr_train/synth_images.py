@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-from ovr_train.synth_text import default_cache_dir, read_line, reply
+from ovr_train.synth_text import default_cache_dir, reply, step_lines
 
 COLORS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (30, 160, 60), "yellow": (235, 190, 20)}
 KINDS = ("circle", "square", "triangle")
@@ -172,6 +172,32 @@ def digit_task(task, rng):
     return [d0, d1], "What is the larger digit minus the smaller digit in the image?", str(hi - lo), ()
 
 
+def reasoning_steps(task, content, asked=()):
+    """The worked steps of a reasoning task's answer, and a sentence that verifies the result: two reads of the
+    picture, then one operation, as [("read", what, value), ("read", what, value), (expression, result)].
+    `content` is the item's shapes (more_than, total_two; `asked` the two colours the question names) or its
+    [left, right] digits (digit_sum, digit_diff). The text corpus's described pictures and the base stage's
+    read-first replies both write their traces from these steps."""
+    if task in ("digit_sum", "digit_diff"):
+        left, right = content
+        read = READS["digit_read"]
+        steps = [("read", read.format("left"), left), ("read", read.format("right"), right)]
+        if task == "digit_sum":
+            return steps + [(f"{left} + {right}", left + right)], \
+                f"{left + right} - {right} = {left}, which matches the left digit"
+        hi, lo = max(left, right), min(left, right)
+        return steps + [(f"{hi} - {lo}", hi - lo)], f"{hi - lo} + {lo} = {hi}, which matches the larger digit"
+    if task not in ("more_than", "total_two"):
+        raise ValueError(f"reasoning_steps: task must be one of {REASONING_TASKS}, got {task!r}")
+    a, b = asked
+    n_a, n_b = _count(content, a), _count(content, b)
+    read = READS["count_color"]
+    steps = [("read", read.format(a), n_a), ("read", read.format(b), n_b)]
+    if task == "more_than":
+        return steps + [(f"{n_a} - {n_b}", n_a - n_b)], f"{n_a - n_b} + {n_b} = {n_a}, which matches the {a} count"
+    return steps + [(f"{n_a} + {n_b}", n_a + n_b)], f"{n_a + n_b} - {n_b} = {n_a}, which matches the {a} count"
+
+
 def _split_of(key):
     """'test' for a TEST_FRACTION of content keys (a stable hash), 'val' for the next VAL_FRACTION, else 'train'."""
     h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") % 1000
@@ -182,11 +208,12 @@ def _split_of(key):
 
 def make_item(index, seed=0, split="train", tasks=REASONING_TASKS, image_size=112, max_shapes=6):
     """Item `index` of a split: {"question", "image" (PIL RGB), "answer" (str), "task", "description", "key",
-    "read"}.
+    "read", "steps"}.
 
     `question` ends with the boxed-answer instruction; `description` is the scene caption (for perception
     pretraining); `key` identifies the content (the split is a hash of it); `read` is the perception task's reading
-    step (READS; "" for the others). Deterministic in all arguments.
+    step (READS; "" for the others); `steps` the worked answer: [("read", read, answer)] for a perception task
+    with a read, `reasoning_steps` for a reasoning task, [] for describe. Deterministic in all arguments.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -212,8 +239,12 @@ def make_item(index, seed=0, split="train", tasks=REASONING_TASKS, image_size=11
             make_image = (lambda s=shapes: render_shapes(s, image_size))
         if _split_of(key) == split:
             read = READS[task].format(*asked) if task in READS else ""
+            if task in REASONING_TASKS:
+                steps = reasoning_steps(task, digits if task.startswith("digit") else shapes, asked)[0]
+            else:
+                steps = [("read", read, answer)] if read else []
             return {"question": question + ANSWER_FORMAT, "image": make_image(), "answer": answer, "task": task,
-                    "description": desc, "key": key, "read": read}
+                    "description": desc, "key": key, "read": read, "steps": steps}
     raise RuntimeError("no item found for this split in 1000 attempts")  # unreachable: each split holds >= 10%
 
 
@@ -234,19 +265,21 @@ def png_data_url(image):
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def perception_answer(answer, read=""):
-    """The base stage's reply: only the answer in the same `\\boxed{}` form the cold start and the verifier use
-    (bare-word replies would leave nothing for the text-only SFT to bridge to); with `read` (READS), the reading
-    step first, in a trace as the cold start writes one: "<think>First, count the red shapes: 4.</think>"."""
-    return reply(answer, [read_line("First", read, answer)] if read else ())
+def base_reply(item, read_first=False):
+    """The base stage's reply to `item` (make_item): only the answer in the same `\\boxed{}` form the cold start and
+    the verifier use (bare-word replies would leave nothing for the text-only SFT to bridge to); with `read_first`,
+    the item's steps first, in a trace as the cold start writes one, without its slips and verification:
+    "<think>First, count the red shapes: 4.</think>" for a perception task, two reads and the operation for a
+    reasoning task ("First, count the red shapes: 4. Then, count the blue shapes: 1. Then, 4 - 1 = 3.")."""
+    return reply(item["answer"], step_lines(item["steps"]) if read_first else ())
 
 
 def ensure_perception_corpus(cache_dir, num, seed=0, tasks=("count_color", "count_all", "color_largest",
                                                             "digit_read"), image_size=112, max_shapes=6,
                              read_first=False):
     """Write (once) and return the base stage's training JSONL: `num` items of the "train" split of `tasks`, each
-    {"messages": [user: image + question, assistant: perception_answer], "answer", "task"}, images inline as PNG
-    data URLs; `read_first`: replies read first (`perception_answer` with the item's read). Cached under
+    {"messages": [user: image + question, assistant: base_reply], "answer", "task"}, images inline as PNG
+    data URLs; `read_first`: replies work the item's steps first (`base_reply`). Cached under
     <cache>/synth_images/ by every argument; written atomically (ranks may race)."""
     # the split fractions are in the name: a cache written under other splits would hold another "train" set
     name = (f"seed{seed}_n{num}_{'-'.join(tasks)}_{image_size}px_max{max_shapes}_test{TEST_FRACTION}"
@@ -261,8 +294,7 @@ def ensure_perception_corpus(cache_dir, num, seed=0, tasks=("count_color", "coun
             item = make_item(i, seed, "train", tuple(tasks), image_size, max_shapes)
             user = [{"type": "image", "image": png_data_url(item["image"])}, {"type": "text", "text": item["question"]}]
             f.write(json.dumps({"messages": [{"role": "user", "content": user},
-                                             {"role": "assistant", "content": perception_answer(
-                                                 item["answer"], item["read"] if read_first else "")}],
+                                             {"role": "assistant", "content": base_reply(item, read_first)}],
                                 "answer": item["answer"], "task": item["task"]}) + "\n")
     os.replace(tmp, path)
     return path

@@ -46,6 +46,18 @@ def read_line(word: str, what: str, value) -> str:
     return f"{word}, {what}: {value}."
 
 
+def step_line(word: str, step: tuple, value=None) -> str:
+    """One step of a trace, opened by `word` ("First", "Then"): a read ("read", what, value) as `read_line`, an
+    operation (expression, value) as "Then, 4 - 1 = 3."; `value` given: that value written instead (a slip)."""
+    value = step[-1] if value is None else value
+    return read_line(word, step[1], value) if step[0] == "read" else f"{word}, {step[0]} = {value}."
+
+
+def step_lines(steps) -> list:
+    """The lines of a trace that works `steps` with no slip: "First, ..." then "Then, ..." (see `step_line`)."""
+    return [step_line("First" if i == 0 else "Then", step) for i, step in enumerate(steps)]
+
+
 def _is_eval_question(question: str) -> bool:
     """1 question in 8 (by hash) belongs to the held-out split: eval and train never share a question."""
     return hashlib.sha1(question.encode()).digest()[0] % 8 == 0
@@ -99,31 +111,14 @@ def _picture(rng: random.Random) -> tuple:
 
     task = rng.choice(synth_images.REASONING_TASKS)
     if task.startswith("digit"):
-        (left, right), question, answer, _ = synth_images.digit_task(task, rng)
-        scene = f"An image shows the digits {left} and {right}."
-        read = synth_images.READS["digit_read"]
-        steps = [("read", read.format("left"), left), ("read", read.format("right"), right)]
-        if task == "digit_sum":
-            steps.append((f"{left} + {right}", left + right))
-            check = f"{left + right} - {right} = {left}, which matches the left digit"
-        else:
-            hi, lo = max(left, right), min(left, right)
-            steps.append((f"{hi} - {lo}", hi - lo))
-            check = f"{hi - lo} + {lo} = {hi}, which matches the larger digit"
+        content, question, answer, asked = synth_images.digit_task(task, rng)
+        scene = f"An image shows the digits {content[0]} and {content[1]}."
     else:
-        shapes, question, answer, (a, b) = synth_images.shape_task(task, rng)
-        counts = Counter(s.color for s in shapes)  # colours in the order they were drawn
+        content, question, answer, asked = synth_images.shape_task(task, rng)
+        counts = Counter(s.color for s in content)  # colours in the order they were drawn
         told = [f"{n} {color} shape" + ("s" if n > 1 else "") for color, n in counts.items()]
         scene = "An image shows " + (", ".join(told[:-1]) + " and " + told[-1] if len(told) > 1 else told[0]) + "."
-        n_a, n_b = counts[a], counts[b]
-        read = synth_images.READS["count_color"]
-        steps = [("read", read.format(a), n_a), ("read", read.format(b), n_b)]
-        if task == "more_than":
-            steps.append((f"{n_a} - {n_b}", n_a - n_b))
-            check = f"{n_a - n_b} + {n_b} = {n_a}, which matches the {a} count"
-        else:
-            steps.append((f"{n_a} + {n_b}", n_a + n_b))
-            check = f"{n_a + n_b} - {n_b} = {n_a}, which matches the {a} count"
+    steps, check = synth_images.reasoning_steps(task, content, asked)
     assert str(steps[-1][1]) == answer, (task, steps, answer)
     return f"{scene} {question}{synth_images.ANSWER_FORMAT}", steps, check, int(answer)
 
@@ -138,21 +133,15 @@ def _trace(rng: random.Random, steps: list, check: str, result: int) -> str:
     else:
         slip_at = -1
     for i, step in enumerate(steps):
-        word = "First" if i == 0 else "Then"
-        if step[0] == "read":
-            _, what, value = step
-            if i == slip_at:
-                wrong = rng.choice([v for v in (value - 2, value - 1, value + 1, value + 2) if v >= 0])
-                lines.append(f"{read_line(word, what, wrong)} {rng.choice(LOOK_AGAIN_PHRASES)}: {value}.")
-            else:
-                lines.append(read_line(word, what, value))
-            continue
-        expr, value = step
-        if i == slip_at:
-            wrong = value + rng.choice([-2, -1, 1, 2])
-            lines.append(f"{word}, {expr} = {wrong}. {rng.choice(BACKTRACK_PHRASES)}: {expr} = {value}.")
+        word, value = "First" if i == 0 else "Then", step[-1]
+        if i != slip_at:
+            lines.append(step_line(word, step))
+        elif step[0] == "read":
+            wrong = rng.choice([v for v in (value - 2, value - 1, value + 1, value + 2) if v >= 0])
+            lines.append(f"{step_line(word, step, wrong)} {rng.choice(LOOK_AGAIN_PHRASES)}: {value}.")
         else:
-            lines.append(f"{word}, {expr} = {value}.")
+            wrong = value + rng.choice([-2, -1, 1, 2])
+            lines.append(f"{step_line(word, step, wrong)} {rng.choice(BACKTRACK_PHRASES)}: {step[0]} = {value}.")
     lines.append(f"{rng.choice(VERIFY_PHRASES)}: {check}.")
     return reply(result, lines)
 

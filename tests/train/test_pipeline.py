@@ -284,6 +284,40 @@ def test_perception_corpus_read_first(tmp_path):
             assert m[2] in question, (reply, question)
 
 
+def test_base_corpus_read_first_works_the_reasoning_tasks(tmp_path):
+    """read_first with reasoning tasks in the base stage: each reply reads the two things the question names, in
+    its order, then does the one operation; reads checked against the scene's caption (the generator's shapes or
+    digits, not its steps), the result against the answer."""
+    tasks = ("count_color", "more_than", "total_two", "digit_sum", "digit_diff")
+    path = ensure_perception_corpus(str(tmp_path), 40, seed=2, tasks=tasks, read_first=True)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    ops = {"more_than": "-", "total_two": "+", "digit_sum": "+", "digit_diff": "-"}
+    for i, r in enumerate(rows):
+        if r["task"] == "count_color":
+            continue
+        item = synth_images.make_item(i, 2, "train", tasks)
+        question, reply = r["messages"][0]["content"][1]["text"], r["messages"][1]["content"]
+        assert item["question"] == question and item["answer"] == r["answer"]
+        if r["task"].startswith("digit"):
+            left, right = map(int, item["description"].split())
+            m = re.fullmatch(r"<think>First, read the left digit: (\d+)\. Then, read the right digit: (\d+)\. "
+                             r"Then, (\d+) ([-+]) (\d+) = (\d+)\.</think>\nThe answer is \\boxed\{(\d+)\}\.", reply)
+            assert m, reply
+            assert (int(m[1]), int(m[2])) == (left, right)
+            operands = (left, right) if r["task"] == "digit_sum" else (max(left, right), min(left, right))
+        else:
+            a, b = re.search(r"(red|blue|green|yellow) .*?(red|blue|green|yellow)", question).groups()
+            colours = [part.split()[0] for part in item["description"].split(", ")]
+            m = re.fullmatch(rf"<think>First, count the {a} shapes: (\d+)\. Then, count the {b} shapes: (\d+)\. "
+                             r"Then, (\d+) ([-+]) (\d+) = (\d+)\.</think>\nThe answer is \\boxed\{(\d+)\}\.", reply)
+            assert m, reply
+            assert (int(m[1]), int(m[2])) == (colours.count(a), colours.count(b))
+            operands = (colours.count(a), colours.count(b))
+        assert (int(m[3]), m[4], int(m[5])) == (operands[0], ops[r["task"]], operands[1]), reply
+        assert m[6] == m[7] == r["answer"], reply
+    assert {r["task"] for r in rows} == set(tasks)
+
+
 def test_perception_corpus_cache_follows_the_splits(tmp_path, monkeypatch):
     # a cache written under other split fractions holds another "train" set (items now in "val"): never reused
     from ovr_train import synth_images
