@@ -110,11 +110,16 @@ def _flex(lengths, causal, hq, hkv):
 
 
 def _torch_varlen(cu, max_len, hq, hkv):
+    import inspect
+
     from torch.nn.attention.varlen import varlen_attn
 
+    # torch 2.11 (the GPU image's) has no enable_gqa (it raised TypeError on the H200) and hands K/V with fewer
+    # heads to the flash varlen kernel, which supports GQA itself; later releases ask for the flag
+    gqa = {"enable_gqa": hq != hkv} if "enable_gqa" in inspect.signature(varlen_attn).parameters else {}
+
     def run(q, k, v, lengths, causal):
-        return varlen_attn(q, k, v, cu, cu, max_len, max_len, window_size=(-1, 0) if causal else (-1, -1),
-                           enable_gqa=hq != hkv)
+        return varlen_attn(q, k, v, cu, cu, max_len, max_len, window_size=(-1, 0) if causal else (-1, -1), **gqa)
     return run
 
 

@@ -98,8 +98,9 @@ def benchmarks_table(runs: list[tuple[str, dict | None]]) -> str:
     return out
 
 
-def tests_table(junit: Path) -> str:
-    """One row per test of a junit file: outcome, seconds, first line of the failure."""
+def tests_table(junit: Path, failures_only: bool = False) -> str:
+    """One row per test of a junit file (with `failures_only`, per failed or erroring test): outcome, seconds,
+    first line of the failure; the counts of every outcome head it."""
     try:
         root = ET.parse(junit).getroot()
     except (OSError, ET.ParseError) as e:
@@ -115,9 +116,13 @@ def tests_table(junit: Path) -> str:
                     node.get("message") or node.text) else ""
                 break
         counts[outcome] = counts.get(outcome, 0) + 1
+        if failures_only and outcome not in ("FAILED", "ERROR"):
+            continue
         name = f"{case.get('classname', '').split('.')[-1]}::{case.get('name')}"
         rows.append(f"| {name} | {outcome} | {float(case.get('time', 0)):.1f} | {message.replace('|', '/')} |")
-    head = "GPU tests: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + "\n\n"
+    head = f"GPU tests (`{junit.name}`): " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + "\n\n"
+    if not rows:
+        return head
     return head + "| test | verdict | s | message |\n|---|---|---:|---|\n" + "\n".join(rows) + "\n"
 
 
@@ -137,15 +142,17 @@ def _read(path: Path):
         return None
 
 
-def run_dir_report(run: Path) -> tuple[str, list]:
-    """(markdown, runs) for a gpu_check.sh results directory."""
+def run_dir_report(run: Path, failures_only: bool = False) -> tuple[str, list]:
+    """(markdown, runs) for a gpu_check.sh results directory: its sections, the verdicts of each tests*.xml
+    (a rerun's beside the first; with `failures_only`, the counts and the failing tests alone), the benchmarks."""
     logs = [p for p in sorted(run.glob("*.log")) if p.stem.startswith("bench_")]
     names = sorted({p.stem for p in run.glob("bench_*.json")} | {p.stem for p in logs})
     runs = [(str(run / f"{n}.json"), _read(run / f"{n}.json")) for n in names]
     parts = [f"**Results: `{run.name}`** (sections, GPU test verdicts, benchmarks)\n"]
     if (run / "sections.tsv").exists():
         parts.append(sections_table(run / "sections.tsv"))
-    parts.append(tests_table(run / "tests.xml"))
+    for junit in sorted(run.glob("tests*.xml"), key=lambda p: (p.stem != "tests", p.name)) or [run / "tests.xml"]:
+        parts.append(tests_table(junit, failures_only))
     parts.append(benchmarks_table(runs))
     return "\n".join(parts), runs
 
@@ -188,8 +195,8 @@ def main(argv=None):
         Path(a.combined).write_text(json.dumps(
             [{"source": s, "environment": run_environment(d), "benchmarks": d["benchmarks"]}
              for s, d in runs if d and d.get("benchmarks")], indent=1))
-    if a.readme:
-        update_readme(Path(a.readme), table)
+    if a.readme:  # the README lists failing tests only; the --md file has every verdict
+        update_readme(Path(a.readme), run_dir_report(Path(a.dir), failures_only=True)[0] if a.dir else table)
     sys.stdout.write(table)
 
 

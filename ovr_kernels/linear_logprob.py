@@ -154,7 +154,7 @@ if HAS_TRITON:
         splits = tl.arange(0, BLOCK_S)
         ok = (splits[:, None] < num_splits) & row_ok[None, :]
         offs = splits[:, None].to(tl.int64) * T + rows[None, :]
-        stride_stat = num_splits.to(tl.int64) * T
+        stride_stat = tl.cast(num_splits, tl.int64) * T  # tl.cast: a launch with one split passes the constant 1
         # Padding splits read m = -1e30 (the forward's finite start) and s = 0: their weight 2^(m - m_T) is 0.
         m = tl.load(part_ptr + offs, mask=ok, other=-1.0e30)
         s = tl.load(part_ptr + stride_stat + offs, mask=ok, other=0.0)

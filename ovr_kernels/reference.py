@@ -131,12 +131,20 @@ def _with_kl_and_entropy(pg_T, logprobs_T, ref_logprobs_T, kl_coef, kl_type, ent
     return loss_T, kl_T
 
 
+def _exact_exp(x):
+    """exp(x) taken in float64 and rounded once to x's dtype: the correctly rounded ratio, as the kernels compute
+    it. Whether a token sits on the clipped side of 1 -+ eps then depends on its inputs alone, not on the device
+    (with a float32 exp, this reference clipped 0 of 512 tokens placed at the clip edges on an H200, where the
+    correctly rounded ratio, and the kernel, clip 96)."""
+    return torch.exp(x.double()).to(x.dtype)
+
+
 def ppo_loss_ref(logprobs_T, old_logprobs_T, advantages_T, mask_T, clip_low=0.2, clip_high=0.2, dual_clip=None,
                  normalizer=None, ref_logprobs_T=None, kl_coef=0.0, kl_type="k3", entropy_T=None, entropy_coef=0.0,
                  cu_seqlens=None, log_ratio_clamp=20.0):
     """PPO clipped surrogate over packed tokens; returns (loss, metrics).
 
-    ratio r = exp(clamp(logp - old_logp, +-log_ratio_clamp)); per token
+    ratio r = exp(clamp(logp - old_logp, +-log_ratio_clamp)), correctly rounded (`_exact_exp`); per token
       pg = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)), and with dual_clip c (> 1) for A < 0: min(pg, -A c);
       loss_t = pg + kl_coef * KL_t(logp, ref_logp) - entropy_coef * entropy_t.
     The loss is `aggregate_ref(loss_t, mask, normalizer, cu_seqlens)`. Gradient flows to logprobs (and entropy);
@@ -145,7 +153,7 @@ def ppo_loss_ref(logprobs_T, old_logprobs_T, advantages_T, mask_T, clip_low=0.2,
     (mean 0.5 * (logp - old)^2), ratio_mean, ratio_max (max over masked tokens; 0 when none), kl, entropy.
     """
     log_ratio = (logprobs_T - old_logprobs_T).clamp(-log_ratio_clamp, log_ratio_clamp)
-    ratio = torch.exp(log_ratio)
+    ratio = _exact_exp(log_ratio)
     pg1 = -advantages_T * ratio
     pg2 = -advantages_T * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     # max(pg1, pg2) as a where: at a tie (rounding can make -A r == -A clip(r) with r outside the range) the
@@ -195,7 +203,7 @@ def gspo_loss_ref(logprobs_T, old_logprobs_T, advantages_T, mask_T, cu_seqlens, 
         sum_B = torch.zeros(lengths.numel(), dtype=logprobs_T.dtype, device=logprobs_T.device).index_add(0, seg, diff)
         n_B = torch.zeros_like(sum_B).index_add(0, seg, on.to(sum_B.dtype))
         seq_lr_B = (sum_B / n_B.clamp_min(1.0)).clamp(-log_ratio_clamp, log_ratio_clamp)
-    ratio = torch.exp(logprobs_T - logprobs_T.detach() + seq_lr_B[seg])
+    ratio = _exact_exp(logprobs_T - logprobs_T.detach() + seq_lr_B[seg])
     pg1 = -advantages_T * ratio
     pg2 = -advantages_T * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     pg = torch.where(pg2 > pg1, pg2, pg1)  # a where: at a tie the gradient is the unclipped branch's
@@ -210,7 +218,7 @@ def gspo_loss_ref(logprobs_T, old_logprobs_T, advantages_T, mask_T, cu_seqlens, 
             "clip_frac": ((pg2 > pg1).to(m.dtype) * m).sum() / n,
             "approx_kl": (0.5 * log_ratio.square() * m).sum() / n,
             "ratio_mean": (ratio * m).sum() / n,
-            "ratio_max": torch.where(n_B > 0, seq_lr_B.exp(), torch.zeros_like(seq_lr_B)).max(),
+            "ratio_max": torch.where(n_B > 0, _exact_exp(seq_lr_B), torch.zeros_like(seq_lr_B)).max(),
             "kl": (kl_T * m).sum() / n if kl_T is not None else ratio.new_zeros(()),
             "entropy": (entropy_T * m).sum() / n if entropy_T is not None else ratio.new_zeros(()),
         }
@@ -266,22 +274,31 @@ def gae_ref(rewards_T, values_T, cu_seqlens, gamma=1.0, lam=1.0):
     return adv.to(values_T.dtype).to(values_T.device), ret.to(values_T.dtype).to(values_T.device)
 
 
+def _shift_by_first(scores_B, group_size):
+    """(G, N) scores minus each group's first score. The advantages do not change, but a constant group (all
+    right or all wrong, common in RL) becomes exact zeros: its mean, rounded an ulp away from the scores, would
+    otherwise leave a residue that GRPO divides by a std of the same size plus eps (0.24 for 100 fp32 scores of
+    0.7)."""
+    s = scores_B.reshape(-1, group_size)
+    return s - s[:, :1]
+
+
 def grpo_advantages_ref(scores_B, group_size, eps=1e-6):
     """GRPO: (score - group mean) / (group std + eps), std unbiased, over contiguous groups of `group_size`."""
-    s = scores_B.reshape(-1, group_size)
+    s = _shift_by_first(scores_B, group_size)
     std = s.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(s[:, :1])
     return ((s - s.mean(dim=1, keepdim=True)) / (std + eps)).reshape(-1)
 
 
 def drgrpo_advantages_ref(scores_B, group_size):
     """Dr.GRPO: score - group mean (no std division)."""
-    s = scores_B.reshape(-1, group_size)
+    s = _shift_by_first(scores_B, group_size)
     return (s - s.mean(dim=1, keepdim=True)).reshape(-1)
 
 
 def rloo_advantages_ref(scores_B, group_size):
     """RLOO: score - mean of the other samples of its group (0 for groups of one)."""
-    s = scores_B.reshape(-1, group_size)
+    s = _shift_by_first(scores_B, group_size)
     if group_size == 1:
         return torch.zeros_like(scores_B)
     return (s - (s.sum(dim=1, keepdim=True) - s) / (group_size - 1)).reshape(-1)

@@ -67,6 +67,23 @@ def test_rehearsal_writes_results_table_and_copies_them_out(tmp_path):
     assert (ROOT / "README.md").read_text() == readme_before
 
 
+def test_sections_selects_what_a_second_call_runs(tmp_path):
+    """GPU_CHECK_SECTIONS runs the named sections only (the follow-up call of a GPU window); the others are listed
+    as not selected, and the run still succeeds and copies its table out."""
+    out, results = tmp_path / "out", tmp_path / "res"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env.update(OUT=str(out), GPU_CHECK_RESULTS=str(results), GPU_CHECK_SECTIONS="bench_gae", OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    res = subprocess.run(["bash", str(SCRIPT), "--rehearse"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=env, check=False)
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log
+    summary = (out / "summary.md").read_text()
+    assert "| bench_gae | ok |" in summary and "| test_gae_cpu | CPU |" in summary, summary
+    for section in ("warm", "tests", "bench_varlen_attention", "bench_train_step"):
+        assert f"| {section} | not selected |" in summary, (section, summary)
+
+
 def test_install_wheels_installs_only_what_is_missing_or_too_old(tmp_path, monkeypatch):
     """A carried wheel of a package the image already has at a recent enough version is left out (it would shadow
     the image's copy); a missing package, or pytest below 8.1, is installed."""
@@ -89,3 +106,20 @@ def test_install_wheels_installs_only_what_is_missing_or_too_old(tmp_path, monke
     versions["pytest"] = "7.4.0"
     assert [w.name for w in iw.needed(wheels)] == ["pytest-9.2.0-py3-none-any.whl",
                                                    "not_a_real_pkg_ovr-1.0-py3-none-any.whl"]
+
+
+def test_report_of_a_gpu_run_lists_every_junit_and_the_readme_only_failures():
+    """The committed H200 run (a first test pass cut at its budget, then a rerun): both junit files are reported,
+    the first pass first; the README form keeps each file's counts and its failing tests, the full form every
+    verdict."""
+    import report
+
+    run = ROOT / "benchmarks" / "results" / "NVIDIA-H200-2026-12-04-90064b7"
+    full, runs = report.run_dir_report(run)
+    short, _ = report.run_dir_report(run, failures_only=True)
+    assert full.index("(`tests.xml`): 18 FAILED, 74 passed") < full.index("(`tests-rerun.xml`): 16 FAILED, 156 passed")
+    assert "(`tests.xml`): 18 FAILED, 74 passed" in short and "(`tests-rerun.xml`): 16 FAILED, 156 passed" in short
+    assert "| passed |" in full and "| passed |" not in short
+    assert short.count("| FAILED |") == 18 + 16
+    assert any(data and data.get("benchmarks") for _, data in runs)
+    assert "test_varlen_attention[text-fwd]" in short  # the benchmarks table is in both forms

@@ -49,6 +49,18 @@ def test_group_advantages_match_reference(triton_backend, fn, ref_fn, num_groups
         assert bool((got == 0).all())
 
 
+@pytest.mark.parametrize("fn", [grpo_advantages, rloo_advantages, drgrpo_advantages], ids=["grpo", "rloo", "drgrpo"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_constant_groups_are_exactly_zero(backend, fn, dtype):
+    """All-right or all-wrong groups are common in RL: their advantage is exactly 0, whatever the score and the
+    group size (a mean rounded an ulp away from the scores, divided by a std of that size, is not 0)."""
+    group_size = 100
+    values = torch.tensor([0.7, 3.7, 1.0, -2.9, 1 / 3])
+    scores = values.repeat_interleave(group_size).to(dtype).to(DEVICE)
+    got = fn(scores, group_size)
+    assert bool((got == 0).all()), f"constant groups: max |advantage| {float(got.abs().max()):.3e}, want 0"
+
+
 def test_grpo_eps(triton_backend):
     scores = make_scores(16, 4, torch.float32)
     got = grpo_advantages(scores, 4, eps=0.5)

@@ -185,8 +185,8 @@ def test_cuda_matches_reference(dtype, gamma, lam):
     # fp32 scan over <= 4096 tokens: error ~ eps32 * scale * log2(chunks); bf16 output rounding dominates for bf16
     tol = {torch.float64: 1e-11, torch.float32: 2e-5, torch.bfloat16: 1e-2}[dtype]
     for name, out, ref, truth in [("adv", adv, ref_adv, truth_adv), ("ret", ret, ref_ret, truth_ret)]:
-        err = float((out.double().cpu() - truth).abs().max())
-        ref_err = float((ref.double().cpu() - truth).abs().max())
+        err = float((out.double() - truth).abs().max())  # all three on the GPU (gae_ref keeps the device)
+        ref_err = float((ref.double() - truth).abs().max())
         assert err <= 2 * ref_err + tol * scale, f"{name}: cuda err {err:.3e}, ref err {ref_err:.3e}"
     # the default stream and a side stream give the same result
     s = torch.cuda.Stream()

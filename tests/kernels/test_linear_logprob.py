@@ -49,7 +49,8 @@ def run_with_grads(fn, hidden, weight, targets, temperature, grad_logprob, grad_
 
 def check_against_reference(hidden, weight, targets, temperature, atol):
     num_tokens = hidden.shape[0]
-    grad_logprob, grad_entropy = torch.randn(num_tokens), torch.randn(num_tokens)
+    grad_logprob = torch.randn(num_tokens).to(hidden.device)  # drawn on the CPU: the same values on any device
+    grad_entropy = torch.randn(num_tokens).to(hidden.device)
     got = run_with_grads(linear_logprob_entropy, hidden, weight, targets, temperature, grad_logprob, grad_entropy)
     ref = run_with_grads(linear_logprob_entropy_ref, hidden, weight, targets, temperature, grad_logprob,
                          grad_entropy)

@@ -52,14 +52,17 @@ class _Props:
         self.L2_cache_size = 50 * 2**20
 
 
-def launched_jobs(arch):
-    """(name, job) per distinct launch of the forward and backward kernels at the benchmark shapes."""
+BENCH_SHAPES = ((4096, HIDDEN, VOCAB), (16384, HIDDEN, VOCAB))  # (tokens, hidden size, vocabulary)
+
+
+def launched_jobs(arch, shapes=BENCH_SHAPES):
+    """(name, job) per distinct launch of the forward and backward kernels at `shapes` (the benchmark's)."""
     import ovr_kernels._triton as tr
 
     names, jobs, seen = [], [], set()
-    for num_tokens in (4096, 16384):
-        hidden, weight, targets = (torch.empty(num_tokens, HIDDEN, dtype=torch.bfloat16, device="meta"),
-                                   torch.empty(VOCAB, HIDDEN, dtype=torch.bfloat16, device="meta"),
+    for num_tokens, hidden_size, vocab_size in shapes:
+        hidden, weight, targets = (torch.empty(num_tokens, hidden_size, dtype=torch.bfloat16, device="meta"),
+                                   torch.empty(vocab_size, hidden_size, dtype=torch.bfloat16, device="meta"),
                                    torch.empty(num_tokens, dtype=torch.int64, device="meta"))
         stats = [torch.empty(num_tokens, device="meta") for _ in range(5)]
 
@@ -107,6 +110,19 @@ def test_launched_kernels_compile_without_spills_on_tensor_cores(arch, triton_di
             assert uses_tensor_cores(info, arch), f"{name} sm_{arch}: no {'wgmma' if arch >= 90 else 'mma.sync'}"
         assert info.shared <= (232_448 if arch >= 90 else 166_912), f"{name} sm_{arch}: {info.shared} B shared"
 
+
+@pytest.mark.parametrize("triton_dir", triton_versions())
+def test_edge_shapes_compile(triton_dir):
+    """One token, one vocabulary split, sizes that are no multiple of 16: triton's launcher turns an int argument
+    equal to 1 into the constant 1 (a Python int inside the kernel, with no `.to`), so these launches compile a
+    variant that the benchmark shapes never do. A kernel that calls a tensor method on such an argument fails only
+    here (seen on an H200 at the test shapes of the fused policy loss: num_splits == 1)."""
+    names, jobs = launched_jobs(90, shapes=((1, 64, 10), (37, 80, 300)))
+    merges = [j for j in jobs if j["name"] == "_merge_splits_kernel"]
+    assert any(j["constexprs"].get("num_splits") == 1 for j in merges), "no launch with one split"
+    assert any(j["constexprs"].get("T") == 1 for j in jobs), "no one-token launch"
+    for name, info in zip(names, compile_many(jobs, triton_dir)):
+        print(f"linear_logprob {name}: {info.summary()}")
 
 def _launched_splits(num_tokens, arch=90):
     """num_splits and BLOCK_T of the forward launch at the Qwen head on the mocked H100 / sm_80 part."""

@@ -289,7 +289,7 @@ def _bad(name):
     elif name == "mask_length":
         x["mask"] = torch.ones(T - 1, dtype=torch.bool)
     elif name == "noncontiguous":
-        x["logprobs"] = torch.randn(2 * T)[::2]
+        x["logprobs"] = torch.randn(2 * T, device=DEVICE)[::2]  # sliced where it runs: .to(cuda) would copy it dense
     elif name == "not_tensor":
         x["advantages"] = [0.0] * T
     else:
