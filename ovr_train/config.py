@@ -142,6 +142,10 @@ class DataCfg:
     synth_picture_fraction: float = 0.0
     """Share of the generated training corpus that is described pictures: the image reasoning questions asked about a
     scene told in words, with traces that read it first and look again after a misread (ovr_train/synth_text.py)."""
+    synth_picture_mask_reads: bool = False
+    """Train the described pictures' traces without a loss on the values they read off the scene (the model sees
+    "count the red shapes: 4" but is not trained to write the 4, which the text hands it), so the cold start teaches
+    when and how to read, not copying from words. Needs data.synth_picture_fraction > 0."""
     cache_dir: str = ""
     """Where the generated corpus and tokenizer are cached; empty: $OVR_CACHE or ~/.cache/ovr."""
     image_root: str = ""
@@ -177,6 +181,8 @@ class DataCfg:
         _check(self.synth_num_eval >= 0, "data.synth_num_eval", self.synth_num_eval, "must be >= 0")
         _check(0.0 <= self.synth_picture_fraction <= 1.0, "data.synth_picture_fraction", self.synth_picture_fraction,
                "must be in [0, 1]")
+        _check(not self.synth_picture_mask_reads or self.synth_picture_fraction > 0, "data.synth_picture_mask_reads",
+               self.synth_picture_mask_reads, "masks the reads of described pictures: needs data.synth_picture_fraction > 0")
         for name in ("min_pixels", "max_pixels"):
             _check(getattr(self, name) >= 0, f"data.{name}", getattr(self, name), "must be >= 0 (0: the checkpoint's)")
         _check(not (self.min_pixels and self.max_pixels) or self.min_pixels <= self.max_pixels, "data.min_pixels",

@@ -5,8 +5,8 @@ Legend: L tokens of one sample, T packed tokens of a micro-batch, B samples, P i
 Pipeline (every rank runs it identically, so every rank knows every sample's length without communicating):
 1. `iter_chat_samples`: rows of JSONL / parquet / HF datasets directories (`ovr_train.sources`, verl and EasyR1
    columns mapped) in OpenAI style (`{"messages": [{"role", "content": str | [parts]}]}`, parts
-   `{"type": "text", "text"}` / `{"type": "image", "image": path-or-base64}` / `{"type": "image_url", "image_url":
-   {"url"}}`) or ShareGPT/ORZ style (`{"conversations": [{"from": "human"|"gpt"|..., "value"}], "images": [...]}`,
+   `{"type": "text", "text"}` (`"loss": false`: seen, not trained) / `{"type": "image", "image": path-or-base64}` /
+   `{"type": "image_url", "image_url": {"url"}}`) or ShareGPT/ORZ style (`{"conversations": [{"from": "human"|"gpt"|..., "value"}], "images": [...]}`,
    `<image>` tags in values; an ORZ answer `{"from": "assistant", "ground_truth": {"value"}}` or a top-level
    `answer`). A malformed row raises ValueError naming file and line/row, or is skipped and counted (on_error=skip).
 2. `encode_messages`: Qwen2.5-VL chat format with our own `<|image_pad|>` expansion (grid_thw.prod() // merge**2
@@ -86,6 +86,13 @@ class ChatSample:
     where: str = ""
 
 
+class NoLoss(str):
+    """Assistant text that the model sees but is not trained to write (a content part `{"type": "text", "text":
+    ..., "loss": false}`): context inside a reply, such as values the trace copies from elsewhere."""
+
+    __slots__ = ()
+
+
 @dataclass
 class ImageRef:
     """An image given as a path (relative to `base_dir`) or base64 (optionally a data: URL)."""
@@ -135,7 +142,10 @@ def _parts(content, where: str, base_dir: str) -> list:
         elif not isinstance(part, dict):
             raise ValueError(f"{where}: content part must be an object, got {part!r:.60}")  # noqa: TRY004 (bad user input is a ValueError here)
         elif part.get("type") == "text" or ("text" in part and "type" not in part):
-            out.append(str(part.get("text", "")))
+            loss = part.get("loss", True)
+            if not isinstance(loss, bool):
+                raise ValueError(f"{where}: a text part's 'loss' must be true or false, got {loss!r:.60}")  # noqa: TRY004 (bad user input is a ValueError here)
+            out.append(str(part.get("text", "")) if loss else NoLoss(part.get("text", "")))
         elif part.get("type") == "image" or "image" in part:
             out.append(ImageRef(str(part.get("image") or part.get("url") or ""), base_dir))
         elif part.get("type") == "image_url" or "image_url" in part:
@@ -390,7 +400,8 @@ def encode_messages(messages: list, tok, ids: dict, image_proc: ImageProcessor |
     """Chat messages [(role, parts)] -> Encoded in the Qwen2.5-VL chat format (system prompt and answer instruction
     are the caller's: PromptFormat).
 
-    Loss targets cover assistant content and its `<|im_end|>`. With add_generation_prompt the sequence ends with
+    Loss targets cover assistant content (but its NoLoss parts) and its `<|im_end|>`. With add_generation_prompt the
+    sequence ends with
     `<|im_start|>assistant\\n` (a rollout prompt). Image errors raise ValueError naming the image.
 
     Token ids equal the checkpoint's chat template's (rendered, then tokenised; each image's one `<|image_pad|>`
@@ -422,7 +433,7 @@ def encode_messages(messages: list, tok, ids: dict, image_proc: ImageProcessor |
                 add([ids["vision_start"]] + [ids["image_pad"]] * image_proc.num_tokens(grid) + [ids["vision_end"]],
                     False)
             elif part:
-                add(part, train)
+                add(str(part), train and not isinstance(part, NoLoss))
         add([ids["im_end"]], train)
         add("\n", False)
     if add_generation_prompt:

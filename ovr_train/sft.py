@@ -67,7 +67,7 @@ def perception_files(cfg: Config) -> list:
 def _corpus(dcfg) -> Path:
     """The generated training corpus of DataCfg `dcfg` (written once, then cached)."""
     return ensure_corpus(dcfg.cache_dir, dcfg.synth_num_train, dcfg.synth_num_eval, dcfg.synth_seed,
-                         dcfg.synth_picture_fraction)[0]
+                         dcfg.synth_picture_fraction, dcfg.synth_picture_mask_reads)[0]
 
 
 def resolve_sft_init(cfg: Config, say: bool = False) -> str:

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import random
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -123,9 +124,28 @@ def _picture(rng: random.Random) -> tuple:
     return f"{scene} {question}{synth_images.ANSWER_FORMAT}", steps, check, int(answer)
 
 
-def _trace(rng: random.Random, steps: list, check: str, result: int) -> str:
+_OPEN, _CLOSE = "\x00", "\x01"  # around a read value while a masked trace is built; never left in the corpus
+
+
+def _masked_parts(text: str) -> list:
+    """A trace with marked read values -> content parts: the values (each with the space before it, so that the
+    tokens are those of the unmarked text) as `"loss": false` parts, the rest as trained text."""
+    parts, pos = [], 0
+    for m in re.finditer(f" ?{_OPEN}([^{_CLOSE}]*){_CLOSE}", text):
+        if m.start() > pos:
+            parts.append({"type": "text", "text": text[pos:m.start()]})
+        parts.append({"type": "text", "text": m.group(0).replace(_OPEN, "").replace(_CLOSE, ""), "loss": False})
+        pos = m.end()
+    if pos < len(text):
+        parts.append({"type": "text", "text": text[pos:]})
+    return parts
+
+
+def _trace(rng: random.Random, steps: list, check: str, result: int, mask_reads: bool = False) -> str:
     """Reasoning with a verification phrase; in ~1/3 of traces a slip on one step, then backtracking. A trace that
-    reads a picture slips only in a reading ("count the red shapes: 5"), which a second look corrects."""
+    reads a picture slips only in a reading ("count the red shapes: 5"), which a second look corrects. With
+    `mask_reads` the values read off the picture come marked (see `_masked_parts`); the draws are the same."""
+    mark = (lambda v: f"{_OPEN}{v}{_CLOSE}") if mask_reads else (lambda v: v)
     lines = []
     reads = [i for i, step in enumerate(steps) if step[0] == "read"]
     if rng.random() < 0.35:
@@ -135,10 +155,10 @@ def _trace(rng: random.Random, steps: list, check: str, result: int) -> str:
     for i, step in enumerate(steps):
         word, value = "First" if i == 0 else "Then", step[-1]
         if i != slip_at:
-            lines.append(step_line(word, step))
+            lines.append(step_line(word, step, mark(value) if step[0] == "read" else None))
         elif step[0] == "read":
             wrong = rng.choice([v for v in (value - 2, value - 1, value + 1, value + 2) if v >= 0])
-            lines.append(f"{step_line(word, step, wrong)} {rng.choice(LOOK_AGAIN_PHRASES)}: {value}.")
+            lines.append(f"{step_line(word, step, mark(wrong))} {rng.choice(LOOK_AGAIN_PHRASES)}: {mark(value)}.")
         else:
             wrong = value + rng.choice([-2, -1, 1, 2])
             lines.append(f"{step_line(word, step, wrong)} {rng.choice(BACKTRACK_PHRASES)}: {step[0]} = {value}.")
@@ -146,10 +166,12 @@ def _trace(rng: random.Random, steps: list, check: str, result: int) -> str:
     return reply(result, lines)
 
 
-def generate_items(num: int, seed: int, split: str, picture_fraction: float = 0.0) -> list:
+def generate_items(num: int, seed: int, split: str, picture_fraction: float = 0.0, mask_reads: bool = False) -> list:
     """`num` distinct problems of `split` ("train" or "eval"), each {"messages": [...], "answer": str}; in "train",
     a `picture_fraction` of them (in expectation) are described pictures. The text problems drawn do not depend on
-    the fraction being 0 or not given."""
+    the fraction being 0 or not given. With `mask_reads` a described picture's reply is a list of content parts in
+    which the values its trace reads off the scene are `"loss": false` (seen, not trained: the cold start then
+    teaches the read's frame, not copying a value from the scene's words); the same problems and traces."""
     if split not in ("train", "eval"):
         raise ValueError(f"split={split!r}: must be 'train' or 'eval'")
     if not 0.0 <= picture_fraction <= 1.0:
@@ -171,9 +193,10 @@ def generate_items(num: int, seed: int, split: str, picture_fraction: float = 0.
         if split == "eval" and question in seen:
             continue  # held-out questions are distinct; training may repeat a question with a different trace
         seen.add(question)
-        answer = _trace(rng, steps, check, result)
+        answer = _trace(rng, steps, check, result, mask_reads)
+        content = _masked_parts(answer) if _OPEN in answer else answer
         items.append({"messages": [{"role": "user", "content": question},
-                                   {"role": "assistant", "content": answer}], "answer": str(result)})
+                                   {"role": "assistant", "content": content}], "answer": str(result)})
     return items
 
 
@@ -189,15 +212,18 @@ def _write_atomic(path: Path, items: list):
     os.replace(tmp, path)  # concurrent ranks may race: each writes the same bytes, the rename is atomic
 
 
-def ensure_corpus(cache_dir: str, num_train: int, num_eval: int, seed: int, picture_fraction: float = 0.0) -> tuple:
+def ensure_corpus(cache_dir: str, num_train: int, num_eval: int, seed: int, picture_fraction: float = 0.0,
+                  mask_reads: bool = False) -> tuple:
     """Write (once) and return (train_path, eval_path) of the generated corpus under the cache directory (a
-    `picture_fraction` of described pictures in the training file, see `generate_items`)."""
+    `picture_fraction` of described pictures in the training file, their read values untrained with `mask_reads`:
+    see `generate_items`)."""
     name = f"seed{seed}_train{num_train}_eval{num_eval}" + (f"_pictures{picture_fraction:g}" if picture_fraction else "")
+    name += "_maskreads" if picture_fraction and mask_reads else ""
     root = default_cache_dir(cache_dir) / "synth_text" / name
     root.mkdir(parents=True, exist_ok=True)
     train, held = root / "train.jsonl", root / "eval.jsonl"
     if not train.exists():
-        _write_atomic(train, generate_items(num_train, seed, "train", picture_fraction))
+        _write_atomic(train, generate_items(num_train, seed, "train", picture_fraction, mask_reads))
     if not held.exists():
         _write_atomic(held, generate_items(num_eval, seed, "eval"))
     return train, held

@@ -250,3 +250,50 @@ def test_described_pictures_ask_the_image_questions(tmp_path):
         generate_items(10, 5, "train", picture_fraction=1.5)
     with pytest.raises(ValueError, match="data.synth_picture_fraction"):
         DataCfg(synth_picture_fraction=-0.1)
+
+
+def test_masked_reads_keep_the_tokens_and_drop_only_the_read_values_from_the_loss(tmp_path, tok):
+    """data.synth_picture_mask_reads: the same problems and traces, a described picture's reply as content parts
+    whose `"loss": false` parts are exactly the values read off the scene (misread and re-read ones too). Through
+    the JSONL loader and encode_messages the token ids equal the unmasked reply's, and the targets differ only at
+    those values' tokens, which get none."""
+    ids = special_ids(tok)
+    plain = generate_items(300, 5, "train", picture_fraction=0.4)
+    masked = generate_items(300, 5, "train", picture_fraction=0.4, mask_reads=True)
+    pictures = 0
+    for a, b in zip(plain, masked):
+        assert a["messages"][0] == b["messages"][0] and a["answer"] == b["answer"]
+        reply, parts = a["messages"][1]["content"], b["messages"][1]["content"]
+        if not a["messages"][0]["content"].startswith("An image shows "):
+            assert parts == reply  # text problems are untouched
+            continue
+        pictures += 1
+        assert "".join(p["text"] for p in parts) == reply
+        untrained = [p["text"] for p in parts if p.get("loss") is False]
+        # every value after a read ("...: 4.") and after a second look, and nothing else
+        reads = re.findall(r"(?:count the [a-z ]+|read the (?:left|right) digit|" + "|".join(
+            re.escape(p) for p in LOOK_AGAIN_PHRASES) + r"): (\d+)\.", reply)
+        assert untrained == [f" {v}" for v in reads], (reply, untrained)
+    assert pictures > 50
+    f = _write(tmp_path / "m.jsonl", [masked[i] for i in range(len(masked))
+                                      if isinstance(masked[i]["messages"][1]["content"], list)][:20])
+    g = _write(tmp_path / "p.jsonl", [plain[i] for i in range(len(masked))
+                                      if isinstance(masked[i]["messages"][1]["content"], list)][:20])
+    for sm, sp in zip(iter_chat_samples(f), iter_chat_samples(g)):
+        em, ep = encode_messages(sm.messages, tok, ids, None), encode_messages(sp.messages, tok, ids, None)
+        assert torch.equal(em.input_ids, ep.input_ids)
+        differ = em.targets != ep.targets
+        assert bool((em.targets[differ] == IGNORE).all()) and int(differ.sum()) >= 2
+        dropped = tok.decode(ep.targets[differ].tolist())
+        assert re.fullmatch(r"[\d ]+", dropped), dropped  # only the read digits lost their targets
+    with_masks, _ = ensure_corpus(str(tmp_path), 100, 10, seed=5, picture_fraction=0.4, mask_reads=True)
+    assert with_masks.parent.name.endswith("_maskreads") and '"loss": false' in with_masks.read_text()
+    from ovr_train.sft import _corpus
+    assert _corpus(DataCfg(cache_dir=str(tmp_path), synth_num_train=100, synth_num_eval=10, synth_seed=5,
+                           synth_picture_fraction=0.4, synth_picture_mask_reads=True)) == with_masks
+    with pytest.raises(ValueError, match="data.synth_picture_mask_reads=True: .*needs data.synth_picture_fraction"):
+        DataCfg(synth_picture_mask_reads=True)
+    bad = _write(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant",
+                                           "content": [{"type": "text", "text": "a", "loss": "no"}]}]}])
+    with pytest.raises(ValueError, match="bad.jsonl.*'loss' must be true or false, got 'no'"):
+        list(iter_chat_samples(bad))
