@@ -47,9 +47,9 @@ def _group_advantages_kernel(scores_ptr, out_ptr, num_groups, group_size, eps, E
     s = tl.load(scores_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     n = tl.cast(group_size, tl.float32)
     # Work on scores minus the group's first score: a constant group (all right, all wrong: common in RL) is then
-    # exactly 0 everywhere. Without the shift, the GPU's tree sum makes the mean differ from the score by an ulp,
-    # and GRPO divides that residue by a std of the same size plus eps: about -0.015 per token in bf16 (seen on
-    # an H200), a bias on every token of every solved or failed group.
+    # exactly 0 everywhere. Without the shift the compiled mean (a rounded sum, an approximate division) can miss
+    # the score by an ulp, and GRPO divides that residue by a std of the same size plus eps: about -0.015 per
+    # token in bf16 (seen on an H200), a bias on every token of every solved or failed group.
     first = tl.sum(tl.where(i[None, :] == 0, s, 0.0), axis=1)[:, None]
     s = tl.where(ok, s - first, 0.0)
     total = tl.sum(s, axis=1)[:, None]
