@@ -97,6 +97,9 @@ class ModelCfg:
     freeze_vision: bool = True
     """Freeze the ViT and merger in the SFT and RL stages (the one switch; the base stage always trains it). A
     text-only cold start gives the ViT zero gradients either way; RL on images trains it unless frozen here."""
+    freeze_llm_layers: int = 0
+    """Freeze the first N LLM decoder layers in the SFT and RL stages (the base stage trains them all), so that a
+    stage changes only the layers above: what the lower layers learnt from images stays. 0: none."""
 
     def __post_init__(self):
         _one_of("model.tokenizer", self.tokenizer, ("bpe", "qwen"))
@@ -119,6 +122,7 @@ class ModelCfg:
                self.mrope_section, f"must be 3 ints summing to head_dim/2 = {head_dim // 2}")
         _check(all(0 <= b < self.vision_depth for b in self.vision_fullatt_blocks), "model.vision_fullatt_blocks",
                self.vision_fullatt_blocks, f"must index blocks 0..{self.vision_depth - 1}")
+        _check(self.freeze_llm_layers >= 0, "model.freeze_llm_layers", self.freeze_llm_layers, "must be >= 0")
 
 
 @dataclass

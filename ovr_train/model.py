@@ -158,7 +158,8 @@ def model_vocab_size(mcfg, tokenizer_size: int) -> int:
 def build_model(mcfg, ids: dict, tokenizer_size: int, *, meta: bool = False, value_head: bool = False) -> OvrVLM:
     """OvrVLM from `mcfg.path` (config only; weights come from `load_hf_weights` after sharding) or from the
     ModelCfg numbers (seeded random init; identical on every rank). meta=True allocates nothing (dry run and the
-    sharded load path). The ViT is frozen when mcfg.freeze_vision; activation checkpointing when asked."""
+    sharded load path). The ViT is frozen when mcfg.freeze_vision, the first mcfg.freeze_llm_layers decoder layers
+    likewise; activation checkpointing when asked."""
     if mcfg.path:
         if not (Path(mcfg.path) / "config.json").is_file():
             raise ValueError(f"model.path={mcfg.path!r} has no config.json")
@@ -188,6 +189,12 @@ def build_model(mcfg, ids: dict, tokenizer_size: int, *, meta: bool = False, val
     if mcfg.freeze_vision:
         # Frozen params get no optimizer state; they must be frozen (not just unused) or DCP resume fails.
         model.visual.requires_grad_(False)
+    layers = hf.model.language_model.layers
+    if mcfg.freeze_llm_layers >= len(layers):
+        raise ValueError(f"model.freeze_llm_layers={mcfg.freeze_llm_layers}: the model has {len(layers)} decoder "
+                         "layers, at least one must train")
+    for layer in layers[:mcfg.freeze_llm_layers]:
+        layer.requires_grad_(False)
     if mcfg.activation_checkpointing:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if mcfg.liger and HAS_LIGER and torch.cuda.is_available():

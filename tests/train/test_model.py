@@ -144,3 +144,22 @@ def test_deterministic_attention_switch(setup):
         model = build_model(ModelCfg(deterministic_attention=flag), ids, len(tok), meta=True)
         attn = [m for n, m in model.named_modules() if n.endswith(("self_attn", ".attn"))]
         assert attn and all(m.ovr_deterministic is flag for m in attn)
+
+
+def test_freeze_llm_layers(setup):
+    """model.freeze_llm_layers=N freezes exactly the first N decoder layers (the rest, the embeddings and the head
+    train); the base stage trains every layer; N must leave a layer to train and cannot be negative."""
+    from ovr_train.config import load_config
+    from ovr_train.sft import base_stage_config
+
+    tok, ids, _ = setup
+    model = build_model(ModelCfg(freeze_llm_layers=2), ids, len(tok))
+    layers = model.hf.model.language_model.layers
+    assert [any(p.requires_grad for p in layer.parameters()) for layer in layers] == [False, False, True, True]
+    assert model.hf.lm_head.weight.requires_grad and model.hf.model.language_model.embed_tokens.weight.requires_grad
+    cfg = load_config(overrides=["--model.freeze_llm_layers=3"])
+    assert base_stage_config(cfg).model.freeze_llm_layers == 0 and cfg.model.freeze_llm_layers == 3
+    with pytest.raises(ValueError, match="model.freeze_llm_layers=4: the model has 4 decoder layers"):
+        build_model(ModelCfg(freeze_llm_layers=4), ids, len(tok))
+    with pytest.raises(ValueError, match="model.freeze_llm_layers=-1: must be >= 0"):
+        ModelCfg(freeze_llm_layers=-1)
