@@ -27,8 +27,9 @@
 # Sections as measured on an H200 (2026-12-04, cold caches): wheels 1 s, build 22 s, warm 49 s, attention 62 s,
 # linear log-prob 103 s, PPO 23 s, GAE 15 s; the GPU tests (~210: every kernel test module with DEVICE = cuda, each
 # new specialisation compiled on first use) took 178 s for the first 91, and a second call ran the other 114 with
-# 58 of the first again in 64 s, so ~230 s in all. That leaves little of a 600 s call for the whole-step benchmarks: with 15 minutes of device time,
-# a second call with GPU_CHECK_SECTIONS="bench_train_step" (about a minute to start) gets them.
+# 58 of the first again in 64 s, so ~230 s in all. That leaves little of a 600 s call for the whole-step
+# benchmarks: with 15 minutes of device time, a second call with GPU_CHECK_SECTIONS="bench_train_step" (about a
+# minute to start) gets them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REHEARSE=0

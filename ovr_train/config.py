@@ -186,7 +186,8 @@ class DataCfg:
         _check(0.0 <= self.synth_picture_fraction <= 1.0, "data.synth_picture_fraction", self.synth_picture_fraction,
                "must be in [0, 1]")
         _check(not self.synth_picture_mask_reads or self.synth_picture_fraction > 0, "data.synth_picture_mask_reads",
-               self.synth_picture_mask_reads, "masks the reads of described pictures: needs data.synth_picture_fraction > 0")
+               self.synth_picture_mask_reads,
+               "masks the reads of described pictures: needs data.synth_picture_fraction > 0")
         for name in ("min_pixels", "max_pixels"):
             _check(getattr(self, name) >= 0, f"data.{name}", getattr(self, name), "must be >= 0 (0: the checkpoint's)")
         _check(not (self.min_pixels and self.max_pixels) or self.min_pixels <= self.max_pixels, "data.min_pixels",

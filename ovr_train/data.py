@@ -6,7 +6,8 @@ Pipeline (every rank runs it identically, so every rank knows every sample's len
 1. `iter_chat_samples`: rows of JSONL / parquet / HF datasets directories (`ovr_train.sources`, verl and EasyR1
    columns mapped) in OpenAI style (`{"messages": [{"role", "content": str | [parts]}]}`, parts
    `{"type": "text", "text"}` (`"loss": false`: seen, not trained) / `{"type": "image", "image": path-or-base64}` /
-   `{"type": "image_url", "image_url": {"url"}}`) or ShareGPT/ORZ style (`{"conversations": [{"from": "human"|"gpt"|..., "value"}], "images": [...]}`,
+   `{"type": "image_url", "image_url": {"url"}}`) or ShareGPT/ORZ style (`{"conversations": [{"from":
+   "human"|"gpt"|..., "value"}], "images": [...]}`,
    `<image>` tags in values; an ORZ answer `{"from": "assistant", "ground_truth": {"value"}}` or a top-level
    `answer`). A malformed row raises ValueError naming file and line/row, or is skipped and counted (on_error=skip).
 2. `encode_messages`: Qwen2.5-VL chat format with our own `<|image_pad|>` expansion (grid_thw.prod() // merge**2
@@ -144,7 +145,8 @@ def _parts(content, where: str, base_dir: str) -> list:
         elif part.get("type") == "text" or ("text" in part and "type" not in part):
             loss = part.get("loss", True)
             if not isinstance(loss, bool):
-                raise ValueError(f"{where}: a text part's 'loss' must be true or false, got {loss!r:.60}")  # noqa: TRY004 (bad user input is a ValueError here)
+                raise ValueError(  # noqa: TRY004 (bad user input is a ValueError here)
+                    f"{where}: a text part's 'loss' must be true or false, got {loss!r:.60}")
             out.append(str(part.get("text", "")) if loss else NoLoss(part.get("text", "")))
         elif part.get("type") == "image" or "image" in part:
             out.append(ImageRef(str(part.get("image") or part.get("url") or ""), base_dir))

@@ -48,8 +48,9 @@ def lr_lambda(ocfg, total_steps: int):
 
 
 def base_stage_config(cfg: Config) -> Config:
-    """The SFT loop's config for the base stage: cfg.base's steps / batch / lr, the ViT and every layer trained, a random init
-    seeded by model.init_seed + run.seed (so seeds differ in init too), the generated perception corpus."""
+    """The SFT loop's config for the base stage: cfg.base's steps / batch / lr, the ViT and every layer trained, a
+    random init seeded by model.init_seed + run.seed (so seeds differ in init too), the generated perception
+    corpus."""
     c = copy.deepcopy(cfg)
     c.sft.steps, c.sft.batch_size = cfg.base.steps, cfg.base.batch_size
     c.optim.lr, c.optim.warmup_steps = cfg.base.lr, cfg.base.warmup_steps
