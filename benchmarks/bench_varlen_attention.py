@@ -114,8 +114,9 @@ def _torch_varlen(cu, max_len, hq, hkv):
 
     from torch.nn.attention.varlen import varlen_attn
 
-    # torch 2.11 (the GPU image's) has no enable_gqa (it raised TypeError on the H200) and hands K/V with fewer
-    # heads to the flash varlen kernel, which supports GQA itself; later releases ask for the flag
+    # torch 2.11 (the GPU image's) has no enable_gqa (a TypeError on the H200); later releases ask for the flag.
+    # Without it, K/V with fewer heads go to the kernel as they are: whether 2.11 takes them is not yet seen (an
+    # error is recorded as this baseline's n/a, as before)
     gqa = {"enable_gqa": hq != hkv} if "enable_gqa" in inspect.signature(varlen_attn).parameters else {}
 
     def run(q, k, v, lengths, causal):
