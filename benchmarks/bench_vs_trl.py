@@ -4,7 +4,8 @@ Run: `make bench-trl` (= `python benchmarks/bench_vs_trl.py`): prints one table 
 benchmarks/results/vs-trl-<device>-<date>.{json,md}. Needs the `peers` extra (`pip install -e ".[peers]"`: TRL and
 accelerate); without TRL it exits with a clear reason. `--reps`, `--rl-steps`, `--sft-steps` change the sizes,
 `--init DIR` starts both sides from another HF model (e.g. runs/tiny/sft/hf, so the reward curve can move), `--sdpa`
-adds ovr's padded torch-SDPA mode as a third side. One comparison at the defaults takes ~11 min on 2 busy cores (~13 with --sdpa).
+adds ovr's padded torch-SDPA mode as a third side, `--noshare` ovr with one prompt copy per sample in its RL update
+(rl.share_prompts=false). One comparison at the defaults takes ~11 min on 2 busy cores (~13 with --sdpa).
 
 Under pytest (`pytest benchmarks/ --benchmark-only`) `test_vs_trl` runs a one-repetition comparison only when
 OVR_BENCH_TRL=1 is set and TRL imports; otherwise it skips with the reason, so CI spends nothing on it (the whole
@@ -163,7 +164,8 @@ def _rates(steps: list) -> dict:
 
 # ovr's configurations: its default (packed varlen micro-batches: on CPU the attention is the plain-PyTorch
 # reference of its GPU kernel, one segment at a time) and its padded mode (torch SDPA over padded micro-batches).
-OVR_VARIANTS = {"ovr": [], "ovr-sdpa": ["--data.packing=false", "--model.attn_implementation=sdpa"]}
+OVR_VARIANTS = {"ovr": [], "ovr-sdpa": ["--data.packing=false", "--model.attn_implementation=sdpa"],
+                "ovr-noshare": ["--rl.share_prompts=false"]}
 
 
 def run_ovr_rl(work: Path, inp: dict, s: dict, rep: int, side: str = "ovr") -> dict:
@@ -461,11 +463,13 @@ def environment() -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-def compare(work: Path, s: dict, reps: int, init: str = "", save: bool = True, sdpa: bool = False) -> dict:
+def compare(work: Path, s: dict, reps: int, init: str = "", save: bool = True, sdpa: bool = False,
+            noshare: bool = False) -> dict:
     """Prepare the inputs, run each side `reps` times interleaved (the order reversed every other repetition), print
-    and (optionally) save the table. sdpa: also run ovr's padded SDPA mode (the "ovr-sdpa" rows)."""
+    and (optionally) save the table. sdpa: also run ovr's padded SDPA mode (the "ovr-sdpa" rows); noshare: also ovr
+    with one prompt copy per sample (rl.share_prompts=false, the "ovr-noshare" rows)."""
     inp = prepare(work, s, init)
-    sides = ["ovr", *(["ovr-sdpa"] if sdpa else []), "trl"]
+    sides = ["ovr", *(["ovr-sdpa"] if sdpa else []), *(["ovr-noshare"] if noshare else []), "trl"]
     results = {side: {"rl": [], "sft": []} for side in sides}
     for rep in range(reps):
         for side in sides if rep % 2 == 0 else sides[::-1]:
@@ -519,6 +523,8 @@ def main(argv=None):
     p.add_argument("--init", default="", help="HF model dir both sides start from (default: a few SFT steps)")
     p.add_argument("--no-save", action="store_true", help="print the table only")
     p.add_argument("--sdpa", action="store_true", help="also run ovr's padded torch-SDPA mode (data.packing=false)")
+    p.add_argument("--noshare", action="store_true",
+                   help="also run ovr with one prompt copy per sample in the RL update (rl.share_prompts=false)")
     p.add_argument("--worker", choices=("rl", "sft"), help=argparse.SUPPRESS)
     p.add_argument("--settings", help=argparse.SUPPRESS)
     p.add_argument("--inputs", help=argparse.SUPPRESS)
@@ -538,7 +544,7 @@ def main(argv=None):
 
     s = dict(SETTINGS, rl_steps=a.rl_steps, sft_steps=a.sft_steps)
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="ovr-vs-trl-"))
-    compare(work, s, a.reps, a.init, save=not a.no_save, sdpa=a.sdpa)
+    compare(work, s, a.reps, a.init, save=not a.no_save, sdpa=a.sdpa, noshare=a.noshare)
     return 0
 
 

@@ -152,8 +152,9 @@ if [ "$REHEARSE" = 1 ]; then  # the gpu tests skip here; one quick interpreter t
          tests/kernels/test_gpu_losses.py tests/kernels/test_advantages.py::test_grpo_eps
          tests/kernels/test_advantages.py::test_broadcast_to_tokens)
 else
-  # every CUDA-using kernel test, and the vLLM engine's GPU test (it skips where vllm is not installed)
-  TESTS=(tests/kernels tests/train/test_vllm_engine.py -m gpu)
+  # every CUDA-using kernel test, the vLLM engine's GPU test (it skips where vllm is not installed) and the
+  # shared-prompt packing on the Triton kernels
+  TESTS=(tests/kernels tests/train/test_vllm_engine.py tests/train/test_rl_share_prompts.py -m gpu)
 fi
 run_section tests 270 "$PY" -m pytest -q -p no:cacheprovider -rfEs --junitxml="$RES/tests.xml" "${TESTS[@]}"
 

@@ -43,10 +43,11 @@ def _is_packed(position_ids: torch.Tensor | None, batch_size: int) -> bool:
 def ovr_varlen_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                                  sliding_window=None, softcap=None, is_causal=None, cu_seq_lens_q=None,
                                  cu_seq_lens_k=None, max_length_q=None, max_length_k=None, position_ids=None,
-                                 **kwargs):
+                                 ovr_key_index=None, **kwargs):
     """transformers attention function: query (B, Hq, L, D), key / value (B, Hkv, Lk, D) -> ((B, L, Hq, D), None).
 
     attention_mask: None or a 2-D (B, Lk) padding mask (see `ovr_varlen_attention_mask`); never a dense mask.
+    ovr_key_index: with cu_seq_lens_q / k, the packed row of each key (`packed_forward_kwargs`: shared prefixes).
     """
     if dropout:
         raise ValueError(f"{ATTN_NAME} has no attention dropout, got dropout={dropout}")
@@ -69,7 +70,10 @@ def ovr_varlen_attention_forward(module, query, key, value, attention_mask, drop
         cu_k = cu_seq_lens_q if cu_seq_lens_k is None else cu_seq_lens_k
         max_q = int(max_length_q) if max_length_q is not None else int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max())
         max_k = int(max_length_k) if max_length_k is not None else int((cu_k[1:] - cu_k[:-1]).max())
-        out = varlen_attention(q[0], k[0], v[0], cu_seq_lens_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k,
+        k0, v0 = k[0], v[0]
+        if ovr_key_index is not None:  # shared prefixes: each key segment gathers its prefix's rows and its own
+            k0, v0 = k0.index_select(0, ovr_key_index), v0.index_select(0, ovr_key_index)
+        out = varlen_attention(q[0], k0, v0, cu_seq_lens_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k,
                                causal=causal, softmax_scale=scaling, check_cu_seqlens_values=False, deterministic=det)
         return out.unsqueeze(0), None
     if attention_mask is None and _is_packed(position_ids, batch):
@@ -140,14 +144,33 @@ def use_ovr_attention(model, deterministic: bool = False) -> str:
     return name
 
 
-def packed_forward_kwargs(cu_seqlens: torch.Tensor, max_seqlen: int) -> dict:
+def packed_forward_kwargs(cu_seqlens: torch.Tensor, max_seqlen: int, key_cu_seqlens: torch.Tensor | None = None,
+                          key_max_seqlen: int = 0, key_index: torch.Tensor | None = None) -> dict:
     """Keyword arguments for a Qwen2.5-VL / Qwen2 forward on one packed row (input_ids (1, T)): the text layers'
     attention then reads the sequence boundaries directly (no host sync). cu_seqlens int32 (B+1,) on the model's
     device, max_seqlen a Python int. Pass the 4-row position ids (text row + 3 mRoPE rows, computed per sample
-    before packing) as `position_ids` beside them."""
+    before packing) as `position_ids` beside them.
+
+    Shared prefixes: key_cu_seqlens int32 (B+1,), key_max_seqlen and key_index (long (Tk,): the packed row of each
+    key) make query segment b attend to the keys key_index[key_cu_seqlens[b]:key_cu_seqlens[b+1]] (causal, aligned
+    bottom-right) instead of its own rows: several continuations of one prefix packed once (`data.Batch`). The
+    text layers' keys and values are gathered by key_index; the vision blocks never get it."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
         raise ValueError(f"cu_seqlens must be a 1-D int32 tensor, got {cu_seqlens!r}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise ValueError(f"max_seqlen must be a non-negative Python int, got {max_seqlen!r}")
-    return {"cu_seq_lens_q": cu_seqlens, "cu_seq_lens_k": cu_seqlens, "max_length_q": max_seqlen,
-            "max_length_k": max_seqlen}
+    if key_index is None:
+        if key_cu_seqlens is not None:
+            raise ValueError("key_cu_seqlens needs key_index (the packed row of each key)")
+        return {"cu_seq_lens_q": cu_seqlens, "cu_seq_lens_k": cu_seqlens, "max_length_q": max_seqlen,
+                "max_length_k": max_seqlen}
+    if not isinstance(key_cu_seqlens, torch.Tensor) or key_cu_seqlens.shape != cu_seqlens.shape \
+            or key_cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"key_cu_seqlens must be an int32 tensor shaped like cu_seqlens {tuple(cu_seqlens.shape)}, "
+                         f"got {key_cu_seqlens!r}")
+    if not isinstance(key_index, torch.Tensor) or key_index.dim() != 1 or key_index.dtype != torch.long:
+        raise ValueError(f"key_index must be a 1-D int64 tensor, got {key_index!r}")
+    if isinstance(key_max_seqlen, bool) or not isinstance(key_max_seqlen, int) or key_max_seqlen < 0:
+        raise ValueError(f"key_max_seqlen must be a non-negative Python int, got {key_max_seqlen!r}")
+    return {"cu_seq_lens_q": cu_seqlens, "cu_seq_lens_k": key_cu_seqlens, "max_length_q": max_seqlen,
+            "max_length_k": key_max_seqlen, "ovr_key_index": key_index}

@@ -279,6 +279,10 @@ class BaseCfg:
     (data.synth_picture_fraction), without their slips and checks: a perception task reads once ("<think>First,
     count the red shapes: 4.</think> The answer is \\boxed{4}."), a reasoning task reads twice and computes
     ("First, read the left digit: 8. Then, read the right digit: 5. Then, 8 + 5 = 13.")."""
+    text_items: int = 0
+    """Plain worked text problems added to the base stage's images (synth_text.plain_items: arithmetic, equations,
+    comparisons from the training split, steps only, no checks or slips), so that the base model, like a real
+    VLM's, can already do the sums before the cold start teaches the behaviours. 0: images only."""
 
     def __post_init__(self):
         _check(self.steps > 0, "base.steps", self.steps, "must be > 0")
@@ -286,6 +290,7 @@ class BaseCfg:
         _check(self.lr > 0, "base.lr", self.lr, "must be > 0")
         _check(self.warmup_steps >= 0, "base.warmup_steps", self.warmup_steps, "must be >= 0")
         _check(self.num_train > 0, "base.num_train", self.num_train, "must be > 0")
+        _check(self.text_items >= 0, "base.text_items", self.text_items, "must be >= 0")
         _check(bool(self.tasks) and all(t in TASKS for t in self.tasks), "base.tasks", self.tasks,
                f"must be a non-empty subset of {list(TASKS)}")
 
@@ -365,6 +370,11 @@ class RLCfg:
     otherwise "recompute")."""
     critic_updates_per_step: int = 4
     """Critic optimizer steps per rollout batch."""
+    share_prompts: bool = True
+    """Pack a prompt once with the samples drawn from it (each sample attends to that one copy, through the varlen
+    attention's key index): the policy, reference and critic passes then run the prompt's tokens, image tokens
+    included, once per group instead of once per sample, with the same log-probs and gradients (to rounding).
+    Needs data.packing; padded batches (data.packing=false) always repeat the prompt."""
     dynamic_sampling: bool = False
     """Drop groups whose samples are all right or all wrong."""
     reward_timeout_s: float = 5.0

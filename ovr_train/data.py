@@ -350,7 +350,11 @@ def image_processor(cfg, model_path: str | None = None) -> ImageProcessor:
 @dataclass
 class Encoded:
     """A tokenized sample: input_ids (L,), targets (L,) (next token on loss positions, else -100), mRoPE position
-    ids (3, L), images as pixel_values (P, C) + grid_thw (N, 3) or None."""
+    ids (3, L), images as pixel_values (P, C) + grid_thw (N, 3) or None.
+
+    `branches` (packed batches only): () for one causal sequence; else the lengths of the branches that end the
+    sample, each of which sees the shared prefix before the first branch and itself (causally), not the other
+    branches: a rollout prompt packed once with its n responses (rl.rollout_group)."""
 
     input_ids: torch.Tensor
     targets: torch.Tensor
@@ -358,6 +362,7 @@ class Encoded:
     pixel_values: torch.Tensor | None = None
     grid_thw: torch.Tensor | None = None
     answer: str | None = None
+    branches: tuple = ()
 
     @property
     def length(self) -> int:
@@ -615,6 +620,11 @@ class Batch:
     attention_mask (B, L). Both: targets (B*L,) with -100 on non-loss/pad positions; pixel_values (P, C) and
     image_grid_thw (N, 3) of the distinct images or None; image_feature_index: the ViT output row of each image
     token when samples share images, else None. Host-side counts need no device sync.
+
+    Packed samples with branches (`Encoded.branches`): cu_seqlens are the query segments (the prefix with its first
+    branch, then each further branch), key_cu_seqlens the key segments of the same count (a further branch's keys
+    are the prefix's rows, then its own) and key_index the row in the packed tokens of each key (long (Tk,)), so
+    the prefix is computed once and attended by every branch; None / 0 when no sample branches.
     """
 
     input_ids: torch.Tensor
@@ -626,6 +636,9 @@ class Batch:
     pixel_values: torch.Tensor | None = None
     image_grid_thw: torch.Tensor | None = None
     image_feature_index: torch.Tensor | None = None
+    key_cu_seqlens: torch.Tensor | None = None
+    key_max_seqlen: int = 0
+    key_index: torch.Tensor | None = None
     num_tokens: int = 0
     num_loss_tokens: int = 0
     num_samples: int = 0
@@ -640,7 +653,9 @@ class Batch:
         return {"input_ids": self.input_ids, "position_ids": self.position_ids, "cu_seqlens": self.cu_seqlens,
                 "max_seqlen": self.max_seqlen, "attention_mask": self.attention_mask,
                 "pixel_values": self.pixel_values, "image_grid_thw": self.image_grid_thw,
-                "image_feature_index": self.image_feature_index, "num_image_tokens": self.num_image_tokens}
+                "image_feature_index": self.image_feature_index, "num_image_tokens": self.num_image_tokens,
+                "key_cu_seqlens": self.key_cu_seqlens, "key_max_seqlen": self.key_max_seqlen,
+                "key_index": self.key_index}
 
 
 def _images(samples: list, merge_size: int):
@@ -665,6 +680,37 @@ def _images(samples: list, merge_size: int):
     return torch.cat(pixels), torch.cat(grids), index, sum(tokens[i] for i in per_sample)
 
 
+def _text_positions(s) -> torch.Tensor:
+    """Row 0 of a packed sample's position ids: 0.. over the sample, each branch continuing from its prefix."""
+    if not s.branches:
+        return torch.arange(s.length)
+    prefix = s.length - sum(s.branches)
+    return torch.cat([torch.arange(prefix), *[torch.arange(prefix, prefix + n) for n in s.branches]])
+
+
+def _branch_keys(samples: list) -> tuple:
+    """(query segment lengths, key cu_seqlens int32, longest key segment, key rows long) of a packed micro-batch in
+    which some samples branch (see `Batch`)."""
+    q_lens, k_lens, rows, start = [], [], [], 0
+    for s in samples:
+        if not s.branches:
+            q_lens.append(s.length)
+            k_lens.append(s.length)
+            rows.append(torch.arange(start, start + s.length))
+        else:
+            prefix = s.length - sum(s.branches)
+            at = start + prefix
+            for j, n in enumerate(s.branches):
+                q_lens.append(n + (prefix if j == 0 else 0))
+                k_lens.append(prefix + n)
+                rows += [torch.arange(start, start + prefix), torch.arange(at, at + n)]
+                at += n
+        start += s.length
+    cu_k = torch.zeros(len(k_lens) + 1, dtype=torch.int32)
+    cu_k[1:] = torch.tensor(k_lens).cumsum(0)
+    return q_lens, cu_k, max(k_lens), torch.cat(rows)
+
+
 def collate(samples: list, packing: bool = True, pad_id: int = 0, merge_size: int = 2) -> Batch:
     """Encoded samples -> one packed (varlen) or padded Batch."""
     if not samples:
@@ -673,13 +719,21 @@ def collate(samples: list, packing: bool = True, pad_id: int = 0, merge_size: in
     lengths = [s.length for s in samples]
     counts = {"num_tokens": sum(lengths), "num_loss_tokens": sum(s.num_loss_tokens for s in samples),
               "num_samples": len(samples), "num_image_tokens": num_img}
+    for s in samples:
+        if s.branches and (min(s.branches) < 1 or sum(s.branches) > s.length):
+            raise ValueError(f"collate: branches {s.branches} do not fit a sample of {s.length} tokens")
     if packing:
-        text_pos = torch.cat([torch.arange(n) for n in lengths])
+        text_pos = torch.cat([_text_positions(s) for s in samples])
         position_ids = torch.cat([text_pos[None], torch.cat([s.mrope_ids for s in samples], dim=1)])[:, None, :]
-        cu = torch.zeros(len(samples) + 1, dtype=torch.int32)
-        cu[1:] = torch.tensor(lengths).cumsum(0)
+        keys = _branch_keys(samples) if any(s.branches for s in samples) else None
+        q_lens = keys[0] if keys else lengths
+        cu = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
+        cu[1:] = torch.tensor(q_lens).cumsum(0)
         return Batch(torch.cat([s.input_ids for s in samples])[None], torch.cat([s.targets for s in samples]),
-                     position_ids, cu, max(lengths), None, pixel_values, grid_thw, feature_index, **counts)
+                     position_ids, cu, max(q_lens), None, pixel_values, grid_thw, feature_index,
+                     *(keys[1:] if keys else ()), **counts)
+    if any(s.branches for s in samples):
+        raise ValueError("collate: samples with branches (a prompt packed once with its responses) need packing=True")
     width = max(lengths)
     input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     targets = torch.full((len(samples), width), IGNORE, dtype=torch.long)

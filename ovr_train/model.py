@@ -91,10 +91,12 @@ class OvrVLM(nn.Module):
 
     def forward(self, input_ids, position_ids, targets=None, cu_seqlens=None, max_seqlen=0, attention_mask=None,
                 pixel_values=None, image_grid_thw=None, image_feature_index=None, num_image_tokens=0,
-                temperature=1.0) -> ModelOut:
+                key_cu_seqlens=None, key_max_seqlen=0, key_index=None, temperature=1.0) -> ModelOut:
         """input_ids (B, L) (packed: B = 1 and cu_seqlens (B'+1,) int32 given), position_ids (3 or 4, B, L),
         targets (B*L,) int64 with -100 where no loss; pixel_values of the distinct images, image_feature_index the
-        ViT output row of each image token (None: one to one). Gradients reach every trainable parameter."""
+        ViT output row of each image token (None: one to one); key_cu_seqlens / key_max_seqlen / key_index: the key
+        segments of a packed batch whose samples share a prefix (`data.Batch`; None: keys = queries). Gradients
+        reach every trainable parameter."""
         lm = self.hf.model.language_model
         embeds = lm.embed_tokens(input_ids)
         embeds = self._add_images(input_ids, embeds, pixel_values, image_grid_thw, image_feature_index,
@@ -104,7 +106,7 @@ class OvrVLM(nn.Module):
             if self.hf.config._attn_implementation != OVR_ATTENTION:
                 raise ValueError(f"packed batches need model.attn_implementation={OVR_ATTENTION!r}, got "
                                  f"{self.hf.config._attn_implementation!r}")
-            varlen = packed_forward_kwargs(cu_seqlens, max_seqlen)
+            varlen = packed_forward_kwargs(cu_seqlens, max_seqlen, key_cu_seqlens, key_max_seqlen, key_index)
         hidden = lm(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask, use_cache=False,
                     **varlen).last_hidden_state
         hidden_TH = hidden.reshape(-1, hidden.shape[-1])

@@ -5,7 +5,7 @@ One step, in the order of the loop:
    -> rollout engine (n samples each, sampling logprobs) -> rewards (verifier pool, hard timeout; rl.overlong=soft's
    length penalty) -> [dynamic sampling] -> prompt + response sequences with mRoPE ids, packed into token-budget
    micro-batches (every rank runs the same number: loss-free fillers; kept on the host, moved to the device one at
-   a time; a prompt's samples share one copy of its pixels and one ViT pass).
+   a time; a prompt is packed once with its samples, which attend to that copy: rl.share_prompts, one ViT pass).
 2. `advantages`: old logprobs (policy, or from the update's own forward when strictly on-policy: rl.old_logprobs;
    the frozen reference's in the same pass when rl.kl_coef > 0) and values
    (critic) -> GAE (gamma = lambda = 1) or group advantages (GRPO / RLOO / Dr.GRPO) -> batch advantage
@@ -86,6 +86,49 @@ def rollout_sequence(prompt, response_ids, ids, merge):
     targets[p - 1:-1] = full[p:]  # position t predicts token t + 1
     mrope = mrope_position_ids(full, prompt.image_grid_thw, ids["image_pad"], merge)
     return Encoded(full, targets, mrope, prompt.pixel_values, prompt.image_grid_thw)
+
+
+def rollout_group(prompt, responses, ids, merge):
+    """A prompt packed once with several responses -> one Encoded with branches (`data.Encoded`): the prompt but
+    its last token, then per response a branch of [the prompt's last token, the response]. Each branch sees the
+    prompt and itself, at the positions the response has after its own copy of the prompt, so its log-probs are
+    those of `rollout_sequence(prompt, response)`; the prompt's last token is repeated per branch because its
+    output predicts each response's first token. One response: `rollout_sequence` itself."""
+    if len(responses) == 1:
+        return rollout_sequence(prompt, responses[0], ids, merge)
+    head, last = prompt.token_ids[:-1], prompt.token_ids[-1]
+    mrope = mrope_position_ids(torch.tensor(prompt.token_ids, dtype=torch.long), prompt.image_grid_thw,
+                               ids["image_pad"], merge)
+    tokens, targets, positions = [list(head)], [[IGNORE] * len(head)], [mrope[:, :-1]]
+    for response in responses:  # a response's tokens are text: all three mRoPE rows advance by one per token
+        tokens.append([last, *response])
+        targets.append([*response, IGNORE])
+        positions.append(mrope[:, -1:] + torch.arange(len(response) + 1))
+    return Encoded(torch.tensor([t for part in tokens for t in part], dtype=torch.long),
+                   torch.tensor([t for part in targets for t in part], dtype=torch.long), torch.cat(positions, 1),
+                   prompt.pixel_values, prompt.image_grid_thw, branches=tuple(len(r) + 1 for r in responses))
+
+
+def prompt_groups(trained, samples, prompt_length, budget, share):
+    """The trained samples (indices into `samples`) as packing units: with `share`, each prompt's samples in runs
+    that fit `budget` tokens once the prompt is packed once per run (`rollout_group`); else one sample per unit."""
+    if not share:
+        return [[b] for b in trained]
+    by_prompt = {}
+    for b in trained:
+        by_prompt.setdefault(samples[b].prompt_index, []).append(b)
+    units = []
+    for p, members in by_prompt.items():
+        run, used = [], prompt_length(p) - 1
+        for b in members:
+            extra = len(samples[b].token_ids) + 1
+            if run and used + extra > budget:
+                units.append(run)
+                run, used = [], prompt_length(p) - 1
+            run.append(b)
+            used += extra
+        units.append(run)
+    return units
 
 
 def group_advantages(algo, scores_B, n):
@@ -175,27 +218,29 @@ def on_device(micro, device):
         del m  # released before the next one is moved
 
 
-def pack_rollouts(prompts, samples, trained, filler_prompt, ids, merge, dcfg, device):
+def pack_rollouts(prompts, samples, trained, filler_prompt, ids, merge, dcfg, device, share=True):
     """The trained samples as prompt + response sequences packed into data.token_budget micro-batches, padded with
-    loss-free fillers (built on `filler_prompt`) to the largest count of any rank. Collective (2 small
+    loss-free fillers (built on `filler_prompt`) to the largest count of any rank; with `share` (rl.share_prompts,
+    packed batches only) a prompt is packed once with its samples (`rollout_group`). Collective (2 small
     all-reduces). Returns (micro, order, cu_T, num_tokens, norm) as RolloutBatch holds them."""
-    seqs = [rollout_sequence(prompts[samples[b].prompt_index], samples[b].token_ids, ids, merge) for b in trained]
+    units = prompt_groups(trained, samples, lambda p: len(prompts[p].token_ids), dcfg.token_budget,
+                          share and dcfg.packing)
+    seqs = [rollout_group(prompts[samples[u[0]].prompt_index], [samples[b].token_ids for b in u], ids, merge)
+            for u in units]
     plan = token_budget_microbatches([s.length for s in seqs], dcfg.token_budget) if seqs else []
-    plan = [[trained[k] for k in mb] for mb in plan]  # indices into samples
     tokens = all_reduce(torch.tensor([sum(len(samples[b].token_ids) for b in trained)], dtype=torch.float64,
                                      device=device))[0].clamp_min(1)
     num_micro = int(all_reduce(torch.tensor([len(plan)], device=device), op=torch.distributed.ReduceOp.MAX))
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    seq_of = dict(zip(trained, seqs))
     micro = []
     for mb in plan:
-        batch = collate([seq_of[b] for b in mb], dcfg.packing, ids["endoftext"], merge)
-        cu = torch.tensor([0] + [len(samples[b].token_ids) for b in mb]).cumsum(0).int()
+        batch = collate([seqs[k] for k in mb], dcfg.packing, ids["endoftext"], merge)
+        cu = torch.tensor([0] + [len(samples[b].token_ids) for k in mb for b in units[k]]).cumsum(0).int()
         micro.append(MicroBatch(batch, (batch.targets != IGNORE).nonzero().squeeze(1), cu, batch.num_loss_tokens))
     dummy = filler([rollout_sequence(filler_prompt, [], ids, merge)], dcfg.packing, ids["endoftext"], merge)
     micro += [MicroBatch(dummy, torch.zeros(0, dtype=torch.long), torch.zeros(2, dtype=torch.int32), 0)] * (
         num_micro - len(plan))  # a filler: one empty response
-    order = [b for mb in plan for b in mb]
+    order = [b for mb in plan for k in mb for b in units[k]]
     cu_T = torch.tensor([0] + [len(samples[b].token_ids) for b in order], device=device).cumsum(0).int()
     return micro, order, cu_T, float(tokens), tokens.float() / world
 
@@ -241,7 +286,7 @@ def rollout_batches(cfg, info, engine, verifier, items, active, start, make_prom
         # ---- sequences -> token-budget micro-batches (same count on every rank) ----
         filler_prompt = prompts[0] if prompts else make_prompt(items[active[0]])
         micro, order, cu_T, num_tokens, norm = pack_rollouts(prompts, samples, trained, filler_prompt, ids, merge,
-                                                             cfg.data, device)
+                                                             cfg.data, device, rcfg.share_prompts)
         yield RolloutBatch(step, batch_items, prompts, samples, scored, scores_B, truncated_B, trained, max_len,
                            micro, order, cu_T, num_tokens, norm, (t0, t1, t2))
 

@@ -31,7 +31,7 @@ from ovr_train.optim import build_optimizer
 from ovr_train.runlock import lock_run_dir
 from ovr_train.store import open_store
 from ovr_train.synth_images import ensure_perception_corpus
-from ovr_train.synth_text import ensure_corpus
+from ovr_train.synth_text import ensure_corpus, ensure_plain_corpus
 from ovr_train.tokenizer import load_tokenizer, special_ids
 
 
@@ -61,9 +61,13 @@ def base_stage_config(cfg: Config) -> Config:
 
 
 def perception_files(cfg: Config) -> list:
-    """The base stage's training file (generated and cached on first use)."""
-    return [ensure_perception_corpus(cfg.data.cache_dir, cfg.base.num_train, cfg.data.synth_seed,
-                                     tuple(cfg.base.tasks), read_first=cfg.base.read_first)]
+    """The base stage's training files (generated and cached on first use): the images, and base.text_items plain
+    worked text problems beside them when > 0."""
+    files = [ensure_perception_corpus(cfg.data.cache_dir, cfg.base.num_train, cfg.data.synth_seed,
+                                      tuple(cfg.base.tasks), read_first=cfg.base.read_first)]
+    if cfg.base.text_items:
+        files.append(ensure_plain_corpus(cfg.data.cache_dir, cfg.base.text_items, cfg.data.synth_seed))
+    return files
 
 
 def _corpus(dcfg) -> Path:

@@ -200,6 +200,33 @@ def generate_items(num: int, seed: int, split: str, picture_fraction: float = 0.
     return items
 
 
+def plain_items(num: int, seed: int) -> list:
+    """`num` text problems of the "train" split (arithmetic, equations, comparisons; never a held-out question) with
+    plain worked replies: the steps, no verification, no slip ("<think>First, 3 + 4 = 7. Then, 7 * 2 = 14.</think>
+    The answer is \\boxed{14}."): a base model that can do the sums but shows none of the cold start's behaviours
+    (the base stage's `base.text_items`). Drawn from their own stream, not the cold start's problems and traces."""
+    rng = random.Random(f"{seed}-plain")
+    makers = (_arith, _arith, _equation, _compare)
+    items = []
+    while len(items) < num:
+        question, steps, _, result = rng.choice(makers)(rng)
+        if _is_eval_question(question):
+            continue
+        items.append({"messages": [{"role": "user", "content": question},
+                                   {"role": "assistant", "content": reply(result, step_lines(steps))}],
+                      "answer": str(result)})
+    return items
+
+
+def ensure_plain_corpus(cache_dir: str, num: int, seed: int) -> Path:
+    """Write (once) and return the JSONL of `plain_items(num, seed)` under the cache directory."""
+    path = default_cache_dir(cache_dir) / "synth_text" / f"plain_seed{seed}_n{num}.jsonl"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(path, plain_items(num, seed))
+    return path
+
+
 def default_cache_dir(cache_dir: str = "") -> Path:
     """`cache_dir`, else $OVR_CACHE, else ~/.cache/ovr."""
     return Path(cache_dir or os.environ.get("OVR_CACHE", "") or Path.home() / ".cache" / "ovr")

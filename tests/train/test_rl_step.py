@@ -79,7 +79,8 @@ def faults_run(init_dir):
     """One 2-rank run through rl_faults.py on a prompt file (text and image rows, one too long) with a system
     prompt, the answer instruction and a frozen ViT, rl.overlong=mask and rl.mismatch=mask_seq; the policy loss is
     NaN at step 2 and the critic's at step 3, so the guard skips both updates and aborts at step 3
-    (rl.max_bad_steps=2). Returns {out, probe, log, returncode}."""
+    (rl.max_bad_steps=2). Each sample packs its own prompt copy (rl.share_prompts=false), so that a pass has
+    enough micro-batches to show the streaming. Returns {out, probe, log, returncode}."""
     from PIL import Image
 
     def run(tmp):
@@ -97,7 +98,7 @@ def faults_run(init_dir):
                f"--data.system_prompt={SYSTEM}", f"--data.answer_instruction={INSTRUCTION}", "--data.max_seq_len=100",
                "--data.token_budget=128", "--model.freeze_vision=true", "--rl.max_bad_steps=2",
                "--rl.critic_updates_per_step=1", "--rl.overlong=mask", "--rl.mismatch=mask_seq",
-               f"--rl.mismatch_cap={MASK_CAP}"]
+               f"--rl.mismatch_cap={MASK_CAP}", "--rl.share_prompts=false"]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2]),
                "OVR_NAN_POLICY_STEP": "2", "OVR_NAN_CRITIC_STEP": "3"}
         proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=env,

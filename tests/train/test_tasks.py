@@ -174,3 +174,27 @@ def test_eval_sets_default_files_and_perception(tmp_path):
     b = _write_jsonl(tmp_path / "b" / "a.jsonl", [{"question": "q", "answer": "1"}])
     with pytest.raises(ValueError, match="two files named 'a'"):
         eval_sets(EvalCfg(sets=f"{a},{b}"), 0)
+
+
+def test_plain_text_items_for_the_base_stage(tmp_path):
+    """base.text_items: training-split problems, right answers, the steps only (no behaviour but the "First,"
+    subgoal the worked image replies share), deterministic, and a second base-stage file beside the images."""
+    from ovr_train import behaviors
+    from ovr_train.config import load_config
+    from ovr_train.sft import perception_files
+
+    items = synth_text.plain_items(300, 0)
+    assert items == synth_text.plain_items(300, 0) and len({it["messages"][0]["content"] for it in items}) > 250
+    held = {r["messages"][0]["content"] for r in synth_text.generate_items(1000, 0, "eval")}
+    assert not held & {it["messages"][0]["content"] for it in items}
+    for it in items:
+        answer = it["messages"][1]["content"]
+        assert score(answer, it["answer"]) == 1.0, answer
+        hits = behaviors.detect(answer)
+        assert not any(v for k, v in hits.items() if k != "subgoal"), answer
+    cfg = load_config(None, [f"--data.cache_dir={tmp_path}", "--base.num_train=4", "--base.text_items=5"])
+    files = perception_files(cfg)
+    assert len(files) == 2 and len(files[1].read_text().splitlines()) == 5
+    assert len(perception_files(load_config(None, [f"--data.cache_dir={tmp_path}", "--base.num_train=4"]))) == 1
+    with pytest.raises(ValueError, match="base.text_items=-1: must be >= 0"):
+        load_config(None, ["--base.text_items=-1"])
