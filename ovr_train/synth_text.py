@@ -124,6 +124,7 @@ def _picture(rng: random.Random) -> tuple:
     return f"{scene} {question}{synth_images.ANSWER_FORMAT}", steps, check, int(answer)
 
 
+_TEXT_MAKERS = (_arith, _arith, _equation, _compare)  # arithmetic twice as often: it carries the 2-step reasoning
 _OPEN, _CLOSE = "\x00", "\x01"  # around a read value while a masked trace is built; never left in the corpus
 
 
@@ -179,14 +180,13 @@ def generate_items(num: int, seed: int, split: str, picture_fraction: float = 0.
     if split == "eval":
         picture_fraction = 0.0  # the held-out text set measures text reasoning; the image sets measure pictures
     rng = random.Random(f"{seed}-{split}")
-    makers = (_arith, _arith, _equation, _compare)  # arithmetic twice as often: it carries the 2-step reasoning
     items, seen = [], set()
     attempts = 0
     while len(items) < num:
         attempts += 1
         if attempts > 50 * num + 10000:
             raise ValueError(f"cannot draw {num} distinct {split} problems (question space exhausted)")
-        maker = _picture if picture_fraction and rng.random() < picture_fraction else rng.choice(makers)
+        maker = _picture if picture_fraction and rng.random() < picture_fraction else rng.choice(_TEXT_MAKERS)
         question, steps, check, result = maker(rng)
         if _is_eval_question(question) != (split == "eval"):
             continue
@@ -206,10 +206,9 @@ def plain_items(num: int, seed: int) -> list:
     The answer is \\boxed{14}."): a base model that can do the sums but shows none of the cold start's behaviours
     (the base stage's `base.text_items`). Drawn from their own stream, not the cold start's problems and traces."""
     rng = random.Random(f"{seed}-plain")
-    makers = (_arith, _arith, _equation, _compare)
     items = []
     while len(items) < num:
-        question, steps, _, result = rng.choice(makers)(rng)
+        question, steps, _, result = rng.choice(_TEXT_MAKERS)(rng)
         if _is_eval_question(question):
             continue
         items.append({"messages": [{"role": "user", "content": question},
