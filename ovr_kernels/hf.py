@@ -71,7 +71,10 @@ def ovr_varlen_attention_forward(module, query, key, value, attention_mask, drop
         max_q = int(max_length_q) if max_length_q is not None else int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max())
         max_k = int(max_length_k) if max_length_k is not None else int((cu_k[1:] - cu_k[:-1]).max())
         k0, v0 = k[0], v[0]
-        if ovr_key_index is not None:  # shared prefixes: each key segment gathers its prefix's rows and its own
+        # shared prefixes: each key segment gathers its prefix's rows and its own. The kwarg reaches here because
+        # transformers 5.19 passes a text model's **kwargs through every decoder layer into the attention function
+        # (models/qwen2_5_vl/modeling_qwen2_5_vl.py: Qwen2_5_VLTextModel.forward, Qwen2_5_VLAttention.forward).
+        if ovr_key_index is not None:
             k0, v0 = k0.index_select(0, ovr_key_index), v0.index_select(0, ovr_key_index)
         out = varlen_attention(q[0], k0, v0, cu_seq_lens_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k,
                                causal=causal, softmax_scale=scaling, check_cu_seqlens_values=False, deterministic=det)
